@@ -1,0 +1,729 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * tracer: every dropped packet, with where and why.
+ *
+ * One handler (handle_drop) runs for each call of the kfree_skb tracepoint,
+ * reached through whichever program type the running kernel accepts:
+ * tp_btf (preferred), raw_tp, or the classic tracepoint (needs tracefs).
+ * It parses the packet just far enough to apply the user's filter in the
+ * kernel, then copies headers, conntrack state, the kernel stack and any
+ * netfilter context into one struct drop_event on a ring buffer.
+ *
+ * Optional programs on nf_hook_slow, nft_do_chain, ipt_do_table and
+ * ip6t_do_table (fentry/fexit, or kprobe/kretprobe) record which hook,
+ * table and base chain a packet is in, keyed by the skb address, so the
+ * drop handler can attach it. The loader enables only the set the kernel
+ * accepts; all of them are optional.
+ *
+ * Every kernel field is read with BPF_CORE_READ so libbpf relocates it
+ * against the running kernel's BTF; fields that only exist with some
+ * kernel configs are guarded with bpf_core_field_exists.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "tracer.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Constants that are #defines in the kernel, so absent from BTF. */
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IP_OFFSET_MASK 0x1fff
+#define NFCT_INFOMASK 7UL
+#define CT_INFO_UNTRACKED 7
+#define CT_INFO_NONE 0xff
+#define SKB_HDR_UNSET 0xffff  /* (u16)~0U: header offset never set */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20); /* the loader may resize before load */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct filter_cfg);
+} filter SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* Scratch space: a drop_event is too large for the 512-byte BPF stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct drop_event);
+} scratch SEC(".maps");
+
+/* skb address -> netfilter context recorded by the hook programs. LRU, so
+ * packets that leave netfilter without our exit program seeing them (a
+ * hook module unloaded mid-flight) cannot fill it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct nf_info);
+} skb_nf SEC(".maps");
+
+/* kretprobes see no arguments: the entry probe leaves the skb here,
+ * keyed by CPU and thread (the idle thread is pid 0 on every CPU). */
+struct stash_key {
+	__u32 cpu;
+	__u32 tid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct stash_key);
+	__type(value, __u64);
+} kprobe_stash SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &which);
+
+	if (v)
+		*v += 1;
+}
+
+/* ------------------------------------------------------------ parsing */
+
+/* Network namespace of the packet. Assumes skb->dev (set on receive and in
+ * ip_output), else the owning socket (locally sent packets before routing
+ * set skb->dev), else the route's device. */
+static __always_inline __u32 skb_netns(struct sk_buff *skb, struct net_device *dev)
+{
+	struct sock *sk;
+
+	if (dev)
+		return BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	sk = BPF_CORE_READ(skb, sk);
+	if (sk)
+		return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	return 0;
+}
+
+/* skb->dev, or for a locally sent packet that has a route but no device yet
+ * (the output hook runs before ip_output sets skb->dev), the route's device.
+ * Assumes _skb_refdst holds a dst_entry pointer with flag bit 0. */
+static __always_inline struct net_device *skb_device(struct sk_buff *skb)
+{
+	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct dst_entry *dst;
+
+	if (dev)
+		return dev;
+	dst = (struct dst_entry *)(BPF_CORE_READ(skb, _skb_refdst) & ~1UL);
+	if (!dst)
+		return NULL;
+	return BPF_CORE_READ(dst, dev);
+}
+
+/* Copies the IPv4 header and returns the transport offset from skb->head,
+ * or 0 when there is no transport header in this packet (a non-first
+ * fragment). */
+static __always_inline __u32 parse_ipv4(struct drop_event *e, unsigned char *head, __u32 nh)
+{
+	struct iphdr ip;
+
+	if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh))
+		return 0;
+	if (ip.version != 4 || ip.ihl < 5)
+		return 0;
+	bpf_probe_read_kernel(e->l3, TRACER_L3_BYTES, head + nh);
+	e->l3_off_valid = 1;
+	e->l4proto = ip.protocol;
+	if (bpf_ntohs(ip.frag_off) & IP_OFFSET_MASK)
+		return 0;
+	return nh + ip.ihl * 4;
+}
+
+/* IPv6 extension headers that may stand between the fixed header and the
+ * transport header. A fragment header with a non-zero offset ends the walk:
+ * only the first fragment carries ports. */
+static __always_inline __u32 parse_ipv6(struct drop_event *e, unsigned char *head, __u32 nh)
+{
+	__u8 vers = 0, nexthdr;
+	__u32 off;
+	__u8 ext[4];
+
+	bpf_probe_read_kernel(&vers, 1, head + nh);
+	if ((vers >> 4) != 6)
+		return 0;
+	bpf_probe_read_kernel(e->l3, TRACER_L3_BYTES, head + nh);
+	e->l3_off_valid = 1;
+	nexthdr = e->l3[6];
+	off = nh + 40;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (nexthdr != 0 && nexthdr != 43 && nexthdr != 60 && nexthdr != 44 && nexthdr != 51)
+			break;
+		if (bpf_probe_read_kernel(ext, sizeof(ext), head + off))
+			return 0;
+		if (nexthdr == 44) {            /* fragment header, 8 bytes */
+			if ((((__u16)ext[2] << 8) | ext[3]) & 0xfff8)
+				nexthdr = ext[0], off = 0;
+			else
+				nexthdr = ext[0], off += 8;
+			if (!off)
+				break;
+			continue;
+		}
+		if (nexthdr == 51)              /* AH: length in 4-byte units, minus 2 */
+			off += ((__u32)ext[1] + 2) * 4;
+		else                            /* hop-by-hop, routing, destination options */
+			off += ((__u32)ext[1] + 1) * 8;
+		nexthdr = ext[0];
+	}
+	e->l4proto = nexthdr;
+	return off;
+}
+
+/* Reads the transport header when it lies in the linear data (skb->tail is
+ * an offset from head on 64-bit kernels, NET_SKBUFF_DATA_USES_OFFSET). */
+static __always_inline void copy_l4(struct drop_event *e, struct sk_buff *skb,
+				    unsigned char *head, __u32 th)
+{
+	__u32 tail = BPF_CORE_READ(skb, tail);
+	__u32 avail;
+
+	if (!th || th >= tail)
+		return;
+	avail = tail - th;
+	if (avail > TRACER_L4_BYTES)
+		avail = TRACER_L4_BYTES;
+	if (avail < 4)
+		return;
+	/* Read the full window: bytes past tail are ignored via l4_len. */
+	bpf_probe_read_kernel(e->l4, TRACER_L4_BYTES, head + th);
+	e->l4_len = avail;
+}
+
+static __always_inline void parse_packet(struct drop_event *e, struct sk_buff *skb)
+{
+	unsigned char *head = BPF_CORE_READ(skb, head);
+	__u16 nh = BPF_CORE_READ(skb, network_header);
+	__u32 th = 0;
+
+	e->l3proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
+	if (nh == SKB_HDR_UNSET || !head)
+		return;
+	if (e->l3proto == ETH_P_IP)
+		th = parse_ipv4(e, head, nh);
+	else if (e->l3proto == ETH_P_IPV6)
+		th = parse_ipv6(e, head, nh);
+	copy_l4(e, skb, head, th);
+}
+
+/* Conntrack entry attached to the packet. Assumes skb->_nfct holds the
+ * nf_conn pointer with enum ip_conntrack_info in its low 3 bits, and that
+ * an untracked packet carries IP_CT_UNTRACKED (7) there. nf_conn lives in
+ * the nf_conntrack module on distribution kernels; the type check lets the
+ * verifier drop this code when that BTF is absent. */
+static __always_inline void read_conntrack(struct drop_event *e, struct sk_buff *skb)
+{
+	unsigned long nfct;
+	struct nf_conn *ct;
+
+	e->ct_info = CT_INFO_NONE;
+	if (!bpf_core_field_exists(skb->_nfct))
+		return;
+	nfct = BPF_CORE_READ(skb, _nfct);
+	if (!nfct)
+		return;
+	e->ct_info = nfct & NFCT_INFOMASK;
+	ct = (struct nf_conn *)(nfct & ~NFCT_INFOMASK);
+	if (!ct || e->ct_info == CT_INFO_UNTRACKED)
+		return;
+	if (bpf_core_type_exists(struct nf_conn)) {
+		e->ct_status = BPF_CORE_READ(ct, status);
+		if (bpf_core_field_exists(ct->mark))
+			e->ct_mark = BPF_CORE_READ(ct, mark);
+		if (bpf_core_field_exists(ct->zone))
+			e->ct_zone = BPF_CORE_READ(ct, zone.id);
+	}
+}
+
+/* ------------------------------------------------------------ filter */
+
+static __always_inline bool net_match(const struct filter_net *n, const __u8 *addr)
+{
+	__u8 full = n->prefixlen / 8, rest = n->prefixlen % 8;
+
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (i < full) {
+			if (addr[i] != n->addr[i])
+				return false;
+		} else if (i == full && rest) {
+			__u8 mask = (__u8)(0xff << (8 - rest));
+
+			if ((addr[i] & mask) != (n->addr[i] & mask))
+				return false;
+		}
+	}
+	return true;
+}
+
+static __always_inline bool nets_match(const struct filter_cfg *f, const struct drop_event *e)
+{
+	__u8 fam = 0;
+	const __u8 *src, *dst;
+
+	if (!e->l3_off_valid)
+		return false;
+	if (e->l3proto == ETH_P_IP) {
+		fam = 4;
+		src = &e->l3[12];
+		dst = &e->l3[16];
+	} else {
+		fam = 6;
+		src = &e->l3[8];
+		dst = &e->l3[24];
+	}
+#pragma unroll
+	for (int i = 0; i < TRACER_MAX_NETS; i++) {
+		const struct filter_net *n = &f->nets[i];
+
+		if (i >= f->nnets)
+			break;
+		if (n->family != fam)
+			continue;
+		if (net_match(n, src) || net_match(n, dst))
+			return true;
+	}
+	return false;
+}
+
+static __always_inline bool has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ||
+	       proto == IPPROTO_SCTP || proto == IPPROTO_UDPLITE;
+}
+
+static __always_inline bool ports_match(const struct filter_cfg *f, const struct drop_event *e)
+{
+	__u16 sport, dport;
+
+	if (!e->l4_len || !has_ports(e->l4proto))
+		return false;
+	sport = ((__u16)e->l4[0] << 8) | e->l4[1];
+	dport = ((__u16)e->l4[2] << 8) | e->l4[3];
+#pragma unroll
+	for (int i = 0; i < TRACER_MAX_PORTS; i++) {
+		if (i >= f->nports)
+			break;
+		if (f->ports[i] == sport || f->ports[i] == dport)
+			return true;
+	}
+	return false;
+}
+
+static __always_inline bool iface_match(const struct filter_cfg *f, const struct drop_event *e)
+{
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (f->iface[i] != e->dev_name[i])
+			return false;
+		if (!f->iface[i])
+			break;
+	}
+	return true;
+}
+
+/* True when the user asked to see this drop. Cheap tests first. */
+static __always_inline bool wanted(const struct filter_cfg *f, const struct drop_event *e)
+{
+	if (e->reason == f->ignore_reason)
+		return false;
+	if ((f->flags & FILTER_REASONS)) {
+		if (e->reason >= TRACER_REASON_WORDS * 64)
+			return false;
+		if (!(f->reasons[(e->reason / 64) & (TRACER_REASON_WORDS - 1)] & (1ULL << (e->reason % 64))))
+			return false;
+	}
+	if ((f->flags & FILTER_NETNS) && e->netns_ino != f->netns_ino)
+		return false;
+	if ((f->flags & FILTER_IP_ONLY) && !e->l3_off_valid)
+		return false;
+	if ((f->flags & FILTER_PROTO) && (!e->l3_off_valid || e->l4proto != f->l4proto))
+		return false;
+	if ((f->flags & FILTER_PORTS) && !ports_match(f, e))
+		return false;
+	if ((f->flags & FILTER_NETS) && !nets_match(f, e))
+		return false;
+	if ((f->flags & FILTER_IFACE) && !iface_match(f, e))
+		return false;
+	return true;
+}
+
+/* ------------------------------------------------------------ drop */
+
+static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 location, __u32 reason)
+{
+	__u32 zero = 0;
+	struct filter_cfg *f;
+	struct drop_event *e;
+	struct net_device *dev;
+	struct nf_info *nf;
+	__u64 key = (__u64)skb;
+	long n;
+
+	count(STAT_SEEN);
+	/* Netlink and other socket-internal buffers have no protocol: they are
+	 * not packets and would drown the output. */
+	if (!skb || !BPF_CORE_READ(skb, protocol))
+		return 0;
+	f = bpf_map_lookup_elem(&filter, &zero);
+	e = bpf_map_lookup_elem(&scratch, &zero);
+	if (!f || !e)
+		return 0;
+
+	__builtin_memset(e, 0, sizeof(*e));
+	e->reason = reason;
+	e->location = location;
+	e->skb_addr = key;
+	dev = skb_device(skb);
+	e->netns_ino = skb_netns(skb, dev);
+	if (dev) {
+		e->ifindex = BPF_CORE_READ(dev, ifindex);
+		BPF_CORE_READ_STR_INTO(&e->dev_name, dev, name);
+	}
+	parse_packet(e, skb);
+	if (!wanted(f, e)) {
+		count(STAT_FILTERED);
+		bpf_map_delete_elem(&skb_nf, &key);
+		return 0;
+	}
+
+	e->ts_ns = bpf_ktime_get_ns();
+	e->iif = BPF_CORE_READ(skb, skb_iif);
+	e->mark = BPF_CORE_READ(skb, mark);
+	e->len = BPF_CORE_READ(skb, len);
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	read_conntrack(e, skb);
+
+	nf = bpf_map_lookup_elem(&skb_nf, &key);
+	if (nf) {
+		e->nf = *nf;
+		bpf_map_delete_elem(&skb_nf, &key);
+	}
+
+	n = bpf_get_stack(ctx, e->stack, sizeof(e->stack), 0);
+	if (n < 0)
+		e->stack_err = n;
+	else
+		e->stack_bytes = n;
+
+	if (bpf_ringbuf_output(&events, e, sizeof(*e), 0))
+		count(STAT_LOST);
+	else
+		count(STAT_EMITTED);
+	return 0;
+}
+
+/* Kernel 5.17+: kfree_skb(skb, location, reason); 6.11 added rx_sk, which
+ * we do not need. */
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(kfree_skb_btf, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+{
+	return handle_drop(ctx, skb, (__u64)location, reason);
+}
+
+SEC("raw_tp/kfree_skb")
+int BPF_PROG(kfree_skb_raw, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+{
+	return handle_drop(ctx, skb, (__u64)location, reason);
+}
+
+SEC("tracepoint/skb/kfree_skb")
+int kfree_skb_tp(struct trace_event_raw_kfree_skb *args)
+{
+	__u32 reason = 0;
+
+	if (bpf_core_field_exists(args->reason))
+		reason = BPF_CORE_READ(args, reason);
+	return handle_drop(args, (struct sk_buff *)BPF_CORE_READ(args, skbaddr),
+			   (__u64)BPF_CORE_READ(args, location), reason);
+}
+
+/* ------------------------------------------------------------ netfilter */
+
+/* A packet entering a netfilter hook: remember the hook, forget any
+ * table/chain of an earlier hook. */
+static __always_inline void nf_enter(struct sk_buff *skb, const struct nf_hook_state *state, __u8 source)
+{
+	__u64 key = (__u64)skb;
+	struct nf_info info = {};
+
+	info.ts_ns = bpf_ktime_get_ns();
+	info.verdict = -1;
+	info.source = source;
+	info.pf = BPF_CORE_READ(state, pf);
+	info.hook = BPF_CORE_READ(state, hook);
+	bpf_map_update_elem(&skb_nf, &key, &info, BPF_ANY);
+}
+
+/* nft_do_chain(pkt, priv): priv is the base chain being run. Assumes
+ * nft_chain->table->name and ->family (a bitfield since 5.x). */
+static __always_inline void nft_enter(struct nft_pktinfo *pkt, struct nft_chain *chain, __u8 source)
+{
+	struct sk_buff *skb = BPF_CORE_READ(pkt, skb);
+	const struct nf_hook_state *state = BPF_CORE_READ(pkt, state);
+	struct nft_table *table = BPF_CORE_READ(chain, table);
+	__u64 key = (__u64)skb;
+	struct nf_info info = {};
+
+	info.ts_ns = bpf_ktime_get_ns();
+	info.verdict = -1;
+	info.source = source;
+	info.backend = NF_BACKEND_NFT;
+	info.pf = BPF_CORE_READ(state, pf);
+	info.hook = BPF_CORE_READ(state, hook);
+	info.family = BPF_CORE_READ_BITFIELD_PROBED(table, family);
+	bpf_probe_read_kernel_str(info.table, sizeof(info.table), BPF_CORE_READ(table, name));
+	bpf_probe_read_kernel_str(info.chain, sizeof(info.chain), BPF_CORE_READ(chain, name));
+	bpf_map_update_elem(&skb_nf, &key, &info, BPF_ANY);
+}
+
+/* ipt_do_table(priv, skb, state) since 5.19: priv is the xt_table. */
+static __always_inline void xt_enter(struct xt_table *table, struct sk_buff *skb,
+				     const struct nf_hook_state *state, __u8 source, __u8 backend)
+{
+	__u64 key = (__u64)skb;
+	struct nf_info info = {};
+
+	info.ts_ns = bpf_ktime_get_ns();
+	info.verdict = -1;
+	info.source = source;
+	info.backend = backend;
+	info.pf = BPF_CORE_READ(state, pf);
+	info.hook = BPF_CORE_READ(state, hook);
+	BPF_CORE_READ_STR_INTO(&info.table, table, name);
+	bpf_map_update_elem(&skb_nf, &key, &info, BPF_ANY);
+}
+
+/* The verdict a table or chain returned; on kernels that free the skb inside
+ * nft_do_chain the drop handler has already consumed the entry. */
+static __always_inline void nf_verdict(struct sk_buff *skb, unsigned int ret)
+{
+	__u64 key = (__u64)skb;
+	struct nf_info *info = bpf_map_lookup_elem(&skb_nf, &key);
+
+	if (info)
+		info->verdict = ret;
+}
+
+static __always_inline void nf_leave(struct sk_buff *skb)
+{
+	__u64 key = (__u64)skb;
+
+	bpf_map_delete_elem(&skb_nf, &key);
+}
+
+SEC("fentry/nf_hook_slow")
+int BPF_PROG(fentry_nf_hook_slow, struct sk_buff *skb, struct nf_hook_state *state)
+{
+	nf_enter(skb, state, NF_SRC_FENTRY);
+	return 0;
+}
+
+/* nf_hook_slow returns after its hooks ran: a dropped packet was freed (and
+ * reported) inside it, so whatever is left is stale. */
+SEC("fexit/nf_hook_slow")
+int BPF_PROG(fexit_nf_hook_slow, struct sk_buff *skb)
+{
+	nf_leave(skb);
+	return 0;
+}
+
+SEC("fentry/nft_do_chain")
+int BPF_PROG(fentry_nft_do_chain, struct nft_pktinfo *pkt, void *priv)
+{
+	nft_enter(pkt, priv, NF_SRC_FENTRY);
+	return 0;
+}
+
+SEC("fexit/nft_do_chain")
+int BPF_PROG(fexit_nft_do_chain, struct nft_pktinfo *pkt, void *priv, unsigned int ret)
+{
+	nf_verdict(BPF_CORE_READ(pkt, skb), ret);
+	return 0;
+}
+
+SEC("fentry/ipt_do_table")
+int BPF_PROG(fentry_ipt_do_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state)
+{
+	xt_enter(priv, skb, state, NF_SRC_FENTRY, NF_BACKEND_IPT);
+	return 0;
+}
+
+SEC("fexit/ipt_do_table")
+int BPF_PROG(fexit_ipt_do_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state,
+	     unsigned int ret)
+{
+	nf_verdict(skb, ret);
+	return 0;
+}
+
+SEC("fentry/ip6t_do_table")
+int BPF_PROG(fentry_ip6t_do_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state)
+{
+	xt_enter(priv, skb, state, NF_SRC_FENTRY, NF_BACKEND_IP6T);
+	return 0;
+}
+
+SEC("fexit/ip6t_do_table")
+int BPF_PROG(fexit_ip6t_do_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state,
+	     unsigned int ret)
+{
+	nf_verdict(skb, ret);
+	return 0;
+}
+
+/* kprobe twins of the above, for kernels that refuse fentry. */
+
+static __always_inline struct stash_key stash_key(void)
+{
+	struct stash_key k = {
+		.cpu = bpf_get_smp_processor_id(),
+		.tid = (__u32)bpf_get_current_pid_tgid(),
+	};
+	return k;
+}
+
+static __always_inline void stash(struct sk_buff *skb)
+{
+	struct stash_key k = stash_key();
+	__u64 v = (__u64)skb;
+
+	bpf_map_update_elem(&kprobe_stash, &k, &v, BPF_ANY);
+}
+
+static __always_inline struct sk_buff *unstash(void)
+{
+	struct stash_key k = stash_key();
+	__u64 *v = bpf_map_lookup_elem(&kprobe_stash, &k);
+	struct sk_buff *skb;
+
+	if (!v)
+		return NULL;
+	skb = (struct sk_buff *)*v;
+	bpf_map_delete_elem(&kprobe_stash, &k);
+	return skb;
+}
+
+SEC("kprobe/nf_hook_slow")
+int BPF_KPROBE(kprobe_nf_hook_slow, struct sk_buff *skb, struct nf_hook_state *state)
+{
+	nf_enter(skb, state, NF_SRC_KPROBE);
+	stash(skb);
+	return 0;
+}
+
+SEC("kretprobe/nf_hook_slow")
+int BPF_KRETPROBE(kretprobe_nf_hook_slow)
+{
+	struct sk_buff *skb = unstash();
+
+	if (skb)
+		nf_leave(skb);
+	return 0;
+}
+
+/* nft_do_chain and ipt_do_table run inside nf_hook_slow on the same thread,
+ * so they keep their skb in a map of their own rather than overwrite the
+ * outer probe's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct stash_key);
+	__type(value, __u64);
+} kprobe_stash_inner SEC(".maps");
+
+static __always_inline void stash_inner(struct sk_buff *skb)
+{
+	struct stash_key k = stash_key();
+	__u64 v = (__u64)skb;
+
+	bpf_map_update_elem(&kprobe_stash_inner, &k, &v, BPF_ANY);
+}
+
+static __always_inline struct sk_buff *unstash_inner(void)
+{
+	struct stash_key k = stash_key();
+	__u64 *v = bpf_map_lookup_elem(&kprobe_stash_inner, &k);
+	struct sk_buff *skb;
+
+	if (!v)
+		return NULL;
+	skb = (struct sk_buff *)*v;
+	bpf_map_delete_elem(&kprobe_stash_inner, &k);
+	return skb;
+}
+
+SEC("kprobe/nft_do_chain")
+int BPF_KPROBE(kprobe_nft_do_chain, struct nft_pktinfo *pkt, void *priv)
+{
+	nft_enter(pkt, priv, NF_SRC_KPROBE);
+	stash_inner(BPF_CORE_READ(pkt, skb));
+	return 0;
+}
+
+SEC("kretprobe/nft_do_chain")
+int BPF_KRETPROBE(kretprobe_nft_do_chain, unsigned int ret)
+{
+	struct sk_buff *skb = unstash_inner();
+
+	if (skb)
+		nf_verdict(skb, ret);
+	return 0;
+}
+
+SEC("kprobe/ipt_do_table")
+int BPF_KPROBE(kprobe_ipt_do_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state)
+{
+	xt_enter(priv, skb, state, NF_SRC_KPROBE, NF_BACKEND_IPT);
+	stash_inner(skb);
+	return 0;
+}
+
+SEC("kretprobe/ipt_do_table")
+int BPF_KRETPROBE(kretprobe_ipt_do_table, unsigned int ret)
+{
+	struct sk_buff *skb = unstash_inner();
+
+	if (skb)
+		nf_verdict(skb, ret);
+	return 0;
+}
+
+SEC("kprobe/ip6t_do_table")
+int BPF_KPROBE(kprobe_ip6t_do_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state)
+{
+	xt_enter(priv, skb, state, NF_SRC_KPROBE, NF_BACKEND_IP6T);
+	stash_inner(skb);
+	return 0;
+}
+
+SEC("kretprobe/ip6t_do_table")
+int BPF_KRETPROBE(kretprobe_ip6t_do_table, unsigned int ret)
+{
+	struct sk_buff *skb = unstash_inner();
+
+	if (skb)
+		nf_verdict(skb, ret);
+	return 0;
+}

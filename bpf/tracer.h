@@ -1,0 +1,122 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The one record the BPF side hands to Python for every dropped packet.
+ *
+ * Python reads this layout from the compiled object's BTF at load time
+ * (tracer/bpf_event.py) and refuses to run if its own view differs, so a
+ * field added here without a matching change there fails loudly at start
+ * instead of decoding garbage.
+ *
+ * Everything is fixed-size and naturally aligned so that clang lays it out
+ * the same way on every architecture libbpf supports.
+ */
+#ifndef TRACER_H
+#define TRACER_H
+
+#define TRACER_STACK_DEPTH 32
+#define TRACER_L3_BYTES 40      /* IPv4 header with options / IPv6 fixed header */
+#define TRACER_L4_BYTES 20      /* TCP header without options; covers UDP, ICMP, SCTP */
+#define TRACER_NAME_LEN 32      /* nft/xt table and chain names are truncated here */
+#define TRACER_MAX_PORTS 8
+#define TRACER_MAX_NETS 8
+#define TRACER_REASON_WORDS 16  /* bitmap of 1024 drop reasons */
+
+/* Where the netfilter part of an event came from. */
+enum nf_source {
+	NF_SRC_NONE = 0,
+	NF_SRC_FENTRY = 1,
+	NF_SRC_KPROBE = 2,
+};
+
+/* Which netfilter entry point recorded the table/chain. */
+enum nf_backend {
+	NF_BACKEND_NONE = 0,
+	NF_BACKEND_NFT = 1,
+	NF_BACKEND_IPT = 2,  /* ipt_do_table: iptables-legacy, IPv4 */
+	NF_BACKEND_IP6T = 3, /* ip6t_do_table: ip6tables-legacy */
+};
+
+struct nf_info {
+	__u64 ts_ns;
+	__s32 verdict;          /* -1 while the hook function has not returned */
+	__u8 source;            /* enum nf_source */
+	__u8 backend;           /* enum nf_backend */
+	__u8 pf;                /* NFPROTO_* of the hook state */
+	__u8 hook;              /* NF_INET_* (or NF_NETDEV_*) of the hook state */
+	__u8 family;            /* nft table family, 0 when unknown */
+	__u8 _pad[7];
+	char table[TRACER_NAME_LEN];
+	char chain[TRACER_NAME_LEN];
+};
+
+struct drop_event {
+	__u64 ts_ns;            /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 skb_addr;         /* identity of the packet for this drop only */
+	__u64 location;         /* the caller that freed the skb */
+	__u64 ct_status;        /* nf_conn->status (IPS_* bits) */
+	__u32 reason;           /* enum skb_drop_reason, numbered per kernel */
+	__u32 netns_ino;        /* net->ns.inum of the device or socket */
+	__u32 ifindex;          /* skb->dev->ifindex, 0 without a device */
+	__u32 iif;              /* skb->skb_iif: the interface it arrived on */
+	__u32 mark;             /* skb->mark */
+	__u32 len;              /* skb->len */
+	__u32 pid;              /* current tgid: meaningful only in process context */
+	__u32 ct_mark;
+	__u16 ct_zone;
+	__u8 ct_info;           /* enum ip_conntrack_info, 0xff without conntrack */
+	__u8 l4proto;           /* IPPROTO_* after IPv6 extension headers */
+	__u16 l3proto;          /* ETH_P_* in host order (skb->protocol) */
+	__u16 l3_off_valid;     /* 1 when l3[] holds a network header */
+	__u16 l4_len;           /* bytes valid in l4[], 0 when none (later fragment) */
+	__u16 stack_bytes;      /* bytes valid in stack[] */
+	__s32 stack_err;        /* negative errno of bpf_get_stack, 0 on success */
+	__u8 l3[TRACER_L3_BYTES];
+	__u8 l4[TRACER_L4_BYTES];
+	char dev_name[16];
+	char comm[16];
+	__u8 _pad0[4];
+	struct nf_info nf;
+	__u64 stack[TRACER_STACK_DEPTH];
+};
+
+/* In-kernel filter, written by Python into the one-element `filter_cfg` map. */
+struct filter_net {
+	__u8 family;            /* 4 or 6, 0 for an unused slot */
+	__u8 prefixlen;
+	__u8 _pad[2];
+	__u8 addr[16];
+};
+
+#define FILTER_PORTS   (1u << 0)
+#define FILTER_PROTO   (1u << 1)
+#define FILTER_NETS    (1u << 2)
+#define FILTER_NETNS   (1u << 3)
+#define FILTER_IFACE   (1u << 4)
+#define FILTER_REASONS (1u << 5)
+#define FILTER_IP_ONLY (1u << 6)
+
+struct filter_cfg {
+	__u32 flags;
+	__u32 netns_ino;
+	__u32 ignore_reason;    /* SKB_CONSUMED on kernels that report it here, else ~0 */
+	__u32 _pad1;
+	__u16 ports[TRACER_MAX_PORTS];
+	__u8 nports;
+	__u8 l4proto;
+	__u8 nnets;
+	__u8 _pad;
+	char iface[16];
+	struct filter_net nets[TRACER_MAX_NETS];
+	__u64 reasons[TRACER_REASON_WORDS];
+};
+
+/* Counters the loader reports (per-CPU array indices). */
+enum drop_counter {
+	STAT_SEEN = 0,          /* kfree_skb calls seen */
+	STAT_FILTERED = 1,      /* dropped by the in-kernel filter */
+	STAT_EMITTED = 2,       /* events written to the ring buffer */
+	STAT_LOST = 3,          /* ring buffer full: event lost */
+	STAT_MAX = 4,
+};
+
+#endif

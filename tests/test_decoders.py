@@ -1,0 +1,144 @@
+"""Decoders from kernel facts to event fields: stacks, conntrack, ECS, text."""
+
+import ctypes
+
+from tracer.bpf_event import object_structs
+from tracer.collectors import conntrack as ct
+from tracer.collectors.drop import hook_from_stack, process_of, subsystem_from_stack
+from tracer.collectors.skb import hook_name, nf_context
+from tracer.event import DropEvent, Interface, Netfilter, Rule, iso_time
+from tracer.loader import default_object_path
+from tracer.output import one_line
+from tracer.packet import decode
+
+INPUT_STACK = ["sk_skb_reason_drop", "nft_do_chain", "nft_do_chain_inet", "nf_hook_slow",
+               "ip_local_deliver", "ip_rcv", "__netif_receive_skb_one_core"]
+OUTPUT_STACK = ["sk_skb_reason_drop", "nft_do_chain", "nft_do_chain_inet", "nf_hook_slow",
+                "__ip_local_out", "ip_local_out", "__ip_queue_xmit", "__tcp_transmit_skb",
+                "tcp_connect", "tcp_v4_connect", "__sys_connect", "do_syscall_64",
+                "entry_SYSCALL_64_after_hwframe"]
+
+
+def test_hook_from_the_caller_of_nf_hook_slow():
+    assert hook_from_stack(INPUT_STACK) == "input"
+    assert hook_from_stack(OUTPUT_STACK) == "output"
+    assert hook_from_stack(["nf_hook_slow", "ip_forward"]) == "forward"
+    assert hook_from_stack(["nf_hook_slow", "ipv6_rcv"]) == "prerouting"
+    assert hook_from_stack(["nf_hook_slow", "ip6_output"]) == "postrouting"
+    assert hook_from_stack(["tcp_v4_rcv", "ip_local_deliver_finish"]) is None
+
+
+def test_subsystem():
+    assert subsystem_from_stack(INPUT_STACK, "nft_do_chain+0x3e8") == "nftables"
+    assert subsystem_from_stack(["nf_hook_slow", "ip_local_deliver"], "nf_hook_slow+0x9c") == "netfilter"
+    assert subsystem_from_stack(["__udp4_lib_rcv"], "__udp4_lib_rcv+0x4bc") == "socket"
+    assert subsystem_from_stack(["ip_route_input_slow"], "ip_route_input_slow+0x10") == "routing"
+
+
+def test_process_only_in_its_own_system_call():
+    assert process_of(OUTPUT_STACK, 42, "curl", "output") == (42, "curl")
+    softirq = OUTPUT_STACK[:5] + ["handle_softirqs"] + OUTPUT_STACK[5:]
+    assert process_of(softirq, 42, "curl", "output") is None
+    assert process_of(INPUT_STACK, 42, "curl", "input") is None
+    assert process_of(OUTPUT_STACK, 0, "swapper", "output") is None
+
+
+def test_conntrack_from_nfct_bits():
+    assert ct.from_record(ct.CT_INFO_NONE, 0, 0, 0) is None
+    assert ct.from_record(7, 0, 0, 0).state == "untracked"
+    new = ct.from_record(2, 0, 0, 0)
+    assert (new.state, new.direction, new.status) == ("new", "original", ())
+    rep = ct.from_record(3, 0b1010, 5, 9)  # IP_CT_ESTABLISHED_REPLY, seen_reply|confirmed
+    assert (rep.state, rep.direction, rep.status, rep.zone, rep.mark) == (
+        "established", "reply", ("seen_reply", "confirmed"), 5, 9)
+    assert ct.from_record(4, 0, 0, 0).state == "related"
+
+
+def test_conntrack_from_trace_attributes():
+    assert ct.from_trace(None, None, None) is None
+    assert ct.from_trace(1, None, None).state == "invalid"
+    est = ct.from_trace(2, 1, 0b1000)
+    assert (est.state, est.direction, est.status) == ("established", "reply", ("confirmed",))
+
+
+def test_hook_numbers():
+    assert hook_name(2, 1) == "input"
+    assert hook_name(10, 3) == "output"
+    assert hook_name(5, 0) == "ingress"
+    assert hook_name(2, 9) is None
+
+
+def test_nf_context_from_record():
+    nf = object_structs(str(default_object_path()))["nf_info"]()
+    assert nf_context(nf) is None
+    nf.source, nf.backend, nf.pf, nf.hook, nf.family, nf.verdict = 1, 1, 2, 1, 1, 0
+    nf.table = b"fw"
+    nf.chain = b"input"
+    got = nf_context(nf)
+    assert (got.source, got.backend, got.hook, got.family, got.table, got.chain, got.verdict) == (
+        "fexit", "nftables", "input", "inet", "fw", "input", 0)
+
+
+def test_event_struct_matches_btf():
+    structs = object_structs(str(default_object_path()))
+    ev = structs["drop_event"]
+    assert ctypes.sizeof(ev) % 8 == 0
+    assert {"reason", "l3", "l4", "stack", "nf"} <= {f[0] for f in ev._fields_}
+
+
+def _event(**kw) -> DropEvent:
+    from scapy.layers.inet import IP, TCP
+
+    raw = bytes(IP(src="198.18.0.1", dst="198.18.0.2") / TCP(sport=40000, dport=443, flags="S"))
+    base = dict(timestamp_ns=1_790_000_000_123_456_789, reason="NETFILTER_DROP",
+                location="nft_do_chain+0x3e8", packet=decode(raw[:20], raw[20:40]), length=60,
+                mark=0, ingress=Interface(5, "veth0b"), netns_inode=4026532211,
+                netns_name="lab-server", hook="input")
+    base.update(kw)
+    return DropEvent(**base)
+
+
+def test_ecs_rule_drop():
+    nf = Netfilter(backend="nftables", attribution="nftrace", family="inet", hook="input",
+                   table="fw", chain="input", base_chain="input",
+                   rule=Rule(4, "tcp dport 443 drop", "legacy block"), policy=False, verdict="drop")
+    doc = _event(netfilter=nf, conntrack=ct.from_record(2, 0, 0, 0)).to_ecs()
+    assert doc["@timestamp"] == iso_time(1_790_000_000_123_456_789)
+    assert doc["@timestamp"].endswith(".123456Z")
+    assert doc["netfilter"]["rule"] == {"handle": 4, "text": "tcp dport 443 drop", "comment": "legacy block"}
+    assert doc["netfilter"]["policy"] is False
+    assert doc["network"]["direction"] == "ingress"
+    assert doc["network"]["community_id"].startswith("1:")
+    assert doc["source"] == {"ip": "198.18.0.1", "port": 40000}
+    assert doc["tcp"] == {"flags": ["SYN"]}
+    assert doc["conntrack"]["state"] == "new"
+    assert "stack" not in doc["drop"]
+    line = one_line(doc)
+    assert 'rule 4 "tcp dport 443 drop" (legacy block)' in line
+    assert "198.18.0.1:40000 > 198.18.0.2:443 [SYN]" in line
+
+
+def test_ecs_policy_drop_has_null_rule():
+    nf = Netfilter(backend="nftables", attribution="nftrace", family="inet", hook="input",
+                   table="fw", chain="input", base_chain="input", policy=True, verdict="drop")
+    doc = _event(netfilter=nf).to_ecs()
+    assert doc["netfilter"]["rule"] is None and doc["netfilter"]["policy"] is True
+    assert "policy drop" in one_line(doc)
+
+
+def test_ecs_leaves_out_the_unknown():
+    doc = _event(reason="NO_SOCKET", location=None, netns_name=None, hook=None).to_ecs()
+    assert "netfilter" not in doc and "conntrack" not in doc and "process" not in doc
+    assert "name" not in doc["netns"]
+    assert "location" not in doc["drop"]
+    assert "direction" not in doc["network"]
+
+
+def test_conntrack_activity_and_invalid_inference():
+    assert ct.tracking_active(["ct state established accept"], ["filter"])
+    assert ct.tracking_active(["tcp dport 80 accept"], ["nat"])
+    assert not ct.tracking_active(["tcp dport 80 reject with tcp reset"], ["filter"])
+    assert ct.invalid_if_tracked(True, "input", 0).state == "invalid"
+    assert ct.invalid_if_tracked(True, "prerouting", -300) is None
+    assert ct.invalid_if_tracked(True, "prerouting", 0).state == "invalid"
+    assert ct.invalid_if_tracked(False, "input", 0) is None

@@ -1,0 +1,113 @@
+"""Naming the netfilter rule, chain and table behind a drop.
+
+Three sources, best first:
+- nftrace: the kernel's own per-rule trace of the packet (exact rule, user
+  chains, policy), joined to the drop by packet fingerprint;
+- fexit/kprobe context: table, base chain and hook recorded by the BPF
+  programs on nft_do_chain / ipt_do_table / nf_hook_slow;
+- the stack: hook from the caller of nf_hook_slow, subsystem from frames.
+A field a source cannot know is left out rather than guessed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from .collectors.drop import KernelDrop
+from .event import Netfilter, Rule
+
+if TYPE_CHECKING:
+    from .collectors.nft import TraceVerdict
+
+#: Built-in iptables chain of each hook (legacy tables have no chain names
+#: in the kernel; the hook decides which built-in chain ran).
+IPTABLES_CHAINS = {
+    "prerouting": "PREROUTING",
+    "input": "INPUT",
+    "forward": "FORWARD",
+    "output": "OUTPUT",
+    "postrouting": "POSTROUTING",
+}
+
+
+class RulesetView(Protocol):
+    """What attribution needs from a namespace's nftables ruleset."""
+
+    def backend_of(self, family: str, table: str) -> str: ...
+
+
+def from_trace(drop: KernelDrop, v: TraceVerdict) -> Netfilter:
+    rule = None
+    if not v.policy and v.handle is not None and v.text is not None:
+        rule = Rule(handle=v.handle, text=v.text, comment=v.comment, iptables=v.iptables)
+    return Netfilter(
+        backend=v.backend,
+        attribution="nftrace",
+        family=v.family,
+        hook=v.hook or drop.hook,
+        table=v.table,
+        chain=v.chain,
+        base_chain=v.base_chain,
+        rule=rule,
+        policy=True if v.policy else (False if rule else None),
+        verdict=v.verdict,
+    )
+
+
+def from_context(drop: KernelDrop, ruleset: RulesetView | None) -> Netfilter | None:
+    nf = drop.nf
+    if nf is None or (nf.table is None and nf.backend != "iptables-legacy"):
+        return None
+    hook = nf.hook or drop.hook
+    if nf.backend == "iptables-legacy":
+        return Netfilter(
+            backend="iptables-legacy",
+            attribution=nf.source,
+            family=nf.family,
+            hook=hook,
+            table=nf.table,
+            base_chain=IPTABLES_CHAINS.get(hook or ""),
+            verdict="drop",
+        )
+    backend = "nftables"
+    if ruleset is not None and nf.family and nf.table:
+        backend = ruleset.backend_of(nf.family, nf.table)
+    return Netfilter(
+        backend=backend,
+        attribution=nf.source,
+        family=nf.family,
+        hook=hook,
+        table=nf.table,
+        base_chain=nf.chain,
+        verdict="drop",
+    )
+
+
+def from_stack(drop: KernelDrop, legacy_present: bool) -> Netfilter | None:
+    """Only what the stack proves: hook and subsystem."""
+    if not drop.in_netfilter:
+        return None
+    backend = {
+        "nftables": "nftables",
+        "iptables-legacy": "iptables-legacy",
+        "conntrack": "conntrack",
+    }.get(drop.subsystem)
+    if backend is None:
+        # A verdict from a hook other than nft_do_chain: on kernels where
+        # nftables frees packets itself, that is iptables-legacy when such
+        # tables exist in the namespace, otherwise something we cannot name.
+        backend = "iptables-legacy" if legacy_present else "other"
+    return Netfilter(
+        backend=backend,
+        attribution="stack",
+        hook=drop.hook,
+        base_chain=IPTABLES_CHAINS.get(drop.hook or "") if backend == "iptables-legacy" else None,
+        verdict="drop",
+    )
+
+
+def attribute(drop: KernelDrop, verdict: TraceVerdict | None, ruleset: RulesetView | None,
+              legacy_present: bool = False) -> Netfilter | None:
+    if verdict is not None:
+        return from_trace(drop, verdict)
+    return from_context(drop, ruleset) or from_stack(drop, legacy_present)

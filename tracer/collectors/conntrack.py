@@ -1,0 +1,139 @@
+"""The conntrack collector: the connection-tracking state of a dropped packet.
+
+State comes from the packet itself (skb->_nfct, read by BPF), or from the
+nftrace message of the verdict when nftables traced it. The table's fill
+level comes from pyroute2's conntrack netlink support and feeds diagnoses
+("conntrack table full").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: enum ip_conntrack_info (include/uapi/linux/netfilter/nf_conntrack_common.h).
+IP_CT_ESTABLISHED, IP_CT_RELATED, IP_CT_NEW, IP_CT_IS_REPLY = 0, 1, 2, 3
+IP_CT_UNTRACKED = 7
+CT_INFO_NONE = 0xFF
+
+#: enum ip_conntrack_status bit -> name (IPS_* without the prefix).
+STATUS_BITS = (
+    "expected", "seen_reply", "assured", "confirmed", "src_nat", "dst_nat",
+    "seq_adjust", "src_nat_done", "dst_nat_done", "dying", "fixed_timeout",
+    "template", "nat_clash", "helper", "offload", "hw_offload",
+)
+
+#: NFT_CT_STATE_* bits as nftrace reports them (NFTA_TRACE_CT_STATE).
+_NFT_STATE_BITS = {1: "invalid", 2: "established", 4: "related", 8: "new", 64: "untracked"}
+
+
+@dataclass(frozen=True)
+class ConntrackInfo:
+    state: str  # new, established, related, invalid, untracked
+    direction: str | None = None  # original, reply
+    status: tuple[str, ...] = ()
+    zone: int | None = None
+    mark: int | None = None
+
+    def to_ecs(self) -> dict:
+        out: dict = {"state": self.state}
+        if self.direction:
+            out["direction"] = self.direction
+        if self.state not in ("invalid", "untracked"):
+            out["status"] = list(self.status)
+            if self.zone is not None:
+                out["zone"] = self.zone
+            if self.mark is not None:
+                out["mark"] = self.mark
+        return out
+
+
+def status_names(bits: int) -> tuple[str, ...]:
+    return tuple(name for i, name in enumerate(STATUS_BITS) if bits & (1 << i))
+
+
+def from_record(info: int, status: int, zone: int, mark: int) -> ConntrackInfo | None:
+    """From skb->_nfct as BPF read it; None when the packet carries no entry.
+
+    A packet with no entry is either untouched by conntrack or judged invalid
+    by it: only the context can tell (see `invalid_if_tracked`).
+    """
+    if info == CT_INFO_NONE:
+        return None
+    if info == IP_CT_UNTRACKED:
+        return ConntrackInfo("untracked")
+    base = info % IP_CT_IS_REPLY
+    state = {IP_CT_ESTABLISHED: "established", IP_CT_RELATED: "related", IP_CT_NEW: "new"}[base]
+    direction = "reply" if info >= IP_CT_IS_REPLY else "original"
+    return ConntrackInfo(state, direction, status_names(status), zone, mark)
+
+
+def from_trace(state_bits: int | None, direction: int | None, status: int | None) -> ConntrackInfo | None:
+    """From the NFTA_TRACE_CT_* attributes of an nftrace message (kernel 6.6+)."""
+    if state_bits is None:
+        return None
+    state = next((name for bit, name in _NFT_STATE_BITS.items() if state_bits & bit), None)
+    if state is None:
+        return None
+    dirname = None if direction is None else ("reply" if direction else "original")
+    if state in ("invalid", "untracked"):
+        return ConntrackInfo(state)
+    return ConntrackInfo(state, dirname, status_names(status or 0))
+
+
+@dataclass(frozen=True)
+class TableFill:
+    count: int
+    max: int
+
+    @property
+    def full(self) -> bool:
+        return self.max > 0 and self.count >= self.max
+
+
+def table_fill(proc_root: str = "/proc/sys/net/netfilter") -> TableFill | None:
+    """Entries in the conntrack table and its limit, for this netns."""
+    try:
+        with open(f"{proc_root}/nf_conntrack_count") as f:
+            count = int(f.read())
+        with open(f"{proc_root}/nf_conntrack_max") as f:
+            limit = int(f.read())
+    except OSError:
+        return None
+    return TableFill(count, limit)
+
+
+#: Priority of conntrack's own hook (NF_IP_PRI_CONNTRACK): chains at or
+#: below it run before conntrack has looked at the packet.
+CONNTRACK_PRIORITY = -200
+_AFTER_CONNTRACK_HOOKS = frozenset({"input", "forward", "postrouting"})
+_CT_USERS = re.compile(r"\bct\s|\bmasquerade\b|\b[sd]nat\b|\bredirect\b|-m (?:conntrack|state)\b")
+
+
+def tracking_active(rule_texts: list[str], chain_types: list[str | None]) -> bool:
+    """Whether conntrack runs in a namespace, judged from its ruleset.
+
+    Since 6.x conntrack registers its hooks in a namespace only when a rule
+    there needs it (a `ct` match, NAT); without one, no packet carries an
+    entry and "no entry" means nothing.
+    """
+    if "nat" in chain_types:
+        return True
+    return any(_CT_USERS.search(text) for text in rule_texts)
+
+
+def invalid_if_tracked(active: bool, hook: str | None, priority: int | None) -> ConntrackInfo | None:
+    """`invalid` for a packet without an entry where conntrack had seen it.
+
+    Conntrack leaves no entry on packets it judges invalid. If it is active
+    in the namespace and the drop happened after its hook ran (input,
+    forward, postrouting, or a prerouting/output chain with a priority after
+    conntrack's), an entry-less packet was invalid.
+    """
+    if not active or hook is None:
+        return None
+    if hook in _AFTER_CONNTRACK_HOOKS:
+        return ConntrackInfo("invalid")
+    if hook in ("prerouting", "output") and priority is not None and priority > CONNTRACK_PRIORITY:
+        return ConntrackInfo("invalid")
+    return None

@@ -1,0 +1,265 @@
+"""The drop collector: kfree_skb events from BPF, decoded and explained.
+
+Turns each raw `struct drop_event` into a `KernelDrop`: reason by name, the
+freeing call site and stack as symbols, and what the stack says about where
+in the stack of protocols the packet died (netfilter hook, subsystem). The
+netfilter hook is read from the function that called `nf_hook_slow`: the
+kernel's NF_HOOK call sites are fixed per hook, so the caller names the hook
+without any probe on netfilter itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+
+from ..kallsyms import Kallsyms
+from ..libbpf import Btf
+from ..packet import PacketHeaders
+from . import conntrack as ct
+from . import skb as skbmod
+
+REASON_PREFIX = "SKB_DROP_REASON_"
+
+#: Function that calls nf_hook_slow (directly, NF_HOOK being inline) -> hook.
+HOOK_CALLERS: dict[str, str] = {
+    # IPv4
+    "ip_rcv": "prerouting",
+    "ip_list_rcv": "prerouting",
+    "ip_sublist_rcv": "prerouting",
+    "ip_local_deliver": "input",
+    "ip_forward": "forward",
+    "__ip_local_out": "output",
+    "ip_local_out": "output",
+    "raw_send_hdrinc": "output",
+    "ip_output": "postrouting",
+    "ip_mc_output": "postrouting",
+    "ip_mr_forward": "forward",
+    # IPv6
+    "ipv6_rcv": "prerouting",
+    "ipv6_list_rcv": "prerouting",
+    "ip6_sublist_rcv": "prerouting",
+    "ip6_input": "input",
+    "ip6_forward": "forward",
+    "__ip6_local_out": "output",
+    "ip6_local_out": "output",
+    "ip6_xmit": "output",
+    "rawv6_send_hdrinc": "output",
+    "ndisc_send_skb": "output",
+    "mld_sendpack": "output",
+    "igmp6_send": "output",
+    "ip6_output": "postrouting",
+    "ip6_finish_output2": "postrouting",
+    # netdev family
+    "__netif_receive_skb_core": "ingress",
+    "nf_hook_ingress": "ingress",
+    "__dev_queue_xmit": "egress",
+    "nf_hook_egress": "egress",
+    # bridge family
+    "br_handle_frame": "prerouting",
+    "br_pass_frame_up": "input",
+    "__br_forward": "forward",
+    "br_forward_finish": "postrouting",
+    "br_dev_queue_push_xmit": "postrouting",
+    "br_dev_xmit": "output",
+    # arp family (hooks named input/output by nft)
+    "arp_rcv": "input",
+    "arp_xmit": "output",
+}
+
+#: Frames that name the subsystem a drop happened in, most specific first.
+SUBSYSTEM_FRAMES: tuple[tuple[str, str], ...] = (
+    ("nft_do_chain", "nftables"),
+    ("ipt_do_table", "iptables-legacy"),
+    ("ip6t_do_table", "iptables-legacy"),
+    ("ebt_do_table", "iptables-legacy"),
+    ("nf_conntrack_in", "conntrack"),
+    ("nf_hook_slow", "netfilter"),
+)
+
+#: Frames of the tracing machinery above the freeing function.
+_TRACE_PREFIXES = ("bpf_", "__bpf_", "__traceiter_", "trace_", "perf_trace_", "__probestub")
+
+#: Frames that mean the drop ran in softirq/interrupt context, where the
+#: current task has nothing to do with the packet.
+_IRQ_FRAMES = frozenset({
+    "__do_softirq", "handle_softirqs", "do_softirq", "irq_exit_rcu", "__irq_exit_rcu",
+    "net_rx_action", "run_ksoftirqd", "asm_sysvec_apic_timer_interrupt",
+    "sysvec_apic_timer_interrupt", "common_interrupt", "asm_common_interrupt",
+    "call_timer_fn", "tasklet_action_common",
+})
+_SYSCALL_FRAMES = frozenset({"do_syscall_64", "entry_SYSCALL_64_after_hwframe", "__do_fast_syscall_32"})
+
+
+class DropReasons:
+    """The running kernel's `enum skb_drop_reason`, numbers to short names.
+
+    Numbers differ between kernels, so they are always read from BTF.
+    """
+
+    def __init__(self, btf: Btf | None = None) -> None:
+        own = btf is None
+        btf = btf or Btf.vmlinux()
+        try:
+            raw = btf.enum_values("skb_drop_reason")
+        finally:
+            if own:
+                btf.close()
+        self.by_value = {v: n.removeprefix(REASON_PREFIX) for v, n in raw.items()}
+        self.by_name = {n: v for v, n in self.by_value.items()}
+
+    def name(self, value: int) -> str:
+        return self.by_value.get(value, f"UNKNOWN_{value}")
+
+    def value(self, name: str) -> int:
+        key = name.upper().removeprefix(REASON_PREFIX)
+        try:
+            return self.by_name[key]
+        except KeyError:
+            raise ValueError(f"unknown drop reason {name!r} on this kernel "
+                             f"(see `tracer doctor --reasons`)") from None
+
+
+@dataclass(frozen=True)
+class NfContext:
+    """What the netfilter hook programs (fentry or kprobe) recorded."""
+
+    source: str  # "fexit" or "kprobe"
+    backend: str  # nftables, iptables-legacy
+    pf: int
+    hook: str | None
+    family: str | None
+    table: str | None
+    chain: str | None
+    verdict: int | None
+
+
+@dataclass
+class KernelDrop:
+    """One dropped packet as the kernel saw it, before rule attribution."""
+
+    mono_ns: int
+    wall_ns: int
+    reason: str
+    location: str
+    stack: list[str]
+    netns: int
+    hook: str | None
+    subsystem: str
+    packet: PacketHeaders | None
+    fingerprint: bytes | None
+    l3proto: int
+    length: int
+    mark: int
+    ifindex: int
+    iif: int
+    dev_name: str
+    process: tuple[int, str] | None
+    conntrack: ct.ConntrackInfo | None
+    nf: NfContext | None
+    received: float = field(default_factory=time.monotonic)
+
+    @property
+    def in_netfilter(self) -> bool:
+        return self.subsystem in ("nftables", "iptables-legacy", "netfilter", "conntrack") or (
+            self.nf is not None and self.reason == "NETFILTER_DROP")
+
+
+def symbolize_stack(ksyms: Kallsyms, record: ctypes.Structure) -> list[str]:
+    """The kernel stack from the freeing function down, tracing frames removed."""
+    n = record.stack_bytes // 8
+    frames = [ksyms.format(record.stack[i]) for i in range(n) if record.stack[i]]
+    start = 0
+    for i, frame in enumerate(frames):
+        if frame.startswith(_TRACE_PREFIXES):
+            start = i + 1
+    return frames[start:]
+
+
+def _fn(frame: str) -> str:
+    return frame.split("+", 1)[0]
+
+
+def hook_from_stack(functions: list[str]) -> str | None:
+    """The netfilter hook whose nf_hook_slow call is on the stack."""
+    for i, fn in enumerate(functions):
+        if fn in ("nf_hook_slow", "nf_hook_slow_list"):
+            for caller in functions[i + 1:i + 4]:
+                if caller in HOOK_CALLERS:
+                    return HOOK_CALLERS[caller]
+            return None
+    return None
+
+
+def subsystem_from_stack(functions: list[str], location: str) -> str:
+    names = [_fn(location)] + functions
+    for frame, subsystem in SUBSYSTEM_FRAMES:
+        if frame in names:
+            return subsystem
+    first = names[0] if names else ""
+    if first.startswith(("tcp_", "udp", "raw_", "inet_", "sk_", "sock_", "__udp", "icmp")):
+        return "socket"
+    if first.startswith(("ip_route", "ip6_route", "fib", "ip_error", "ip6_pkt", "ip_forward",
+                         "ip6_forward", "dst_", "neigh", "ip_rcv_finish", "ip6_rcv_finish")):
+        return "routing"
+    return "other"
+
+
+def process_of(functions: list[str], pid: int, comm: str, hook: str | None) -> tuple[int, str] | None:
+    """The sending process, only when the drop ran in its system call.
+
+    The BPF side records the current task unconditionally; that task is the
+    sender only on the synchronous send path (no interrupt frames, a system
+    call below) of a locally generated packet.
+    """
+    if pid <= 0 or hook not in (None, "output", "postrouting", "egress"):
+        return None
+    names = set(functions)
+    if names & _IRQ_FRAMES or not names & _SYSCALL_FRAMES:
+        return None
+    return pid, comm
+
+
+class DropDecoder:
+    """Turns raw ring-buffer records into KernelDrops."""
+
+    def __init__(self, event_type: type[ctypes.Structure], reasons: DropReasons,
+                 ksyms: Kallsyms | None = None) -> None:
+        self.Event = event_type
+        self.reasons = reasons
+        self.ksyms = ksyms or Kallsyms()
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC; Python's monotonic_ns is the same clock.
+        self._wall_offset = time.time_ns() - time.monotonic_ns()
+
+    def decode(self, raw: bytes) -> KernelDrop:
+        rec = self.Event.from_buffer_copy(raw)
+        stack = symbolize_stack(self.ksyms, rec)
+        functions = [_fn(f) for f in stack]
+        location = self.ksyms.format(rec.location) if rec.location else (stack[0] if stack else "")
+        nf = skbmod.nf_context(rec.nf)
+        hook = (nf.hook if nf and nf.hook else None) or hook_from_stack(functions)
+        headers, fp = skbmod.headers(rec)
+        return KernelDrop(
+            mono_ns=rec.ts_ns,
+            wall_ns=rec.ts_ns + self._wall_offset,
+            reason=self.reasons.name(rec.reason),
+            location=location,
+            stack=stack,
+            netns=rec.netns_ino,
+            hook=hook,
+            subsystem=subsystem_from_stack(functions, location),
+            packet=headers,
+            fingerprint=fp,
+            l3proto=rec.l3proto,
+            # The IP length, as people and pcaps count it; skb->len at the
+            # drop point may already exclude headers the stack pulled.
+            length=headers.length if headers and headers.length else rec.len,
+            mark=rec.mark,
+            ifindex=rec.ifindex,
+            iif=rec.iif,
+            dev_name=rec.dev_name.decode(errors="replace"),
+            process=process_of(functions, rec.pid, rec.comm.decode(errors="replace"), hook),
+            conntrack=ct.from_record(rec.ct_info, rec.ct_status, rec.ct_zone, rec.ct_mark),
+            nf=nf,
+        )

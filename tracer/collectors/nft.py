@@ -1,0 +1,852 @@
+"""Which nftables / iptables-nft rule or chain policy dropped a packet.
+
+How: a small table of our own (`inet tracer_mark`, hooked before raw and
+conntrack) sets `meta nftrace` on packets the filter selects, at a limited
+rate. The kernel then reports every rule and policy those packets meet as
+NFT_MSG_TRACE netlink messages. One reader per namespace listens to traces
+and ruleset changes on the same socket, so a ruleset swap is always seen
+before the traces evaluated under the new ruleset, and a cached rule text
+can never be stale when a drop is reported.
+
+The marking table is created with the `owner` flag through a libnftables
+context we keep open: the kernel deletes it by itself when that socket
+closes (tracer crash, SIGKILL), and a user's `flush ruleset` leaves it alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pyroute2.netlink import NETLINK_NETFILTER
+from pyroute2.netlink.nfnetlink import (
+    NFNL_SUBSYS_NFTABLES,
+    NFNLGRP_NFTABLES,
+    NFNLGRP_NFTRACE,
+    nfgen_msg,
+    nftsocket,
+)
+from pyroute2.netlink.nlsocket import NetlinkSocket
+
+from tracer import netns as netns_mod
+from tracer import packet
+from tracer.filters import WatchFilter, nft_match_rules
+from tracer.netns import Netns
+from tracer.nftables import (
+    FAMILIES,
+    IPTABLES_FAMILIES,
+    Chain,
+    NftContext,
+    NftError,
+    Rule,
+    Ruleset,
+)
+
+if TYPE_CHECKING:
+    from tracer.collectors.conntrack import ConntrackInfo
+
+MARK_TABLE = "tracer_mark"
+#: Before raw (-300) and conntrack (-200): the trace then covers both.
+MARK_PRIORITY = -350
+MARK_COMMENT = "tracer: sets nftrace on watched packets; removed when tracer stops"
+
+NFT_TRACETYPE_POLICY = 1
+NFT_TRACETYPE_RETURN = 2
+NFT_TRACETYPE_RULE = 3
+
+#: Netfilter verdict codes (include/uapi/linux/netfilter.h, nf_tables.h).
+VERDICT_NAMES = {
+    0: "drop",
+    1: "accept",
+    2: "stolen",
+    3: "queue",
+    4: "repeat",
+    5: "stop",
+    -1: "continue",
+    -2: "break",
+    -3: "jump",
+    -4: "goto",
+    -5: "return",
+}
+_PYROUTE2_VERDICTS = {
+    "NF_DROP": 0,
+    "NF_ACCEPT": 1,
+    "NF_STOLEN": 2,
+    "NF_QUEUE": 3,
+    "NF_REPEAT": 4,
+    "NF_STOP": 5,
+    "NFT_CONTINUE": -1,
+    "NFT_BREAK": -2,
+    "NFT_JUMP": -3,
+    "NFT_GOTO": -4,
+    "NFT_RETURN": -5,
+}
+
+#: NF_CT_STATE_*_BIT values as NFTA_TRACE_CT_STATE carries them.
+CT_STATES = {1: "invalid", 2: "established", 4: "related", 8: "new", 64: "untracked"}
+CT_DIRECTIONS = {0: "original", 1: "reply"}
+#: NFTA_TRACE_NFPROTO: the protocol family of the packet itself.
+NFPROTO_NAMES = {2: "ipv4", 10: "ipv6", 3: "arp", 7: "bridge"}
+#: enum ip_conntrack_status bit numbers, named as the drop-event spec wants.
+CT_STATUS_BITS = (
+    "expected",
+    "seen_reply",
+    "assured",
+    "confirmed",
+    "src_nat",
+    "dst_nat",
+    "seq_adjust",
+    "src_nat_done",
+    "dst_nat_done",
+    "dying",
+    "fixed_timeout",
+    "template",
+    "nat_clash",
+    "helper",
+    "offload",
+    "hw_offload",
+)
+
+# Ruleset notifications that do not change rule text or chains: set elements
+# come and go at runtime (fail2ban, kube-proxy) and NEWGEN only closes a batch.
+_NOT_RULESET_CHANGES = frozenset(
+    {nftsocket.NFT_MSG_NEWSETELEM, nftsocket.NFT_MSG_DELSETELEM, nftsocket.NFT_MSG_NEWGEN, nftsocket.NFT_MSG_TRACE}
+)
+
+_TRACE_STATE_TTL = 5.0
+RCVBUF_BYTES = 16 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_MAX_TRACE_PATH = 64
+
+
+class nft_trace_msg(nfgen_msg):
+    """NFT_MSG_TRACE, which pyroute2 0.9.7 does not decode.
+
+    Attribute order is `enum nft_trace_attributes` (uapi nf_tables.h); the
+    CT_* attributes exist since Linux 6.x and are simply absent on older
+    kernels. CT_STATUS is left out by the kernel when no status bit is set.
+    """
+
+    prefix = "NFTA_TRACE_"
+    nla_map = (
+        ("NFTA_TRACE_UNSPEC", "none"),
+        ("NFTA_TRACE_TABLE", "asciiz"),
+        ("NFTA_TRACE_CHAIN", "asciiz"),
+        ("NFTA_TRACE_RULE_HANDLE", "be64"),
+        ("NFTA_TRACE_TYPE", "be32"),
+        ("NFTA_TRACE_VERDICT", "verdict"),
+        ("NFTA_TRACE_ID", "be32"),
+        ("NFTA_TRACE_LL_HEADER", "cdata"),
+        ("NFTA_TRACE_NETWORK_HEADER", "cdata"),
+        ("NFTA_TRACE_TRANSPORT_HEADER", "cdata"),
+        ("NFTA_TRACE_IIF", "be32"),
+        ("NFTA_TRACE_IIFTYPE", "be16"),
+        ("NFTA_TRACE_OIF", "be32"),
+        ("NFTA_TRACE_OIFTYPE", "be16"),
+        ("NFTA_TRACE_MARK", "be32"),
+        ("NFTA_TRACE_NFPROTO", "be32"),
+        ("NFTA_TRACE_POLICY", "be32"),
+        ("NFTA_TRACE_PAD", "hex"),
+        ("NFTA_TRACE_CT_ID", "uint32"),  # the kernel writes it in host order
+        ("NFTA_TRACE_CT_DIRECTION", "uint8"),
+        ("NFTA_TRACE_CT_STATUS", "be32"),
+        ("NFTA_TRACE_CT_STATE", "be32"),
+    )
+
+    # The verdict nest is the one rules and set elements use.
+    verdict = nftsocket.nft_data.nfta_data.verdict
+
+
+def _message_policy() -> dict[int, type]:
+    """pyroute2's nftables message classes plus ours for traces."""
+    policy = {(NFNL_SUBSYS_NFTABLES << 8) | t: cls for t, cls in nftsocket.AsyncNFTSocket.policy.items()}
+    policy[(NFNL_SUBSYS_NFTABLES << 8) | nftsocket.NFT_MSG_TRACE] = nft_trace_msg
+    return policy
+
+
+@dataclass(frozen=True)
+class TraceVerdict:
+    """What nftrace says decided a packet's fate, for the drop event's
+    `netfilter` and `conntrack` objects."""
+
+    netns_inode: int
+    time: float  # time.monotonic() when the verdict message was read
+    family: str  # table family: ip, ip6, inet, bridge, arp, netdev
+    table: str
+    chain: str  # chain whose rule or policy decided (user chains included)
+    base_chain: str | None  # hooked chain it was reached from
+    hook: str | None
+    handle: int | None  # None when the policy decided
+    text: str | None  # rule in `nft list ruleset` syntax, no comment, no counter values
+    comment: str | None
+    policy: bool
+    verdict: str  # drop, reject, ...
+    backend: str  # nftables or iptables-nft
+    iptables: str | None = None  # the `iptables -S` line of an iptables-nft rule
+    ct_state: str | None = None
+    ct_direction: str | None = None
+    ct_status: tuple[str, ...] | None = None
+    ct_id: int | None = None
+    nfproto: str | None = None  # packet protocol family: ipv4 / ipv6 / ...
+    iif: int | None = None
+    oif: int | None = None
+    mark: int | None = None
+    trace_id: int = 0
+    fingerprint: bytes | None = None
+
+    @property
+    def conntrack(self) -> ConntrackInfo | None:
+        """The trace's conntrack facts in the form the drop event uses (None when absent)."""
+        from tracer.collectors.conntrack import ConntrackInfo
+
+        if self.ct_state is None:
+            return None
+        if self.ct_state in ("invalid", "untracked"):
+            return ConntrackInfo(self.ct_state)
+        return ConntrackInfo(self.ct_state, self.ct_direction, self.ct_status or ())
+
+
+@dataclass
+class _TraceState:
+    """What earlier messages of one trace id told us about the packet."""
+
+    updated: float
+    path: list[tuple[str, str, str]] = field(default_factory=list)  # (family, table, chain)
+    network_header: bytes = b""
+    transport_header: bytes = b""
+    iif: int | None = None
+    oif: int | None = None
+    mark: int | None = None
+    ct: dict[str, Any] = field(default_factory=dict)
+
+
+def _verdict_code(value: Any) -> int | None:
+    """Verdict code from pyroute2's decoded nest (a name, or a number it did not know)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _PYROUTE2_VERDICTS.get(value)
+    code = int(value)
+    if code >= 0:
+        code &= 0xFF  # NF_DROP_ERR keeps an errno in the upper bits
+    return code
+
+
+def is_reject(rule_text: str) -> bool:
+    """Whether a rule ends in reject: the kernel reports its NF_DROP after the RST/ICMP.
+
+    `rule_text` comes without its comment; `jump reject` names a chain, not the statement.
+    """
+    words = rule_text.replace(";", " ").split()
+    statement = any(w == "reject" and (i == 0 or words[i - 1] not in ("jump", "goto")) for i, w in enumerate(words))
+    return statement or 'target "REJECT"' in rule_text
+
+
+def ct_status_names(status: int) -> tuple[str, ...]:
+    return tuple(name for bit, name in enumerate(CT_STATUS_BITS) if status & (1 << bit))
+
+
+def _ct_status(ct: dict[str, Any]) -> tuple[str, ...] | None:
+    if ct.get("status") is not None:
+        return ct_status_names(ct["status"])
+    # The kernel omits a zero status; a connection (it has an id) with no bits set.
+    return () if ct.get("id") is not None else None
+
+
+def mark_commands(table: str, f: WatchFilter, rate: int, burst: int) -> str:
+    """nft commands that create the marking table (one atomic batch)."""
+    lines = [f'add table inet {table} {{ flags owner; comment "{MARK_COMMENT}"; }}']
+    for hook in ("prerouting", "output"):
+        lines.append(
+            f"add chain inet {table} {hook} {{ type filter hook {hook} priority {MARK_PRIORITY}; policy accept; }}"
+        )
+        for match in nft_match_rules(f, hook):  # type: ignore[arg-type]
+            stmt = f"limit rate {rate}/second burst {burst} packets meta nftrace set 1"
+            lines.append(f"add rule inet {table} {hook} {match} {stmt}".replace("  ", " "))
+    return "\n".join(lines) + "\n"
+
+
+def stale_marking_tables(rs: Ruleset) -> list[tuple[str, str]]:
+    """Marking tables without the owner flag: left by a crashed older tracer."""
+    return [(t.family, t.name) for t in rs.tables.values() if t.name.startswith(MARK_TABLE) and not t.owned]
+
+
+def _remove_stale(ctx: NftContext, rs: Ruleset, log: Any) -> int:
+    removed = 0
+    for family, name in stale_marking_tables(rs):
+        try:
+            ctx.cmd(f"delete table {family} {name}")
+            removed += 1
+            log.info("nft.stale_marking_table_removed", family=family, table=name)
+        except NftError as exc:
+            log.warning("nft.stale_marking_table_not_removed", family=family, table=name, error=exc.stderr)
+    return removed
+
+
+def remove_stale_marking_tables(namespaces: Iterable[Netns], log: Any = None) -> int:
+    """Deletes un-owned `tracer_mark*` tables (from a crashed earlier tracer) in each namespace.
+
+    Owned marking tables belong to a running tracer and are left alone (the
+    kernel would refuse anyway). Returns how many tables were removed.
+    """
+    log = log or structlog.get_logger("tracer.nft")
+    removed = 0
+    for ns in namespaces:
+        try:
+            with netns_mod.entered(ns):
+                ctx = NftContext()
+            with ctx:
+                removed += _remove_stale(ctx, ctx.ruleset(), log.bind(netns=ns.label))
+        except (OSError, NftError) as exc:
+            log.warning("nft.stale_check_failed", netns=ns.label, error=str(exc))
+    return removed
+
+
+class _NetnsWatch:
+    """Marking table, trace reader and ruleset cache of one namespace."""
+
+    def __init__(self, ns: Netns, collector: NftCollector) -> None:
+        self.ns = ns
+        self.collector = collector
+        self.log = collector.log.bind(netns=ns.label, netns_inode=ns.inode)
+        self.marked: str | None = None
+        self._ctx: NftContext | None = None
+        self._sock: NetlinkSocket | None = None
+        self._wake: Any = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.RLock()  # ruleset cache and marking
+        self._ruleset: Ruleset | None = None
+        self._stale = True
+        self._version = 0
+        self._traces: OrderedDict[int, _TraceState] = OrderedDict()
+        self._iptables_cache: dict[tuple[int, str, str, str], list[str] | None] = {}
+        self._socket_errors = 0
+        self._last_error_log = 0.0
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribes first, then marks: no trace of a marked packet can be missed."""
+        with netns_mod.entered(self.ns):
+            self._ctx = NftContext()
+        self._thread = threading.Thread(target=self._run, name=f"nft-trace-{self.ns.inode}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10) or self._open_error is not None:
+            self._stopping.set()
+            self._ctx.close()
+            raise OSError(errno.EIO, f"trace socket in {self.ns.label} failed: {self._open_error}")
+        rs = self.ruleset(refresh=True)
+        if rs is not None and _remove_stale(self._ctx, rs, self.log):
+            self._stale = True
+        self._mark_if_needed()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            if self.marked and self._ctx is not None:
+                try:
+                    self._ctx.cmd(f"delete table inet {self.marked}")
+                    self.log.info("nft.marking_table_removed", table=self.marked)
+                except NftError as exc:
+                    self.log.warning("nft.marking_table_remove_failed", table=self.marked, error=exc.stderr)
+                self.marked = None
+        if self._thread is not None and self._thread is not threading.current_thread():
+            deadline = time.monotonic() + 5
+            while self._thread.is_alive() and time.monotonic() < deadline:
+                self._wake_reader()  # again: the reader may have been re-opening its socket
+                self._thread.join(0.1)
+            if self._thread.is_alive():
+                self.log.warning("nft.reader_did_not_stop")
+        if self._ctx is not None:
+            self._ctx.close()  # also makes the kernel drop the table if delete failed
+
+    # --- marking -------------------------------------------------------------------
+
+    def _mark_if_needed(self) -> None:
+        """Marks only namespaces with base chains of their own: otherwise nothing can drop."""
+        with self._lock:
+            if self.marked or self._stopping.is_set() or self._ctx is None:
+                return
+            rs = self.ruleset()
+            if rs is None or not rs.base_chains(skip_prefix=MARK_TABLE):
+                return
+            taken = {t.name for t in rs.tables.values() if t.family == "inet"}
+            name = MARK_TABLE if MARK_TABLE not in taken else f"{MARK_TABLE}_{os.getpid()}"
+            c = self.collector
+            try:
+                self._ctx.cmd(mark_commands(name, c.filter, c.rate, c.burst))
+            except NftError as exc:
+                self.log.warning("nft.marking_failed", table=name, error=exc.stderr)
+                return
+            self.marked = name
+            self._stale = True
+            self._warn_legacy_trace()
+            self.log.info("nft.marking_table_added", table=name, rate=c.rate, burst=c.burst)
+
+    def _warn_legacy_trace(self) -> None:
+        """Warns that iptables-legacy treats our nftrace mark like its own TRACE target."""
+        names: list[str] = []
+        try:
+            with netns_mod.entered(self.ns):
+                for proc_file in ("ip_tables_names", "ip6_tables_names"):
+                    with open(f"/proc/thread-self/net/{proc_file}") as fh:
+                        names += fh.read().split()
+        except OSError:
+            return
+        if names:
+            self.log.warning(
+                "nft.legacy_iptables_present",
+                tables=names,
+                note="iptables-legacy logs a TRACE line per rule for marked packets to the kernel log "
+                "(initial namespace, or all with net.netfilter.nf_log_all_netns=1)",
+            )
+
+    # --- ruleset cache ---------------------------------------------------------------
+
+    def ruleset(self, refresh: bool = False) -> Ruleset | None:
+        """The cached ruleset, re-read when a change was announced or when asked."""
+        with self._lock:
+            if (refresh or self._stale or self._ruleset is None) and self._ctx is not None and not self._ctx.closed:
+                self._stale = False
+                try:
+                    self._ruleset = self._ctx.ruleset()
+                    self._version += 1
+                except NftError as exc:
+                    self._stale = True
+                    self.log.warning("nft.ruleset_list_failed", error=exc.stderr)
+            return self._ruleset
+
+    def _changed(self) -> None:
+        with self._lock:
+            self._stale = True
+
+    # --- reader thread ---------------------------------------------------------------
+
+    def _open_socket(self) -> None:
+        with netns_mod.entered(self.ns):
+            sock = NetlinkSocket(family=NETLINK_NETFILTER, rcvbuf=4 << 20)
+            try:
+                # Room for bursts beyond net.core.rmem_max (root may force it).
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
+                sock.register_policy(_message_policy())
+                sock.bind(groups=(1 << (NFNLGRP_NFTRACE - 1)) | (1 << (NFNLGRP_NFTABLES - 1)))
+            except Exception:
+                sock.close()
+                raise
+        # get() blocks in this thread's event loop; waking it means queueing
+        # an empty datagram there, as pyroute2's own close() does.
+        core = sock.asyncore
+        loop, queue = core.event_loop, core.msg_queue
+        self._wake = lambda: loop.call_soon_threadsafe(queue.put_nowait, 0, b"")
+        self._sock = sock
+
+    def _close_socket(self) -> None:
+        sock, self._sock, self._wake = self._sock, None, None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # pyroute2 re-raises the error that broke the socket
+                sock.close()
+
+    def _wake_reader(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed: the reader has exited
+                wake()
+
+    def _run(self) -> None:
+        try:
+            self._open_socket()
+        except BaseException as exc:
+            self._open_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    messages = self._sock.get() if self._sock is not None else []
+                except Exception as exc:
+                    if self._stopping.is_set():
+                        break
+                    if not self._reopen(exc):
+                        break
+                    continue
+                for msg in messages:
+                    try:
+                        self._handle(msg)
+                    except Exception as exc:
+                        self.log.warning("nft.bad_message", error=repr(exc), msg_type=msg.get("header", {}).get("type"))
+        finally:
+            self._close_socket()
+
+    def _reopen(self, exc: Exception) -> bool:
+        """After a socket error (ENOBUFS: we fell behind) start over with a new socket.
+
+        pyroute2 keeps failing a socket once it saw an error, hence the new
+        one. Messages were lost, ruleset changes possibly among them, so the
+        cache is re-read and half-seen traces are forgotten. Warnings are
+        rate-limited: under a flood this happens many times a second.
+        """
+        lost = getattr(exc, "code", None) == errno.ENOBUFS or getattr(exc, "errno", None) == errno.ENOBUFS
+        self._socket_errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log >= 5.0:
+            self.log.warning(
+                "nft.trace_socket_error",
+                error=repr(exc),
+                messages_lost=lost,
+                errors_since_last_warning=self._socket_errors,
+                hint="lower the trace rate or narrow the filter" if lost else None,
+            )
+            self._last_error_log, self._socket_errors = now, 0
+        self._close_socket()
+        self._traces.clear()
+        self._changed()
+        if not netns_mod.exists(self.ns):
+            self.log.warning("nft.netns_vanished", path=self.ns.path)
+            return False
+        try:
+            self._open_socket()
+        except Exception as reopen_exc:
+            self.log.warning("nft.trace_socket_reopen_failed", error=repr(reopen_exc))
+            return False
+        return True
+
+    def _handle(self, msg: Any) -> None:
+        mtype = msg["header"]["type"]
+        if mtype >> 8 != NFNL_SUBSYS_NFTABLES:
+            return
+        sub = mtype & 0xFF
+        if sub == nftsocket.NFT_MSG_TRACE:
+            self._on_trace(msg)
+        elif sub == nftsocket.NFT_MSG_NEWGEN:
+            if self.marked is None:
+                self._mark_if_needed()  # base chains may have appeared
+        elif sub not in _NOT_RULESET_CHANGES:
+            self._changed()
+
+    # --- traces ------------------------------------------------------------------------
+
+    def _trace_state(self, trace_id: int, now: float) -> _TraceState:
+        state = self._traces.get(trace_id)
+        if state is None:
+            state = self._traces[trace_id] = _TraceState(updated=now)
+        else:
+            self._traces.move_to_end(trace_id)
+        state.updated = now
+        while self._traces:
+            oldest = next(iter(self._traces.values()))
+            if now - oldest.updated < _TRACE_STATE_TTL and len(self._traces) < 65536:
+                break
+            self._traces.popitem(last=False)
+        return state
+
+    def _on_trace(self, msg: Any) -> None:
+        now = time.monotonic()
+        # One pass: pyroute2's get_attr rescans the whole list on every call.
+        get = {a[0]: a[1] for a in msg["attrs"]}.get
+        trace_id = get("NFTA_TRACE_ID")
+        table, chain = get("NFTA_TRACE_TABLE"), get("NFTA_TRACE_CHAIN")
+        family = FAMILIES.get(msg["nfgen_family"])
+        if trace_id is None or table is None or chain is None or family is None:
+            self.log.warning("nft.malformed_trace", trace_id=trace_id, table=table, chain=chain)
+            return
+        state = self._trace_state(trace_id, now)
+        nh = get("NFTA_TRACE_NETWORK_HEADER")
+        if nh is not None:
+            # The first message of each hook invocation carries the packet.
+            th = get("NFTA_TRACE_TRANSPORT_HEADER") or b""
+            if packet.fingerprint(nh, th) != packet.fingerprint(state.network_header, state.transport_header):
+                state.path.clear()  # another packet reusing the id
+            state.network_header, state.transport_header = bytes(nh), bytes(th)
+            state.iif, state.oif = get("NFTA_TRACE_IIF"), get("NFTA_TRACE_OIF")
+            state.ct = {k: get(f"NFTA_TRACE_CT_{k.upper()}") for k in ("state", "direction", "status", "id")}
+        state.mark = get("NFTA_TRACE_MARK")
+        state.path.append((family, table, chain))
+        del state.path[:-_MAX_TRACE_PATH]
+        if table.startswith(MARK_TABLE):
+            return
+        ttype = get("NFTA_TRACE_TYPE")
+        if ttype == NFT_TRACETYPE_POLICY:
+            code = _verdict_code(get("NFTA_TRACE_POLICY"))
+            handle = None
+        elif ttype == NFT_TRACETYPE_RULE:
+            nest = get("NFTA_TRACE_VERDICT")
+            code = _verdict_code(nest.get_attr("NFTA_VERDICT_CODE")) if nest is not None else None
+            handle = get("NFTA_TRACE_RULE_HANDLE")
+        else:
+            return
+        if code != 0:  # only NF_DROP matters here; reject also ends in NF_DROP
+            return
+        verdict = self._verdict(now, trace_id, state, family, table, chain, handle, get("NFTA_TRACE_NFPROTO"))
+        self.collector._publish(verdict)
+
+    def _lookup_rule(self, family: str, table: str, chain: str, handle: int) -> tuple[Ruleset | None, Rule | None]:
+        rs = self.ruleset()
+        rule = rs.rule(family, table, handle) if rs else None
+        if rule is None or rule.chain != chain:
+            rs = self.ruleset(refresh=True)  # a rule we have not listed yet
+            rule = rs.rule(family, table, handle) if rs else None
+        return rs, rule
+
+    def _verdict(
+        self,
+        now: float,
+        trace_id: int,
+        state: _TraceState,
+        family: str,
+        table: str,
+        chain: str,
+        handle: int | None,
+        nfproto: int | None,
+    ) -> TraceVerdict:
+        if handle is not None:
+            rs, rule = self._lookup_rule(family, table, chain, handle)
+            if rule is None:
+                self.log.warning("nft.rule_not_found", family=family, table=table, chain=chain, handle=handle)
+        else:
+            rs, rule = self.ruleset(), None
+        base = self._base_chain(rs, state, family, table, chain)
+        backend = rs.backend(family, table) if rs else "nftables"
+        iptables = None
+        if backend == "iptables-nft" and rule is not None:
+            iptables = self._iptables_line(family, table, rule)
+        ct = state.ct
+        return TraceVerdict(
+            netns_inode=self.ns.inode,
+            time=now,
+            family=family,
+            table=table,
+            chain=chain,
+            base_chain=base.name if base else None,
+            hook=base.hook if base else None,
+            handle=handle,
+            text=rule.text if rule else None,
+            comment=rule.comment if rule else None,
+            policy=handle is None,
+            verdict="reject" if rule is not None and is_reject(rule.text) else "drop",
+            backend=backend,
+            iptables=iptables,
+            ct_state=CT_STATES.get(ct["state"]) if ct.get("state") is not None else None,
+            ct_direction=CT_DIRECTIONS.get(ct["direction"]) if ct.get("direction") is not None else None,
+            ct_status=_ct_status(ct),
+            ct_id=ct.get("id"),
+            nfproto=NFPROTO_NAMES.get(nfproto) if nfproto is not None else None,
+            iif=state.iif,
+            oif=state.oif,
+            mark=state.mark,
+            trace_id=trace_id,
+            fingerprint=packet.fingerprint(state.network_header, state.transport_header),
+        )
+
+    @staticmethod
+    def _base_chain(rs: Ruleset | None, state: _TraceState, family: str, table: str, chain: str) -> Chain | None:
+        """The hooked chain the verdict was reached from.
+
+        The trace shows the path: jumps and gotos are traced as rule verdicts
+        in the calling chain, so the nearest earlier base chain of the same
+        table is the entry point. Falls back to the ruleset's jump graph when
+        that is unambiguous.
+        """
+        if rs is None:
+            return None
+        for fam, tab, name in reversed(state.path):
+            if fam == family and tab == table:
+                c = rs.chain(family, table, name)
+                if c is not None and c.base:
+                    return c
+        candidates = rs.base_chains_reaching(family, table, chain)
+        return candidates[0] if len(candidates) == 1 else None
+
+    def _iptables_line(self, family: str, table: str, rule: Rule) -> str | None:
+        """The `iptables -S` line of an iptables-nft rule, found by its position in the chain."""
+        key = (self._version, family, table, rule.chain)
+        if key not in self._iptables_cache:
+            tool = IPTABLES_FAMILIES[family]
+            lines: list[str] | None = None
+            try:
+                res = netns_mod.run_in(self.ns, [tool, "-t", table, "-S", rule.chain], timeout=10)
+                if res.returncode == 0:
+                    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(f"-A {rule.chain} ")]
+                else:
+                    self.log.warning("nft.iptables_list_failed", tool=tool, error=res.stderr.strip())
+            except (OSError, TimeoutError) as exc:
+                self.log.warning("nft.iptables_list_failed", tool=tool, error=str(exc))
+            self._iptables_cache = {k: v for k, v in self._iptables_cache.items() if k[0] == self._version}
+            self._iptables_cache[key] = lines
+        lines = self._iptables_cache[key]
+        if lines is None or rule.position >= len(lines):
+            return None
+        return lines[rule.position]
+
+
+class NftCollector:
+    """Attributes netfilter drops to nftables / iptables-nft rules via nftrace.
+
+    `rate` and `burst` bound how many packets per second and namespace are
+    traced (each marking rule has its own limit). `on_verdict` is called in
+    the reader thread for every drop verdict, also those without packet
+    headers, which wait_verdict cannot find.
+    """
+
+    def __init__(
+        self,
+        filter: WatchFilter,
+        *,
+        rate: int = 1000,
+        burst: int | None = None,
+        verdict_ttl: float = 5.0,
+        on_verdict: Callable[[TraceVerdict], None] | None = None,
+        log: Any = None,
+    ) -> None:
+        if rate < 1:
+            raise ValueError(f"trace rate must be at least 1 packet/second, not {rate}")
+        self.filter = filter
+        self.rate = rate
+        self.burst = burst if burst is not None else max(5, rate // 10)
+        if self.burst < 1:
+            raise ValueError(f"trace burst must be at least 1 packet, not {self.burst}")
+        self.verdict_ttl = verdict_ttl
+        self.on_verdict = on_verdict
+        self.log = log or structlog.get_logger("tracer.nft")
+        self._watches: dict[int, _NetnsWatch] = {}
+        self._lock = threading.Lock()  # _watches
+        self._update_lock = threading.Lock()  # one update_namespaces at a time
+        self._cond = threading.Condition()  # _verdicts
+        self._verdicts: OrderedDict[tuple[int, bytes], TraceVerdict] = OrderedDict()
+        self._stopped = False
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self, namespaces: Iterable[Netns]) -> None:
+        """Starts watching namespaces (those the filter's `netns` selects)."""
+        with self._update_lock:
+            self._stopped = False
+            self._update(namespaces)
+
+    def update_namespaces(self, namespaces: Iterable[Netns]) -> None:
+        """Watches new namespaces and drops the ones no longer listed (no error if gone).
+
+        Ignored after stop(), so a late namespace scan cannot re-add marking tables.
+        """
+        with self._update_lock:
+            if not self._stopped:
+                self._update(namespaces)
+
+    def _update(self, namespaces: Iterable[Netns]) -> None:
+        wanted = {ns.inode: ns for ns in namespaces if self.filter.matches_netns(ns.inode, ns.name)}
+        with self._lock:
+            gone = [w for inode, w in self._watches.items() if inode not in wanted]
+            for w in gone:
+                del self._watches[w.ns.inode]
+            new = [ns for inode, ns in wanted.items() if inode not in self._watches]
+        for w in gone:
+            if netns_mod.exists(w.ns):
+                w.log.info("nft.netns_unwatched", reason="not listed any more")
+            else:
+                w.log.warning("nft.netns_vanished", path=w.ns.path, action="watch stopped")
+            w.stop()
+        for ns in new:
+            watch = _NetnsWatch(ns, self)
+            try:
+                watch.start()
+            except (OSError, NftError) as exc:
+                self.log.warning("nft.netns_watch_failed", netns=ns.label, netns_inode=ns.inode, error=str(exc))
+                continue
+            with self._lock:
+                self._watches[ns.inode] = watch
+
+    def stop(self) -> None:
+        """Removes marking tables, closes sockets, joins threads; safe to call twice."""
+        with self._update_lock, self._lock:
+            watches, self._watches = list(self._watches.values()), {}
+            self._stopped = True
+        for w in watches:
+            try:
+                w.stop()
+            except Exception as exc:
+                w.log.warning("nft.stop_failed", error=repr(exc))
+        with self._cond:
+            self._cond.notify_all()
+
+    def __enter__(self) -> NftCollector:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --- queries ---------------------------------------------------------------------
+
+    @property
+    def watched(self) -> dict[int, Netns]:
+        with self._lock:
+            return {inode: w.ns for inode, w in self._watches.items()}
+
+    def marking_table(self, netns_inode: int) -> str | None:
+        """Name of our marking table in a namespace, None if it is not marked."""
+        with self._lock:
+            w = self._watches.get(netns_inode)
+        return w.marked if w else None
+
+    def ruleset(self, netns_inode: int) -> Ruleset | None:
+        """The namespace's current ruleset (for drops no trace covered)."""
+        with self._lock:
+            w = self._watches.get(netns_inode)
+        return w.ruleset() if w else None
+
+    def wait_verdict(self, netns_inode: int, fingerprint: bytes, timeout: float) -> TraceVerdict | None:
+        """The verdict for a packet, waiting up to `timeout` seconds for its trace."""
+        key = (netns_inode, fingerprint)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                v = self._verdicts.get(key)
+                if v is not None and now - v.time <= self.verdict_ttl:
+                    return v
+                if now >= deadline or self._stopped:
+                    return None
+                self._cond.wait(deadline - now)
+
+    def _publish(self, verdict: TraceVerdict) -> None:
+        if verdict.fingerprint is None:
+            self.log.debug("nft.verdict_without_packet", table=verdict.table, chain=verdict.chain)
+        self.log.debug(
+            "nft.drop_verdict",
+            netns_inode=verdict.netns_inode,
+            table=verdict.table,
+            chain=verdict.chain,
+            handle=verdict.handle,
+            policy=verdict.policy,
+        )
+        with self._cond:
+            if verdict.fingerprint is not None:
+                key = (verdict.netns_inode, verdict.fingerprint)
+                self._verdicts.pop(key, None)
+                self._verdicts[key] = verdict
+            while self._verdicts:
+                oldest = next(iter(self._verdicts.values()))
+                if verdict.time - oldest.time <= self.verdict_ttl:
+                    break
+                self._verdicts.popitem(last=False)
+            self._cond.notify_all()
+        if self.on_verdict is not None:
+            try:
+                self.on_verdict(verdict)
+            except Exception as exc:
+                self.log.warning("nft.on_verdict_failed", error=repr(exc))

@@ -1,0 +1,136 @@
+"""`tracer demo`: three firewalls broken the way real ones are, and what tracer shows.
+
+The lab is two namespaces, `client` (198.18.0.1, 2001:db8::1) and `server`
+(198.18.0.2, 2001:db8::2), on one veth pair. Nothing leaves the lab: no
+default route, benchmarking and documentation addresses only. The lab and
+the tracer's marking tables are removed when the demo ends, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from .engine import Engine, WatchOptions
+from .filters import WatchFilter
+from .lab import Lab
+from .output import NdjsonSink, TerminalSink
+from .bpf_filter import host_networks
+
+SERVER_RULESET = """
+table inet fw {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        iif "lo" accept
+        tcp dport 22 accept comment "ssh"
+        tcp dport 443 drop comment "legacy block"
+        tcp dport 443 accept comment "https"
+    }
+}
+"""
+
+# The client only lets in what it thinks it needs, and forgot that replies
+# to its own connections are inbound packets too.
+CLIENT_RULESET = """
+table inet host {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state invalid drop
+        iif "lo" accept
+        tcp dport 22 accept comment "ssh to this host"
+    }
+}
+"""
+
+LISTENER = (
+    "import socket,sys,time\n"
+    "socks=[]\n"
+    "for port in map(int, sys.argv[1:]):\n"
+    "    s=socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+    "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('::', port)); s.listen(16); socks.append(s)\n"
+    "time.sleep(3600)\n"
+)
+
+CONNECT = (
+    "import socket,sys\n"
+    "fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
+    "s=socket.socket(fam); s.settimeout(float(sys.argv[3]))\n"
+    "try:\n"
+    "    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
+    "except OSError as e:\n"
+    "    print(type(e).__name__)\n"
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    title: str
+    port: int
+    what_breaks: str
+    fix: str
+
+
+CASES = (
+    Case("a DROP rule before the ACCEPT for 443", 443,
+         "server input rule `tcp dport 443 drop` comes before `tcp dport 443 accept`",
+         "delete the stale drop rule, or move the accept above it"),
+    Case("a default DROP policy with no allow rule", 8080,
+         "server listens on 8080, but no rule accepts it and the input policy is drop",
+         "add `tcp dport 8080 accept` to the server's input chain"),
+    Case("return traffic dropped for lack of an ESTABLISHED rule", 22,
+         "the server answers, but the client's input chain has no "
+         "`ct state established,related accept`, so the SYN-ACK dies",
+         "add `ct state established,related accept` first in the client's input chain"),
+)
+
+
+def _build(lab: Lab):
+    client, server = lab.add_ns("client"), lab.add_ns("server")
+    link = lab.link(client, server)
+    lab.nft(server, SERVER_RULESET)
+    lab.nft(client, CLIENT_RULESET)
+    lab.spawn(server, [sys.executable, "-c", LISTENER, "22", "443", "8080"])
+    return client, server, link
+
+
+def _connect(lab: Lab, client, addr: str, port: int) -> str:
+    res = lab.run(client, [sys.executable, "-c", CONNECT, addr, str(port), "1.0"], check=False)
+    return res.stdout.strip() or res.stderr.strip()[-200:]
+
+
+def run(json_out: bool = False) -> int:
+    out = sys.stdout
+    sink = NdjsonSink() if json_out else TerminalSink(out)
+
+    def say(text: str = "") -> None:
+        if not json_out:
+            out.write(text + "\n")
+            out.flush()
+
+    with Lab() as lab:
+        client, server, link = _build(lab)
+        say(f"lab: client {link.a_v4.ip} / {link.a_v6.ip}  <->  server {link.b_v4.ip} / {link.b_v6.ip}")
+        say("tracer watches drops to and from 198.18.0.0/15 and 2001:db8::/32\n")
+        opts = WatchOptions(filter=WatchFilter(hosts=host_networks(["198.18.0.0/15", "2001:db8::/32"])))
+        engine = Engine(opts, sink)
+        engine.start()
+        runner = threading.Thread(target=engine.run, name="demo-engine", daemon=True)
+        runner.start()
+        try:
+            time.sleep(0.5)  # trace sockets subscribe before the first packet
+            for n, case in enumerate(CASES, 1):
+                say(f"--- case {n}: {case.title}")
+                say(f"    {case.what_breaks}")
+                for addr in (str(link.b_v4.ip), str(link.b_v6.ip)):
+                    result = _connect(lab, client, addr, case.port)
+                    say(f"    client connects to {addr} port {case.port}: {result}")
+                time.sleep(0.6)
+                say(f"    fix: {case.fix}\n")
+        finally:
+            engine.stop()
+            runner.join(timeout=5)
+        say(f"{engine.emitted} drops reported; removing the lab")
+    return 0

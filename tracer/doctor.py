@@ -1,0 +1,283 @@
+"""`tracer doctor`: what this kernel and host allow, and what to do about it.
+
+Every check reports what it found and, when something stands in the way, one
+line saying what to do. Program types are checked by actually loading and
+attaching them (loader.probe), because config options do not tell whether
+lockdown or a hardened sysctl refuses them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+import orjson
+
+OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str | None = None
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    watch_possible: bool = True
+    drop_program: str | None = None
+    netfilter_probes: str | None = None
+
+    def add(self, name: str, status: str, detail: str, fix: str | None = None) -> Check:
+        check = Check(name, status, detail, fix)
+        self.checks.append(check)
+        return check
+
+
+def kernel_config() -> dict[str, str]:
+    """The running kernel's config, from /proc/config.gz or /boot."""
+    for path in ("/proc/config.gz", f"/boot/config-{platform.release()}"):
+        try:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt") as f:
+                text = f.read()
+        except OSError:
+            continue
+        return dict(re.findall(r"^(CONFIG_\w+)=(.*)$", text, re.M))
+    return {}
+
+
+def lockdown_mode(config: dict[str, str]) -> str | None:
+    """none/integrity/confidentiality, or None when it cannot be told."""
+    try:
+        with open("/sys/kernel/security/lockdown") as f:
+            m = re.search(r"\[(\w+)\]", f.read())
+            if m:
+                return m.group(1)
+    except OSError:
+        pass
+    try:
+        with open("/proc/cmdline") as f:
+            m = re.search(r"\blockdown=(\w+)", f.read())
+            if m:
+                return m.group(1)
+    except OSError:
+        pass
+    for mode in ("CONFIDENTIALITY", "INTEGRITY"):
+        if config.get(f"CONFIG_LOCK_DOWN_KERNEL_FORCE_{mode}") == "y":
+            return mode.lower()
+    if config.get("CONFIG_SECURITY_LOCKDOWN_LSM") != "y":
+        return "none"
+    return None
+
+
+def _mounted(fstype: str) -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] == fstype]
+
+
+def _check_privileges(r: Report) -> None:
+    if os.geteuid() != 0:
+        r.add("privileges", FAIL, f"running as uid {os.geteuid()}",
+              "run as root (needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+        r.watch_possible = False
+    else:
+        r.add("privileges", OK, "root")
+
+
+def _check_kernel(r: Report, config: dict[str, str]) -> None:
+    r.add("kernel", INFO, f"{platform.release()} ({platform.machine()})")
+    if os.path.exists("/sys/kernel/btf/vmlinux"):
+        r.add("btf", OK, "/sys/kernel/btf/vmlinux present (CO-RE works)")
+    else:
+        r.add("btf", FAIL, "/sys/kernel/btf/vmlinux missing",
+              "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (all major distributions since 2021)")
+        r.watch_possible = False
+    mode = lockdown_mode(config)
+    if mode in (None,):
+        r.add("lockdown", INFO, "unknown (securityfs not mounted, no config)")
+    elif mode == "none":
+        r.add("lockdown", OK, "none")
+    else:
+        r.add("lockdown", WARN if mode == "integrity" else FAIL, mode,
+              "lockdown refuses some tracing (fentry/kprobe may fail); tp_btf still works")
+    kp = config.get("CONFIG_KPROBES")
+    if kp is not None or config:
+        r.add("config_kprobes", OK if kp == "y" else WARN,
+              "CONFIG_KPROBES=y" if kp == "y" else "CONFIG_KPROBES is not set",
+              None if kp == "y" else "kprobes unavailable: netfilter context needs fentry instead")
+    tracefs = _mounted("tracefs")
+    if tracefs:
+        r.add("tracefs", OK, f"mounted at {tracefs[0]}")
+    else:
+        r.add("tracefs", INFO, "not mounted (only the classic tracepoint fallback needs it)",
+              "mount -t tracefs nodev /sys/kernel/tracing")
+
+
+def _check_kallsyms(r: Report) -> None:
+    from .kallsyms import Kallsyms, KallsymsError
+
+    try:
+        k = Kallsyms()
+        r.add("kallsyms", OK, f"{len(k)} symbols readable")
+    except (KallsymsError, OSError) as exc:
+        r.add("kallsyms", FAIL, str(exc).splitlines()[0],
+              "run as root with kernel.kptr_restrict <= 1 (sysctl -w kernel.kptr_restrict=1)")
+        r.watch_possible = False
+
+
+def _check_bpf(r: Report) -> None:
+    from . import libbpf, loader
+
+    try:
+        L = libbpf.lib().lib
+        L.libbpf_version_string.restype = __import__("ctypes").c_char_p
+        r.add("libbpf", OK, f"libbpf {L.libbpf_version_string().decode()}")
+        obj = loader.default_object_path()
+        r.add("bpf_object", OK, str(obj))
+    except (OSError, FileNotFoundError) as exc:
+        r.add("bpf_object", FAIL, str(exc), "run `make -C bpf` (README: set-up)")
+        r.watch_possible = False
+        return
+    if os.geteuid() != 0:
+        return
+    caps = loader.probe(obj, stop_at_first=False)
+    for mode, res in caps.drop.items():
+        name = f"prog_{mode}"
+        if res.ok:
+            r.add(name, OK, "kfree_skb program loads and attaches")
+        else:
+            fix = ("mount -t tracefs nodev /sys/kernel/tracing" if mode == "tracepoint" else None)
+            r.add(name, INFO if caps.drop_mode else FAIL, f"refused: {res.error}", fix)
+    r.drop_program = caps.drop_mode
+    if caps.drop_mode is None:
+        r.watch_possible = False
+    for mode, res in caps.nf.items():
+        name = f"prog_{mode}"
+        if res.ok:
+            r.add(name, OK, f"{mode} on nf_hook_slow loads and attaches")
+        else:
+            r.add(name, WARN if not caps.nf_mode else INFO, f"refused: {res.error}",
+                  "netfilter context (table/base chain without nftrace, iptables-legacy table) "
+                  "needs fentry or kprobes: a stock distribution kernel has both")
+    r.netfilter_probes = caps.nf_mode
+    r.add("netfilter_context", OK if caps.nf_mode else WARN,
+          f"via {caps.nf_mode}" if caps.nf_mode else
+          "none: hook from the stack, rules from nftrace only")
+
+
+def _run(argv: list[str]) -> str:
+    if not shutil.which(argv[0]):
+        return ""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _check_firewalls(r: Report) -> None:
+    tables = _run(["nft", "list", "tables"]).split("\n")
+    tables = [t.strip() for t in tables if t.startswith("table ")]
+    ours = [t for t in tables if "tracer_mark" in t]
+    theirs = [t for t in tables if t not in ours]
+    r.add("nftables", OK if shutil.which("nft") else WARN,
+          f"{len(theirs)} table(s): {', '.join(t.removeprefix('table ') for t in theirs) or 'none'}",
+          None if shutil.which("nft") else "apt-get install nftables (rule text needs libnftables)")
+    legacy = ""
+    for names in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"):
+        try:
+            with open(names) as f:
+                legacy += f.read()
+        except OSError:
+            pass
+    if legacy.strip():
+        r.add("iptables_legacy", WARN, f"legacy tables loaded: {' '.join(legacy.split())}",
+              "rules of iptables-legacy are named only with fentry/kprobes; "
+              "consider iptables-nft (update-alternatives --set iptables /usr/sbin/iptables-nft)")
+    else:
+        r.add("iptables_legacy", OK, "no legacy tables")
+    nat = _run(["nft", "list", "ruleset"])
+    extras = [name for name, marker in (("docker", "DOCKER"), ("kubernetes", "KUBE-"),
+                                        ("firewalld", "firewalld")) if marker in nat]
+    if extras:
+        r.add("managers", INFO, f"rules managed by: {', '.join(extras)}")
+    if ours:
+        r.add("leftovers", WARN, f"tracer marking table present: {', '.join(ours)}",
+              "another tracer is running, or one crashed; it is removed at the next start")
+
+
+def _check_conntrack(r: Report) -> None:
+    from .collectors.conntrack import table_fill
+
+    fill = table_fill()
+    if fill is None:
+        r.add("conntrack", INFO, "not loaded in this namespace")
+    elif fill.full:
+        r.add("conntrack", FAIL, f"table full: {fill.count}/{fill.max}",
+              "raise net.netfilter.nf_conntrack_max or find the flood (conntrack -S)")
+    else:
+        pct = 100 * fill.count / fill.max if fill.max else 0
+        r.add("conntrack", WARN if pct > 80 else OK, f"{fill.count}/{fill.max} entries ({pct:.0f}%)",
+              "raise net.netfilter.nf_conntrack_max before it fills" if pct > 80 else None)
+
+
+def diagnose() -> Report:
+    r = Report()
+    config = kernel_config()
+    _check_privileges(r)
+    _check_kernel(r, config)
+    _check_kallsyms(r)
+    _check_bpf(r)
+    _check_firewalls(r)
+    _check_conntrack(r)
+    r.add("watch", OK if r.watch_possible else FAIL,
+          f"`tracer watch` can run (drops via {r.drop_program}, netfilter context via "
+          f"{r.netfilter_probes or 'stack + nftrace'})" if r.watch_possible else
+          "`tracer watch` cannot run here: see the failures above")
+    return r
+
+
+_MARK = {OK: "ok  ", WARN: "warn", FAIL: "FAIL", INFO: "info"}
+
+
+def render(r: Report) -> str:
+    lines = []
+    for c in r.checks:
+        lines.append(f"[{_MARK[c.status]}] {c.name:<18} {c.detail}")
+        if c.fix and c.status in (WARN, FAIL, INFO):
+            lines.append(f"       {'':<18} -> {c.fix}")
+    return "\n".join(lines)
+
+
+def run(json_out: bool = False, reasons: bool = False) -> int:
+    import structlog
+
+    structlog.get_logger("tracer.doctor").debug("doctor start")
+    r = diagnose()
+    if json_out:
+        data = asdict(r)
+        if reasons:
+            data["drop_reasons"] = _reasons()
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(render(r))
+        if reasons:
+            print("\ndrop reasons on this kernel:")
+            for value, name in sorted(_reasons().items()):
+                print(f"  {value:>5}  {name}")
+    return 0 if r.watch_possible else 1
+
+
+def _reasons() -> dict[int, str]:
+    from .collectors.drop import DropReasons
+
+    return DropReasons().by_value

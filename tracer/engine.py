@@ -1,0 +1,277 @@
+"""The watch engine: drops from BPF, verdicts from nftrace, events out.
+
+Threads and why:
+- the ring reader drains the BPF ring buffer and decodes records (symbols,
+  headers) so the kernel's buffer never waits on output;
+- the namespace scanner follows namespaces appearing and vanishing, because
+  rulesets and trace sockets are per namespace;
+- the caller's thread joins each drop with its nftrace verdict and writes
+  the event. A netfilter drop waits for its verdict at most `verdict_wait`
+  seconds after it arrived, so a burst of untraced drops delays output by
+  that much once, not once per drop.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from . import attribution, bpf_filter
+from . import netns as netnsmod
+from .collectors import conntrack as ct
+from .collectors.conntrack import ConntrackInfo
+from .collectors.drop import DropDecoder, DropReasons, KernelDrop
+from .event import DropEvent, Interface
+from .filters import WatchFilter
+from .links import LinkNames
+from .loader import LoadedTracer
+from .output import Sink
+
+log = structlog.get_logger("tracer.engine")
+
+
+@dataclass
+class WatchOptions:
+    filter: WatchFilter = field(default_factory=WatchFilter)
+    count: int | None = None
+    duration: float | None = None
+    stack: bool = False
+    nftrace: bool = True
+    nf_mode: str | None = "auto"  # auto, fentry, kprobe or None
+    verdict_wait: float = 0.3
+    trace_rate: int = 1000
+    scan_interval: float = 1.0
+    object_path: Path | None = None
+
+
+class Engine:
+    def __init__(self, options: WatchOptions, sink: Sink) -> None:
+        self.options = options
+        self.sink = sink
+        self.emitted = 0
+        self._stop = threading.Event()
+        self._queue: queue.Queue[KernelDrop] = queue.Queue(maxsize=100_000)
+        self._threads: list[threading.Thread] = []
+        self._namespaces: dict[int, netnsmod.Netns] = {}
+        self._links = LinkNames()
+        self._legacy_cache: dict[int, tuple[float, bool]] = {}
+        self._reasons = DropReasons()
+        self._user_reasons = self._reason_numbers()
+        self.tracer: LoadedTracer | None = None
+        self.nft = None
+        self.ready = threading.Event()
+
+    # ---------------------------------------------------------- set-up
+
+    def _reason_numbers(self) -> list[int]:
+        return [self._reasons.value(r) for r in self.options.filter.reasons]
+
+    def _netns_filter(self) -> int | None:
+        want = self.options.filter.netns
+        if want is None:
+            return None
+        if want.isdigit():
+            return int(want)
+        if want.startswith("/"):
+            return netnsmod.inode_of(want)
+        return netnsmod.by_name(want).inode
+
+    def start(self) -> None:
+        """Attaches everything; raises with a clear message when it cannot."""
+        opts = self.options
+        netns_inode = self._netns_filter()
+        self.tracer = LoadedTracer(opts.object_path, nf_mode=opts.nf_mode)
+        cfg = bpf_filter.build(
+            self.tracer.new_filter(), opts.filter, reasons=self._user_reasons,
+            netns_inode=netns_inode, consumed_reason=self._reasons.by_name.get("SKB_CONSUMED"))
+        self.tracer.set_filter(cfg)
+        self._decoder = DropDecoder(self.tracer.Event, self._reasons)
+        self._namespaces = self._scan()
+        if opts.nftrace:
+            from .collectors.nft import NftCollector
+
+            self.nft = NftCollector(opts.filter, rate=opts.trace_rate)
+            self.nft.start(self._watched(self._namespaces.values(), netns_inode))
+        self._rb = self.tracer.ring_buffer(self._on_record)
+        self._spawn(self._read_ring, "ring-reader")
+        self._spawn(self._scan_loop, "netns-scanner")
+        self.ready.set()
+        log.info("watching", drop_program=self.tracer.drop_mode,
+                 netfilter_context=self.tracer.nf_mode or "none",
+                 nftrace=bool(self.nft), namespaces=len(self._namespaces))
+
+    def _watched(self, namespaces, netns_inode: int | None) -> list[netnsmod.Netns]:
+        return [ns for ns in namespaces if netns_inode is None or ns.inode == netns_inode]
+
+    def _spawn(self, fn, name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _scan(self) -> dict[int, netnsmod.Netns]:
+        try:
+            return netnsmod.discover()
+        except OSError as exc:
+            log.warning("namespace scan failed", error=str(exc))
+            return dict(self._namespaces)
+
+    # ---------------------------------------------------------- threads
+
+    def _on_record(self, raw: bytes) -> None:
+        drop = self._decoder.decode(raw)
+        try:
+            self._queue.put_nowait(drop)
+        except queue.Full:
+            log.warning("event queue full, drop event lost")
+
+    def _read_ring(self) -> None:
+        while not self._stop.is_set():
+            self._rb.poll(100)
+
+    def _scan_loop(self) -> None:
+        netns_inode = self._netns_filter_safe()
+        while not self._stop.wait(self.options.scan_interval):
+            found = self._scan()
+            if found.keys() != self._namespaces.keys():
+                self._namespaces = found
+                if self.nft is not None:
+                    self.nft.update_namespaces(self._watched(found.values(), netns_inode))
+
+    def _netns_filter_safe(self) -> int | None:
+        try:
+            return self._netns_filter()
+        except OSError:
+            return None
+
+    # ---------------------------------------------------------- events
+
+    def run(self) -> int:
+        """Writes events until count, duration or stop(); returns how many."""
+        if self.tracer is None:
+            self.start()
+        deadline = None if self.options.duration is None else time.monotonic() + self.options.duration
+        try:
+            while not self._stop.is_set():
+                timeout = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+                try:
+                    drop = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                    continue
+                event = self.build_event(drop)
+                if event is None:
+                    continue
+                self.sink.write(event.to_ecs())
+                self.emitted += 1
+                if self.options.count is not None and self.emitted >= self.options.count:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            self.close()
+        return self.emitted
+
+    def build_event(self, drop: KernelDrop) -> DropEvent | None:
+        if self._user_reasons and self._reasons.by_name.get(drop.reason) not in self._user_reasons:
+            return None
+        verdict = None
+        ruleset = None
+        if self.nft is not None and drop.in_netfilter and drop.fingerprint is not None:
+            wait = max(0.0, drop.received + self.options.verdict_wait - time.monotonic())
+            verdict = self.nft.wait_verdict(drop.netns, drop.fingerprint, wait)
+            ruleset = self.nft.ruleset(drop.netns)
+        ns = self._namespaces.get(drop.netns)
+        nf = attribution.attribute(drop, verdict, ruleset, self._legacy_present(ns))
+        conntrack = drop.conntrack
+        if conntrack is None and verdict is not None:
+            conntrack = verdict.conntrack
+        if conntrack is None and nf is not None and ruleset is not None:
+            conntrack = self._inferred_invalid(ruleset, nf)
+        ingress, egress = self._interfaces(drop, ns, nf.hook if nf and nf.hook else drop.hook)
+        return DropEvent(
+            timestamp_ns=drop.wall_ns,
+            reason=drop.reason,
+            location=drop.location or None,
+            stack=drop.stack if self.options.stack else None,
+            action="rejected" if nf is not None and nf.verdict == "reject" else "dropped",
+            packet=drop.packet,
+            length=drop.length,
+            mark=drop.mark,
+            ingress=ingress,
+            egress=egress,
+            netns_inode=drop.netns or None,
+            netns_name=ns.name if ns else None,
+            netfilter=nf,
+            conntrack=conntrack,
+            process=drop.process,
+            hook=drop.hook,
+        )
+
+    @staticmethod
+    def _inferred_invalid(ruleset, nf) -> ConntrackInfo | None:
+        chains = list(ruleset.chains.values())
+        active = ct.tracking_active([r.text for r in ruleset.rules.values()], [c.type for c in chains])
+        base = ruleset.chain(nf.family, nf.table, nf.base_chain) if nf.base_chain and nf.table else None
+        return ct.invalid_if_tracked(active, nf.hook, base.priority if base else None)
+
+    def _interfaces(self, drop: KernelDrop, ns, hook: str | None) -> tuple[Interface | None, Interface | None]:
+        self._links.remember(drop.netns, drop.ifindex, drop.dev_name)
+        ingress = egress = None
+        if drop.iif:
+            name = drop.dev_name if drop.iif == drop.ifindex else self._links.name(ns, drop.iif)
+            ingress = Interface(drop.iif, name)
+        if hook in ("output", "postrouting", "egress") and drop.ifindex:
+            egress = Interface(drop.ifindex, drop.dev_name or None)
+            if hook == "output" and drop.iif == drop.ifindex:
+                ingress = None
+        elif not drop.iif and drop.ifindex and hook not in attribution.IPTABLES_CHAINS:
+            ingress = None
+        return ingress, egress
+
+    def _legacy_present(self, ns: netnsmod.Netns | None) -> bool:
+        """Whether iptables-legacy tables are loaded in the namespace (cached 5 s)."""
+        if ns is None:
+            return False
+        now = time.monotonic()
+        cached = self._legacy_cache.get(ns.inode)
+        if cached is not None and now - cached[0] < 5.0:
+            return cached[1]
+        present = False
+        try:
+            out = netnsmod.run_in(ns, ["cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"],
+                                  capture_output=True, text=True)
+            present = bool(out.stdout.strip())
+        except OSError:
+            pass
+        self._legacy_cache[ns.inode] = (now, present)
+        return present
+
+    # ---------------------------------------------------------- stop
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=2)
+        self._threads = []
+        if self.nft is not None:
+            self.nft.stop()
+            self.nft = None
+        if self.tracer is not None:
+            stats = self.tracer.stats()
+            if stats.get("lost"):
+                log.warning("ring buffer overflowed: events lost", lost=stats["lost"])
+            self.tracer.close()
+            self.tracer = None
+        if os.environ.get("TRACER_DEBUG_STATS"):
+            log.info("stopped", emitted=self.emitted)

@@ -1,0 +1,55 @@
+"""Interface names by (network namespace, ifindex), through pyroute2.
+
+Interface indexes are only unique inside a namespace, so names are looked up
+in the namespace of the drop. The BPF side already copies the name of the
+device the packet was on; this resolves the others (the interface a
+forwarded packet arrived on).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+from pyroute2 import IPRoute
+
+from .netns import Netns, entered
+
+log = structlog.get_logger("tracer.links")
+
+
+class LinkNames:
+    def __init__(self, min_refresh: float = 1.0) -> None:
+        self._names: dict[int, dict[int, str]] = {}
+        self._refreshed: dict[int, float] = {}
+        self._min_refresh = min_refresh
+        self._lock = threading.Lock()
+
+    def remember(self, netns: int, ifindex: int, name: str) -> None:
+        if ifindex and name:
+            with self._lock:
+                self._names.setdefault(netns, {})[ifindex] = name
+
+    def name(self, ns: Netns | None, ifindex: int) -> str | None:
+        if not ifindex or ns is None:
+            return None
+        with self._lock:
+            known = self._names.get(ns.inode, {}).get(ifindex)
+        if known is not None:
+            return known
+        if time.monotonic() - self._refreshed.get(ns.inode, 0.0) < self._min_refresh:
+            return None
+        return self._refresh(ns).get(ifindex)
+
+    def _refresh(self, ns: Netns) -> dict[int, str]:
+        self._refreshed[ns.inode] = time.monotonic()
+        try:
+            with entered(ns), IPRoute() as ipr:
+                names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        except OSError as exc:
+            log.debug("cannot list links", netns=ns.label, error=str(exc))
+            return {}
+        with self._lock:
+            self._names[ns.inode] = names
+        return names

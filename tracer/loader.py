@@ -1,0 +1,234 @@
+"""Loading the BPF object: choosing programs the running kernel accepts.
+
+Kernels differ in what they let us attach. tp_btf on kfree_skb is the
+cheapest and works on every kernel with BTF; raw_tp and the classic
+tracepoint are fallbacks. The netfilter context programs need fentry/fexit
+(BPF trampolines) or kprobes, which some kernels refuse (lockdown, missing
+CONFIG_KPROBES, no direct-call ftrace). Rather than guess from config files,
+each candidate is actually loaded and attached once; what worked is
+reported and reused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from .bpf_event import object_structs
+from .libbpf import BpfError, BpfObject, Link, RingBuffer, num_possible_cpus
+
+log = structlog.get_logger("tracer.loader")
+
+#: kfree_skb program variants, best first.
+DROP_PROGRAMS = {
+    "tp_btf": "kfree_skb_btf",
+    "raw_tp": "kfree_skb_raw",
+    "tracepoint": "kfree_skb_tp",
+}
+
+#: Netfilter context programs by mode; each pair is (kernel function, programs).
+NF_PROGRAMS = {
+    "fentry": {
+        "nf_hook_slow": ("fentry_nf_hook_slow", "fexit_nf_hook_slow"),
+        "nft_do_chain": ("fentry_nft_do_chain", "fexit_nft_do_chain"),
+        "ipt_do_table": ("fentry_ipt_do_table", "fexit_ipt_do_table"),
+        "ip6t_do_table": ("fentry_ip6t_do_table", "fexit_ip6t_do_table"),
+    },
+    "kprobe": {
+        "nf_hook_slow": ("kprobe_nf_hook_slow", "kretprobe_nf_hook_slow"),
+        "nft_do_chain": ("kprobe_nft_do_chain", "kretprobe_nft_do_chain"),
+        "ipt_do_table": ("kprobe_ipt_do_table", "kretprobe_ipt_do_table"),
+        "ip6t_do_table": ("kprobe_ip6t_do_table", "kretprobe_ip6t_do_table"),
+    },
+}
+
+NF_MODES = ("fentry", "kprobe")
+
+
+def default_object_path() -> Path:
+    """Where the built object is: $TRACER_BPF_OBJECT, the package, or the checkout."""
+    env = os.environ.get("TRACER_BPF_OBJECT")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "data" / "tracer.bpf.o", here.parent / "build" / "tracer.bpf.o"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        "tracer.bpf.o not found: build it with `make -C bpf` (needs clang and bpftool), "
+        "or set TRACER_BPF_OBJECT"
+    )
+
+
+def kernel_functions(names: list[str], path: str = "/proc/kallsyms") -> set[str]:
+    """Which of `names` the running kernel (and its loaded modules) has."""
+    wanted = set(names)
+    found: set[str] = set()
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] in wanted:
+                found.add(parts[2])
+    return found
+
+
+@dataclass
+class ProbeResult:
+    """What loading each program kind did on this kernel."""
+
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class Capabilities:
+    drop: dict[str, ProbeResult] = field(default_factory=dict)
+    nf: dict[str, ProbeResult] = field(default_factory=dict)
+    nf_functions: set[str] = field(default_factory=set)
+
+    @property
+    def drop_mode(self) -> str | None:
+        return next((m for m, r in self.drop.items() if r.ok), None)
+
+    @property
+    def nf_mode(self) -> str | None:
+        return next((m for m, r in self.nf.items() if r.ok), None)
+
+
+def _try(obj_path: Path, programs: list[str]) -> ProbeResult:
+    """Loads `programs` alone from a fresh copy of the object and attaches them."""
+    try:
+        with BpfObject(str(obj_path)) as obj:
+            for prog in obj.programs():
+                prog.set_autoload(prog.name in programs)
+            obj.load()
+            links = [obj.program(p).attach() for p in programs]
+            for link in links:
+                link.destroy()
+        return ProbeResult(True)
+    except BpfError as exc:
+        first = str(exc).splitlines()[0]
+        return ProbeResult(False, first)
+
+
+def probe(obj_path: Path | None = None, *, drop_modes=tuple(DROP_PROGRAMS),
+          nf_modes=NF_MODES, stop_at_first: bool = True) -> Capabilities:
+    """Tries each program kind; with stop_at_first, stops at the first that works."""
+    obj_path = obj_path or default_object_path()
+    caps = Capabilities()
+    for mode in drop_modes:
+        caps.drop[mode] = _try(obj_path, [DROP_PROGRAMS[mode]])
+        if caps.drop[mode].ok and stop_at_first:
+            break
+    caps.nf_functions = kernel_functions(list(NF_PROGRAMS["fentry"]))
+    if "nf_hook_slow" not in caps.nf_functions:
+        for mode in nf_modes:
+            caps.nf[mode] = ProbeResult(False, "nf_hook_slow not in kallsyms (no netfilter)")
+        return caps
+    for mode in nf_modes:
+        caps.nf[mode] = _try(obj_path, list(NF_PROGRAMS[mode]["nf_hook_slow"]))
+        if caps.nf[mode].ok and stop_at_first:
+            break
+    return caps
+
+
+class LoadedTracer:
+    """The BPF programs attached for one watch, and their maps.
+
+    Call `set_filter` before reading; `ring_buffer(callback)` drains events.
+    Everything is detached by `close()` (and by process exit: BPF links of a
+    dead process are released by the kernel, so a crash leaves nothing).
+    """
+
+    def __init__(self, obj_path: Path | None = None, *, nf_mode: str | None = "auto",
+                 drop_mode: str | None = None, ringbuf_bytes: int = 8 << 20) -> None:
+        self.obj_path = obj_path or default_object_path()
+        self.structs = object_structs(str(self.obj_path))
+        self.Event = self.structs["drop_event"]
+        caps = probe(self.obj_path, drop_modes=(drop_mode,) if drop_mode else tuple(DROP_PROGRAMS),
+                     nf_modes=NF_MODES if nf_mode == "auto" else ((nf_mode,) if nf_mode else ()))
+        self.capabilities = caps
+        self.drop_mode = caps.drop_mode
+        if self.drop_mode is None:
+            errors = "; ".join(f"{m}: {r.error}" for m, r in caps.drop.items())
+            raise BpfError(f"no kfree_skb program type could be attached ({errors})", 1)
+        self.nf_mode = caps.nf_mode
+        self.nf_functions = sorted(caps.nf_functions) if self.nf_mode else []
+        self._obj = BpfObject(str(self.obj_path))
+        self._links: list[Link] = []
+        self._rings: list[RingBuffer] = []
+        try:
+            self._load(ringbuf_bytes)
+        except BaseException:
+            self.close()
+            raise
+        log.info("bpf attached", drop_program=self.drop_mode, netfilter=self.nf_mode or "none",
+                 nf_functions=self.nf_functions)
+
+    def _load(self, ringbuf_bytes: int) -> None:
+        wanted = [DROP_PROGRAMS[self.drop_mode]]
+        if self.nf_mode:
+            for fn in self.nf_functions:
+                wanted.extend(NF_PROGRAMS[self.nf_mode][fn])
+        for prog in self._obj.programs():
+            prog.set_autoload(prog.name in wanted)
+        self._obj.map("events").set_max_entries(_ring_size(ringbuf_bytes))
+        try:
+            self._obj.load()
+        except BpfError:
+            if not self.nf_mode:
+                raise
+            # A hook module (ip_tables...) can vanish between probe and load:
+            # the drop program alone still gives a useful tracer.
+            log.warning("netfilter programs failed to load; continuing without",
+                        mode=self.nf_mode)
+            self._obj.close()
+            self._obj = BpfObject(str(self.obj_path))
+            self.nf_mode, self.nf_functions = None, []
+            self._load(ringbuf_bytes)
+            return
+        self._links = [self._obj.program(p).attach() for p in wanted]
+
+    def set_filter(self, cfg: ctypes.Structure) -> None:
+        self._obj.map("filter").update(ctypes.c_uint32(0), cfg)
+
+    def new_filter(self) -> ctypes.Structure:
+        return self.structs["filter_cfg"]()
+
+    def ring_buffer(self, callback: Callable[[bytes], None]) -> RingBuffer:
+        rb = RingBuffer(self._obj.map("events"), callback)
+        self._rings.append(rb)
+        return rb
+
+    def stats(self) -> dict[str, int]:
+        """Sums of the per-CPU counters kept by the drop program."""
+        ncpu = num_possible_cpus()
+        names = ("seen", "filtered", "emitted", "lost")
+        out = {}
+        stats = self._obj.map("stats")
+        for i, name in enumerate(names):
+            vals = (ctypes.c_uint64 * ncpu)()
+            stats.lookup(ctypes.c_uint32(i), vals)
+            out[name] = sum(vals)
+        return out
+
+    def close(self) -> None:
+        for link in self._links:
+            link.destroy()
+        self._links = []
+        for rb in self._rings:
+            rb.close()
+        self._rings = []
+        self._obj.close()
+
+
+def _ring_size(n: int) -> int:
+    """Ring buffers must be a power of two pages; round up."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    size = max(n, page)
+    return 1 << (size - 1).bit_length()

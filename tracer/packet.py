@@ -1,0 +1,176 @@
+"""Decoding of the raw IPv4/IPv6 and transport headers a drop carries.
+
+Both the BPF drop event and the kernel's nftrace messages hand us raw header
+bytes; decoding them in one place keeps the two views of a packet identical,
+which is what lets `fingerprint` join a drop to the trace of the same packet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+ETH_P_ARP = 0x0806
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+IPPROTO_SCTP = 132
+IPPROTO_UDPLITE = 136
+
+#: ECS `network.transport` names (IANA keywords, lower case).
+TRANSPORT_NAMES = {
+    IPPROTO_ICMP: "icmp",
+    2: "igmp",
+    IPPROTO_TCP: "tcp",
+    IPPROTO_UDP: "udp",
+    41: "ipv6",
+    47: "gre",
+    50: "esp",
+    51: "ah",
+    IPPROTO_ICMPV6: "ipv6-icmp",
+    IPPROTO_SCTP: "sctp",
+    IPPROTO_UDPLITE: "udplite",
+}
+
+PORT_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP, IPPROTO_UDPLITE})
+ICMP_PROTOCOLS = frozenset({IPPROTO_ICMP, IPPROTO_ICMPV6})
+
+# Bit order of the TCP flags byte, high to low; ECS spells them upper case.
+_TCP_FLAG_NAMES = ("CWR", "ECE", "URG", "ACK", "PSH", "RST", "SYN", "FIN")
+
+_IPV6_EXT_HEADERS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
+_IPV6_FRAGMENT = 44
+_IPV6_AH = 51
+
+
+@dataclass(frozen=True, slots=True)
+class PacketHeaders:
+    """What the tracer reports about a packet's L3/L4 headers."""
+
+    version: int  # 4 or 6
+    src: str
+    dst: str
+    protocol: int
+    sport: int | None = None
+    dport: int | None = None
+    tcp_flags: tuple[str, ...] = ()
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    ip_id: int | None = None
+    ttl: int | None = None
+    length: int | None = None  # IP total length from the header
+    l4: bytes = field(default=b"", repr=False)
+
+    @property
+    def transport(self) -> str:
+        return TRANSPORT_NAMES.get(self.protocol, str(self.protocol))
+
+
+def tcp_flag_names(flags: int) -> tuple[str, ...]:
+    """Names of the set TCP flags, SYN before ACK as people read them."""
+    names = [name for bit, name in enumerate(_TCP_FLAG_NAMES) if flags & (0x80 >> bit)]
+    order = ("SYN", "ACK", "FIN", "RST", "PSH", "URG", "ECE", "CWR")
+    return tuple(sorted(names, key=order.index))
+
+
+def ipv6_transport_offset(l3: bytes, extra: bytes = b"") -> tuple[int, int | None]:
+    """Protocol number and transport offset of an IPv6 packet.
+
+    `extra` holds bytes following the fixed header when the caller has them.
+    The offset is None when the transport header is unreachable (a
+    non-first fragment or a truncated extension header).
+    """
+    data = l3[:40] + extra
+    nexthdr = l3[6]
+    off = 40
+    for _ in range(8):
+        if nexthdr not in _IPV6_EXT_HEADERS and nexthdr not in (_IPV6_FRAGMENT, _IPV6_AH):
+            return nexthdr, off
+        if len(data) < off + 4:
+            return nexthdr, None
+        if nexthdr == _IPV6_FRAGMENT:
+            if struct.unpack_from("!H", data, off + 2)[0] & 0xFFF8:
+                return data[off], None
+            nexthdr, off = data[off], off + 8
+        elif nexthdr == _IPV6_AH:
+            nexthdr, off = data[off], off + (data[off + 1] + 2) * 4
+        else:
+            nexthdr, off = data[off], off + (data[off + 1] + 1) * 8
+    return nexthdr, None
+
+
+def decode(l3: bytes, l4: bytes, protocol: int | None = None) -> PacketHeaders | None:
+    """Decodes a network header and the first bytes of its transport header.
+
+    `protocol` overrides the L4 protocol found in `l3` (the BPF side has
+    already walked IPv6 extension headers). Returns None for anything that is
+    not IPv4 or IPv6.
+    """
+    if not l3:
+        return None
+    version = l3[0] >> 4
+    if version == 4 and len(l3) >= 20:
+        proto = l3[9] if protocol is None else protocol
+        src = str(ipaddress.IPv4Address(l3[12:16]))
+        dst = str(ipaddress.IPv4Address(l3[16:20]))
+        ip_id = struct.unpack_from("!H", l3, 4)[0]
+        ttl = l3[8]
+        length = struct.unpack_from("!H", l3, 2)[0]
+    elif version == 6 and len(l3) >= 40:
+        proto = protocol if protocol is not None else ipv6_transport_offset(l3)[0]
+        src = ipaddress.IPv6Address(l3[8:24]).compressed
+        dst = ipaddress.IPv6Address(l3[24:40]).compressed
+        ip_id = None
+        ttl = l3[7]
+        length = struct.unpack_from("!H", l3, 4)[0] + 40
+    else:
+        return None
+    sport = dport = icmp_type = icmp_code = None
+    flags: tuple[str, ...] = ()
+    if proto in PORT_PROTOCOLS and len(l4) >= 4:
+        sport, dport = struct.unpack_from("!HH", l4, 0)
+        if proto == IPPROTO_TCP and len(l4) >= 14:
+            flags = tcp_flag_names(l4[13])
+    elif proto in ICMP_PROTOCOLS and len(l4) >= 2:
+        icmp_type, icmp_code = l4[0], l4[1]
+    return PacketHeaders(
+        version=version,
+        src=src,
+        dst=dst,
+        protocol=proto,
+        sport=sport,
+        dport=dport,
+        tcp_flags=flags,
+        icmp_type=icmp_type,
+        icmp_code=icmp_code,
+        ip_id=ip_id,
+        ttl=ttl,
+        length=length,
+        l4=bytes(l4),
+    )
+
+
+def fingerprint(l3: bytes, l4: bytes) -> bytes | None:
+    """Bytes that tell one packet from another at a given moment.
+
+    Used to join a BPF drop event with the nftrace verdict for the same
+    packet (the kernel's trace id is a keyed hash we cannot compute). Fields
+    that hooks rewrite in place (TTL, checksum) are left out; the IPv4 ID or
+    IPv6 flow label, the addresses and the first 8 transport bytes (ports and
+    TCP sequence, UDP length and checksum, ICMP type/code/id/sequence) stay.
+    """
+    if not l3:
+        return None
+    version = l3[0] >> 4
+    if version == 4 and len(l3) >= 20:
+        key = bytes(l3[4:6]) + bytes(l3[9:10]) + bytes(l3[12:20])
+    elif version == 6 and len(l3) >= 40:
+        key = bytes([l3[1] & 0x0F]) + bytes(l3[2:4]) + bytes(l3[6:7]) + bytes(l3[8:40])
+    else:
+        return None
+    return key + bytes(l4[:8])

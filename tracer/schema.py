@@ -1,0 +1,148 @@
+"""The drop event's JSON Schema, and validation of events against it.
+
+The schema ships inside the package (tracer/data/drop-event.schema.json;
+docs/drop-event.schema.json is a symlink to it) so that an installed tracer
+and its tests check events against exactly the contract users read, whether
+installed editable or from a wheel.
+
+jsonschema is a test/development dependency, not a runtime one: it is
+imported only when a validator is built, so `load_schema` works without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
+
+SCHEMA_RESOURCE = "data/drop-event.schema.json"
+
+#: How many problems one error message lists; the rest are counted.
+_MAX_REPORTED = 10
+
+
+class DropEventError(ValueError):
+    """An event breaks the drop-event schema; `problems` has one line per violation."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = problems[:_MAX_REPORTED]
+        more = len(problems) - len(shown)
+        text = "event does not match docs/drop-event.md:\n  " + "\n  ".join(shown)
+        if more:
+            text += f"\n  ... and {more} more"
+        super().__init__(text)
+
+
+@functools.cache
+def _schema_text() -> str:
+    return resources.files("tracer").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
+
+
+def load_schema() -> dict[str, Any]:
+    """A fresh copy of the schema, so callers may modify it without affecting `validator()`."""
+    return json.loads(_schema_text())
+
+
+def _is_canonical_ipv4(value: object) -> bool:
+    """Dotted quad exactly as `ipaddress` prints it (no leading zeros, no spaces)."""
+    if not isinstance(value, str):
+        return True  # type is checked by "type", not by "format"
+    return str(ipaddress.IPv4Address(value)) == value
+
+
+def _is_canonical_ipv6(value: object) -> bool:
+    """The spec's "IPv6 compressed, lower case": what `ipaddress` prints (RFC 5952).
+
+    The schema's pattern alone cannot tell `1:0:0:0:0:0:0:1` from `1::1`;
+    comparing with Python's own rendering catches every non-canonical form,
+    and it is the rendering the emitter uses, so the two cannot disagree.
+    """
+    if not isinstance(value, str):
+        return True
+    return ipaddress.IPv6Address(value).compressed == value
+
+
+def _format_checker() -> Any:
+    from jsonschema import FormatChecker
+
+    checker = FormatChecker()  # every format jsonschema knows, on a private copy
+    checker.checks("ipv4", raises=ValueError)(_is_canonical_ipv4)
+    checker.checks("ipv6", raises=ValueError)(_is_canonical_ipv6)
+    return checker
+
+
+@functools.cache
+def validator() -> Draft202012Validator:
+    """The compiled validator, built once: checking the schema itself costs more than an event."""
+    from jsonschema import Draft202012Validator
+
+    schema = load_schema()
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, format_checker=_format_checker())
+
+
+def _rule_for(error: ValidationError) -> str | None:
+    """The description of the if/then rule an error came from, if any.
+
+    "True was expected" at netfilter.policy means little until it is
+    followed by "rule null means the chain policy dropped the packet".
+    """
+    node: Any = validator().schema
+    rule = None
+    for key in error.absolute_schema_path:
+        if isinstance(node, dict) and "if" in node and "description" in node:
+            rule = node["description"].rstrip(".")
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):  # a $ref: the path continues elsewhere
+            break
+    return rule
+
+
+def _describe(error: ValidationError) -> str:
+    """One `path: message` line; the field's description replaces unreadable regexes."""
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    message = error.message
+    described = isinstance(error.schema, dict) and error.schema.get("description")
+    if error.validator in ("pattern", "oneOf", "anyOf", "not") and described:
+        message = f"{error.instance!r} is not valid: {described}"
+    rule = _rule_for(error)
+    if rule:
+        message = f"{message} ({rule})"
+    return f"{path.lstrip('.') or '(top level)'}: {message}"
+
+
+def errors(event: dict[str, Any]) -> list[str]:
+    """Every violation in `event`, as `path: message` lines; empty when it is valid."""
+    found = validator().iter_errors(event)
+    ordered = sorted(found, key=lambda e: ([str(p) for p in e.absolute_path], e.message))
+    return [_describe(e) for e in ordered]
+
+
+def validate(event: dict[str, Any]) -> None:
+    """Raises DropEventError listing every violation, so one test run shows them all."""
+    problems = errors(event)
+    if problems:
+        raise DropEventError(problems)
+
+
+def validate_line(line: str | bytes) -> dict[str, Any]:
+    """Parses one NDJSON line and validates it: what a consumer reading our output sees."""
+    import orjson
+
+    text = line.encode() if isinstance(line, str) else line
+    text = text.removesuffix(b"\n")
+    if b"\n" in text:
+        raise DropEventError(["(line): an NDJSON record must not contain a newline"])
+    event = orjson.loads(text)
+    if not isinstance(event, dict):
+        raise DropEventError([f"(line): expected a JSON object, got {type(event).__name__}"])
+    validate(event)
+    return event
