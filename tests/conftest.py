@@ -41,3 +41,34 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     the_lab = Lab()
     request.addfinalizer(the_lab.close)
     yield the_lab
+
+
+@pytest.fixture
+def net(lab: Lab):
+    """Client and server joined by one link; the server runs SERVER_RULESET and
+    listens on 22 and 443, the client runs CLIENT_RULESET."""
+    from tests.support import CLIENT_RULESET, SERVER_RULESET
+
+    client, server = lab.add_ns("client"), lab.add_ns("server")
+    link = lab.link(client, server)
+    lab.nft(server, SERVER_RULESET)
+    lab.nft(client, CLIENT_RULESET)
+    lab.listen(server, 22, 443)
+    return lab, client, server, link
+
+
+@pytest.fixture
+def watch():
+    """Starts engines like `tracer watch` (tests.support.Watch); stops them after the test."""
+    from tests.support import Watch
+
+    started: list[Watch] = []
+
+    def start(**kw) -> Watch:
+        w = Watch(**kw)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

@@ -45,26 +45,6 @@ table inet host {
 }
 """
 
-LISTENER = (
-    "import socket,sys,time\n"
-    "socks=[]\n"
-    "for port in map(int, sys.argv[1:]):\n"
-    "    s=socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
-    "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('::', port)); s.listen(16); socks.append(s)\n"
-    "time.sleep(3600)\n"
-)
-
-CONNECT = (
-    "import socket,sys\n"
-    "fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
-    "s=socket.socket(fam); s.settimeout(float(sys.argv[3]))\n"
-    "try:\n"
-    "    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
-    "except OSError as e:\n"
-    "    print(type(e).__name__)\n"
-)
-
-
 @dataclass(frozen=True)
 class Case:
     title: str
@@ -92,13 +72,8 @@ def _build(lab: Lab):
     link = lab.link(client, server)
     lab.nft(server, SERVER_RULESET)
     lab.nft(client, CLIENT_RULESET)
-    lab.spawn(server, [sys.executable, "-c", LISTENER, "22", "443", "8080"])
+    lab.listen(server, 22, 443, 8080)
     return client, server, link
-
-
-def _connect(lab: Lab, client, addr: str, port: int) -> str:
-    res = lab.run(client, [sys.executable, "-c", CONNECT, addr, str(port), "1.0"], check=False)
-    return res.stdout.strip() or res.stderr.strip()[-200:]
 
 
 def run(json_out: bool = False) -> int:
@@ -125,7 +100,7 @@ def run(json_out: bool = False) -> int:
                 say(f"--- case {n}: {case.title}")
                 say(f"    {case.what_breaks}")
                 for addr in (str(link.b_v4.ip), str(link.b_v6.ip)):
-                    result = _connect(lab, client, addr, case.port)
+                    result = lab.tcp_connect(client, addr, case.port, timeout=1.0)
                     say(f"    client connects to {addr} port {case.port}: {result}")
                 time.sleep(0.6)
                 say(f"    fix: {case.fix}\n")

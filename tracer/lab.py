@@ -66,6 +66,7 @@ class Lab:
         self.namespaces: dict[str, Netns] = {}
         self.links: list[Link] = []
         self._procs: list[subprocess.Popen[Any]] = []
+        self._sockets: list[socket.socket] = []
         self._closed = False
         atexit.register(self.close)
 
@@ -182,6 +183,50 @@ class Lab:
                 return False
         return True
 
+    def _lab_socket(self, ns: Netns, addr: str, kind: int) -> socket.socket:
+        """A socket created inside `ns`, for talking to a lab address only."""
+        self._check_own(ns)
+        ip = ipaddress.ip_address(addr)
+        if ip not in (LAB_V4 if ip.version == 4 else LAB_V6):
+            raise LabError(f"refusing to talk to {addr}: not a lab address")
+        with netns_mod.entered(ns):
+            return socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6, kind)
+
+    def listen(self, ns: Netns, *ports: int) -> None:
+        """TCP listeners on all addresses of `ns` (IPv4 and IPv6), closed by close().
+
+        The kernel answers SYNs for a listening socket by itself, so no
+        process is needed: the sockets live in this process.
+        """
+        self._check_own(ns)
+        for port in ports:
+            with netns_mod.entered(ns):
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::", port))
+            sock.listen(64)
+            self._sockets.append(sock)
+
+    def tcp_connect(self, ns: Netns, addr: str, port: int, timeout: float = 0.5) -> str:
+        """Connects from `ns`: "open", "refused", "timeout" or the error's name."""
+        with self._lab_socket(ns, str(addr), socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect((str(addr), port))
+                return "open"
+            except ConnectionRefusedError:
+                return "refused"
+            except TimeoutError:
+                return "timeout"
+            except OSError as exc:
+                return type(exc).__name__
+
+    def udp_send(self, ns: Netns, addr: str, port: int, payload: bytes = b"x") -> None:
+        """Sends one UDP datagram from `ns` to a lab address."""
+        with self._lab_socket(ns, str(addr), socket.SOCK_DGRAM) as sock:
+            sock.sendto(payload, (str(addr), port))
+
     def nft(self, ns: Netns, ruleset: str) -> None:
         """Loads ruleset text with `nft -f -` inside a lab namespace."""
         self.run(ns, ["nft", "-f", "-"], input=ruleset)
@@ -204,6 +249,8 @@ class Lab:
             return
         self._closed = True
         atexit.unregister(self.close)
+        for sock in self._sockets:
+            sock.close()
         for proc in self._procs:
             _stop(proc)
         for ns in self.namespaces.values():

@@ -15,11 +15,11 @@
 # Guest: host / read-only (9p) under a tmpfs overlay (writes are discarded),
 # proc/sys/dev, /run tmpfs (so /var/run/netns works), bpffs, tracefs, debugfs,
 # cgroup2, lo up, no other network (-nic none), the guest kernel's modules
-# autoloadable.  CMD's stdout is the script's stdout; its stderr, the kernel
-# console and harness messages go to stderr.  Both byte-exact (no \r).
+# autoloadable.  CMD's stdout is the script's stdout (byte-exact); its
+# stderr, the kernel console and harness messages go to stderr.
 #
 # Knobs (environment; defaults in brackets):
-#   TRACER_VM_DIR      work dir [/var/tmp/tracer-vmtest], ~230 MB per kernel;
+#   TRACER_VM_DIR      work dir [/var/tmp/tracer-vmtest], ~210 MB per kernel;
 #                      not under /run, /proc, /sys, /dev (the guest covers those)
 #   TRACER_VM_KPKG     kernel package [what linux-image-amd64 depends on, as
 #                      resolved by the last setup], e.g. linux-image-6.1.0-56-amd64
@@ -154,7 +154,8 @@ setup() {
     log "fetching $pkg"
     rm -rf "$K"; mkdir -p "$K/deb"
     chmod 777 "$K/deb"   # apt-get download runs as _apt; else a (harmless) warning
-    (cd "$K/deb" && apt-get download -qq "$pkg")
+    # stale package lists 404: refresh once and retry
+    (cd "$K/deb" && { apt-get download -qq "$pkg" || { apt-get update -qq && apt-get download -qq "$pkg"; }; })
     dpkg-deb -x "$K"/deb/*.deb "$K/root"
     rm -rf "$K/deb"
     local kv; kv=$(ls "$K/root/lib/modules")
@@ -244,7 +245,13 @@ run() {
       -append "console=ttyS0 quiet loglevel=3 panic=-1 ${TRACER_VM_APPEND:-}" \
       -virtfs "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap" \
       -virtfs "local,path=$xfer,mount_tag=xfer,security_model=none" \
-      "${rwargs[@]}" </dev/null || rc=$?
+      "${rwargs[@]}" </dev/null &
+  local vm=$!
+  # timeout(1) puts itself in its own process group, so Ctrl-C or a CI
+  # runner's TERM would not reach QEMU: forward them.
+  trap 'kill $vm 2>/dev/null; wait $vm; log interrupted; exit 130' INT TERM
+  wait $vm || rc=$?
+  trap - INT TERM
   : <>"$xfer/con.out"   # unblocks the filter's open if QEMU never got that far
   wait "$filter" || true
   if ((rc == 124)); then log "timed out after ${TRACER_VM_TIMEOUT:-900}s"

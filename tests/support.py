@@ -1,0 +1,137 @@
+"""Helpers shared by the end-to-end tests: running the engine, waiting for events."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+from tracer.bpf_filter import host_networks
+from tracer.engine import Engine, WatchOptions
+from tracer.filters import WatchFilter
+from tracer.schema import validate
+
+LAB_NETS = host_networks(["198.18.0.0/15", "2001:db8::/32"])
+
+SERVER_RULESET = """
+table inet fw {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        ct state invalid drop comment "invalid"
+        iif "lo" accept
+        tcp dport 22 accept
+        tcp dport 443 drop comment "legacy block"
+        tcp dport 443 accept
+        jump checks
+    }
+    chain checks {
+        udp dport 53 drop comment "no dns"
+    }
+}
+"""
+
+CLIENT_RULESET = """
+table inet host {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state invalid drop
+        iif "lo" accept
+        ip protocol icmp accept
+        ip6 nexthdr ipv6-icmp accept
+    }
+}
+"""
+
+_OPTION_KEYS = {"nftrace", "nf_mode", "stack", "verdict_wait", "trace_rate"}
+
+
+class Collector:
+    """A sink that validates every event and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self._cond = threading.Condition()
+
+    def write(self, event: dict) -> None:
+        validate(event)
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        pass
+
+    def wait_for(self, pred, timeout: float = 3.0) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.events:
+                    if pred(ev):
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching event in {timeout}s; got {self.events}")
+                self._cond.wait(left)
+
+
+class Watch:
+    """The engine running in a thread, as `tracer watch` runs it.
+
+    Keyword arguments are WatchFilter fields, or WatchOptions fields for
+    the few options tests vary. The filter defaults to the lab's addresses.
+    """
+
+    def __init__(self, **kw) -> None:
+        options = {k: kw.pop(k) for k in list(kw) if k in _OPTION_KEYS}
+        kw.setdefault("hosts", LAB_NETS)
+        self.sink = Collector()
+        self.engine = Engine(WatchOptions(filter=WatchFilter(**kw), **options), self.sink)
+        self.engine.start()
+        self.thread = threading.Thread(target=self.engine.run, daemon=True)
+        self.thread.start()
+        time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+def to_port(port: int, dst: str | None = None):
+    def pred(ev: dict) -> bool:
+        return ev.get("destination", {}).get("port") == port and (dst is None or ev["destination"]["ip"] == dst)
+    return pred
+
+
+def rule_handles(lab, ns) -> dict[str, int]:
+    """Rule text (without comment) -> handle, as `nft -a` lists it."""
+    out = lab.run(ns, ["nft", "-a", "-s", "list", "ruleset"]).stdout
+    handles = {}
+    for line in out.splitlines():
+        line = line.strip()
+        if "# handle" not in line or line.startswith(("table", "chain", "type")):
+            continue
+        text, handle = line.rsplit(" # handle ", 1)
+        handles[text.split(' comment "', 1)[0]] = int(handle)
+    return handles
+
+
+def tracer_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tracer", *args]
+
+
+def wait_ready(lab, ns, timeout: float = 15.0) -> None:
+    """Until the tracer's marking table is in the namespace (it is then tracing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "tracer_mark" in lab.nft_list(ns):
+            time.sleep(0.3)
+            return
+        time.sleep(0.1)
+    raise AssertionError("tracer never installed its marking table")
+
+
+def root_ruleset() -> str:
+    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
