@@ -604,43 +604,25 @@ static __always_inline struct stash_key stash_key(void)
 	return k;
 }
 
-static __always_inline void stash(struct sk_buff *skb)
+static __always_inline void stash(void *map, struct sk_buff *skb)
 {
 	struct stash_key k = stash_key();
 	__u64 v = (__u64)skb;
 
-	bpf_map_update_elem(&kprobe_stash, &k, &v, BPF_ANY);
+	bpf_map_update_elem(map, &k, &v, BPF_ANY);
 }
 
-static __always_inline struct sk_buff *unstash(void)
+static __always_inline struct sk_buff *unstash(void *map)
 {
 	struct stash_key k = stash_key();
-	__u64 *v = bpf_map_lookup_elem(&kprobe_stash, &k);
+	__u64 *v = bpf_map_lookup_elem(map, &k);
 	struct sk_buff *skb;
 
 	if (!v)
 		return NULL;
 	skb = (struct sk_buff *)*v;
-	bpf_map_delete_elem(&kprobe_stash, &k);
+	bpf_map_delete_elem(map, &k);
 	return skb;
-}
-
-SEC("kprobe/nf_hook_slow")
-int BPF_KPROBE(kprobe_nf_hook_slow, struct sk_buff *skb, struct nf_hook_state *state)
-{
-	nf_enter(skb, state, NF_SRC_KPROBE);
-	stash(skb);
-	return 0;
-}
-
-SEC("kretprobe/nf_hook_slow")
-int BPF_KRETPROBE(kretprobe_nf_hook_slow)
-{
-	struct sk_buff *skb = unstash();
-
-	if (skb)
-		nf_leave(skb);
-	return 0;
 }
 
 /* nft_do_chain and ipt_do_table run inside nf_hook_slow on the same thread,
@@ -653,39 +635,36 @@ struct {
 	__type(value, __u64);
 } kprobe_stash_inner SEC(".maps");
 
-static __always_inline void stash_inner(struct sk_buff *skb)
+SEC("kprobe/nf_hook_slow")
+int BPF_KPROBE(kprobe_nf_hook_slow, struct sk_buff *skb, struct nf_hook_state *state)
 {
-	struct stash_key k = stash_key();
-	__u64 v = (__u64)skb;
-
-	bpf_map_update_elem(&kprobe_stash_inner, &k, &v, BPF_ANY);
+	nf_enter(skb, state, NF_SRC_KPROBE);
+	stash(&kprobe_stash, skb);
+	return 0;
 }
 
-static __always_inline struct sk_buff *unstash_inner(void)
+SEC("kretprobe/nf_hook_slow")
+int BPF_KRETPROBE(kretprobe_nf_hook_slow)
 {
-	struct stash_key k = stash_key();
-	__u64 *v = bpf_map_lookup_elem(&kprobe_stash_inner, &k);
-	struct sk_buff *skb;
+	struct sk_buff *skb = unstash(&kprobe_stash);
 
-	if (!v)
-		return NULL;
-	skb = (struct sk_buff *)*v;
-	bpf_map_delete_elem(&kprobe_stash_inner, &k);
-	return skb;
+	if (skb)
+		nf_leave(skb);
+	return 0;
 }
 
 SEC("kprobe/nft_do_chain")
 int BPF_KPROBE(kprobe_nft_do_chain, struct nft_pktinfo *pkt, void *priv)
 {
 	nft_enter(pkt, priv, NF_SRC_KPROBE);
-	stash_inner(BPF_CORE_READ(pkt, skb));
+	stash(&kprobe_stash_inner, BPF_CORE_READ(pkt, skb));
 	return 0;
 }
 
 SEC("kretprobe/nft_do_chain")
 int BPF_KRETPROBE(kretprobe_nft_do_chain, unsigned int ret)
 {
-	struct sk_buff *skb = unstash_inner();
+	struct sk_buff *skb = unstash(&kprobe_stash_inner);
 
 	if (skb)
 		nf_verdict(skb, ret);
@@ -696,14 +675,14 @@ SEC("kprobe/ipt_do_table")
 int BPF_KPROBE(kprobe_ipt_do_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state)
 {
 	xt_enter(priv, skb, state, NF_SRC_KPROBE, NF_BACKEND_IPT);
-	stash_inner(skb);
+	stash(&kprobe_stash_inner, skb);
 	return 0;
 }
 
 SEC("kretprobe/ipt_do_table")
 int BPF_KRETPROBE(kretprobe_ipt_do_table, unsigned int ret)
 {
-	struct sk_buff *skb = unstash_inner();
+	struct sk_buff *skb = unstash(&kprobe_stash_inner);
 
 	if (skb)
 		nf_verdict(skb, ret);
@@ -714,14 +693,14 @@ SEC("kprobe/ip6t_do_table")
 int BPF_KPROBE(kprobe_ip6t_do_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state)
 {
 	xt_enter(priv, skb, state, NF_SRC_KPROBE, NF_BACKEND_IP6T);
-	stash_inner(skb);
+	stash(&kprobe_stash_inner, skb);
 	return 0;
 }
 
 SEC("kretprobe/ip6t_do_table")
 int BPF_KRETPROBE(kretprobe_ip6t_do_table, unsigned int ret)
 {
-	struct sk_buff *skb = unstash_inner();
+	struct sk_buff *skb = unstash(&kprobe_stash_inner);
 
 	if (skb)
 		nf_verdict(skb, ret);

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+from tracer import demo
 from tracer.bpf_filter import host_networks
 from tracer.engine import Engine, WatchOptions
 from tracer.filters import WatchFilter
@@ -32,17 +33,8 @@ table inet fw {
 }
 """
 
-CLIENT_RULESET = """
-table inet host {
-    chain input {
-        type filter hook input priority filter; policy drop;
-        ct state invalid drop
-        iif "lo" accept
-        ip protocol icmp accept
-        ip6 nexthdr ipv6-icmp accept
-    }
-}
-"""
+# The demo's client: input policy drop, `ct state invalid drop`, no rule for replies.
+CLIENT_RULESET = demo.CLIENT_RULESET
 
 _OPTION_KEYS = {"nftrace", "nf_mode", "stack", "verdict_wait", "trace_rate"}
 

@@ -135,7 +135,7 @@ def _check_kallsyms(r: Report) -> None:
         r.watch_possible = False
 
 
-def _check_bpf(r: Report) -> None:
+def _check_bpf(r: Report, config: dict[str, str]) -> None:
     from . import libbpf, loader
 
     try:
@@ -163,6 +163,8 @@ def _check_bpf(r: Report) -> None:
         r.watch_possible = False
     for mode, res in caps.nf.items():
         name = f"prog_{mode}"
+        if mode == "kprobe" and not res.ok and config.get("CONFIG_KPROBES") != "y" and config:
+            res = loader.ProbeResult(False, "kernel built without CONFIG_KPROBES")
         if res.ok:
             r.add(name, OK, f"{mode} on nf_hook_slow loads and attaches")
         else:
@@ -172,7 +174,10 @@ def _check_bpf(r: Report) -> None:
     r.netfilter_probes = caps.nf_mode
     r.add("netfilter_context", OK if caps.nf_mode else WARN,
           f"via {caps.nf_mode}" if caps.nf_mode else
-          "none: hook from the stack, rules from nftrace only")
+          "none: hook from the stack, rules from nftrace only",
+          None if caps.nf_mode else
+          "nftables and iptables-nft rules are still named (nftrace); for the table of "
+          "iptables-legacy drops, run on a kernel that allows fentry or kprobes")
 
 
 def _run(argv: list[str]) -> str:
@@ -192,15 +197,15 @@ def _check_firewalls(r: Report) -> None:
     r.add("nftables", OK if shutil.which("nft") else WARN,
           f"{len(theirs)} table(s): {', '.join(t.removeprefix('table ') for t in theirs) or 'none'}",
           None if shutil.which("nft") else "apt-get install nftables (rule text needs libnftables)")
-    legacy = ""
-    for names in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"):
+    legacy = []
+    for family, names in (("ip", "/proc/net/ip_tables_names"), ("ip6", "/proc/net/ip6_tables_names")):
         try:
             with open(names) as f:
-                legacy += f.read()
+                legacy += [f"{family} {t}" for t in f.read().split()]
         except OSError:
             pass
-    if legacy.strip():
-        r.add("iptables_legacy", WARN, f"legacy tables loaded: {' '.join(legacy.split())}",
+    if legacy:
+        r.add("iptables_legacy", WARN, f"legacy tables loaded: {', '.join(legacy)}",
               "rules of iptables-legacy are named only with fentry/kprobes; "
               "consider iptables-nft (update-alternatives --set iptables /usr/sbin/iptables-nft)")
     else:
@@ -236,7 +241,7 @@ def diagnose() -> Report:
     _check_privileges(r)
     _check_kernel(r, config)
     _check_kallsyms(r)
-    _check_bpf(r)
+    _check_bpf(r, config)
     _check_firewalls(r)
     _check_conntrack(r)
     r.add("watch", OK if r.watch_possible else FAIL,

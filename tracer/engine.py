@@ -78,9 +78,11 @@ class Engine:
             return None
         if want.isdigit():
             return int(want)
-        if want.startswith("/"):
-            return netnsmod.inode_of(want)
-        return netnsmod.by_name(want).inode
+        try:
+            return netnsmod.by_name(want).inode
+        except OSError:
+            raise ValueError(f"--netns {want!r}: no such network namespace "
+                             "(see `ip netns list`, or give its inode number)") from None
 
     def start(self) -> None:
         """Attaches everything; raises with a clear message when it cannot."""
@@ -146,7 +148,7 @@ class Engine:
     def _netns_filter_safe(self) -> int | None:
         try:
             return self._netns_filter()
-        except OSError:
+        except ValueError:
             return None
 
     # ---------------------------------------------------------- events
