@@ -192,3 +192,23 @@ def test_rulesets_identical_after_signal(net, sig):
         assert proc.returncode == 0, proc.stderr
     assert {ns.name: lab.nft_list(ns) for ns in (client, server)} == before
     assert root_ruleset() == root_before
+
+
+def test_output_drop_names_the_sending_process(lab, watch):
+    """A locally sent packet dropped in the output hook: egress, sender's pid and name."""
+    a, b = lab.add_ns("a"), lab.add_ns("b")
+    link = lab.link(a, b)
+    lab.nft(a, 'table ip out {\n chain output {\n type filter hook output priority 0;\n'
+               ' tcp dport 9000 drop comment "no 9000"\n }\n}\n')
+    w = watch()
+    assert lab.tcp_connect(a, str(link.b_v4.ip), 9000, timeout=0.3) in ("timeout", "PermissionError")
+    ev = w.sink.wait_for(to_port(9000))
+    nf = ev["netfilter"]
+    assert (nf["family"], nf["table"], nf["chain"], nf["hook"]) == ("ip", "out", "output", "output")
+    assert nf["rule"]["comment"] == "no 9000"
+    assert ev["network"]["direction"] == "egress"
+    assert ev["process"]["pid"] == os.getpid()
+    with open(f"/proc/{os.getpid()}/comm") as f:
+        assert ev["process"]["name"] == f.read().strip()
+    assert ev["observer"]["egress"]["interface"]["name"] == link.a_ifname
+    assert "ingress" not in ev["observer"]

@@ -189,7 +189,8 @@ setup() {
       mkdir -p "$src/$M/kernel/$d"; cp -r "$K/root/$M/kernel/$d/." "$src/$M/kernel/$d/"
     done
     cp "$K/root/$M"/modules.* "$src/$M/"
-    (cd "$src" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$K/initramfs.gz"
+    (cd "$src" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$K/initramfs.tmp"
+    mv "$K/initramfs.tmp" "$K/initramfs.gz"   # atomic: a VM may be starting meanwhile
     rm -rf "$src"
   fi
   ln -sfn "$pkg" "$WORK/current"

@@ -13,7 +13,7 @@ tests/vm/run-in-vm.sh -- .venv/bin/python -m pytest -m vm tests/ -v -p no:cachep
 rc=$?
 case $rc in
   0) ;;
-  5) echo "run-vm-tests: NO TESTS COLLECTED (pytest exit 5): nothing is marked vm" >&2 ;;
+  5) echo "run-vm-tests: NO TESTS RAN (pytest exit 5): none marked vm, or all deselected" >&2 ;;
   124) echo "run-vm-tests: VM TIMED OUT (${TRACER_VM_TIMEOUT:-900} s)" >&2 ;;
   125) echo "run-vm-tests: VM FAILED (no exit status from the guest)" >&2 ;;
   *) echo "run-vm-tests: pytest exited $rc" >&2 ;;
