@@ -212,3 +212,47 @@ def test_output_drop_names_the_sending_process(lab, watch):
         assert ev["process"]["name"] == f.read().strip()
     assert ev["observer"]["egress"]["interface"]["name"] == link.a_ifname
     assert "ingress" not in ev["observer"]
+
+
+def test_untracked_packet(lab, watch):
+    a, b = lab.add_ns("a"), lab.add_ns("b")
+    link = lab.link(a, b)
+    lab.nft(b, """
+table inet fw {
+    chain raw { type filter hook prerouting priority raw; udp dport 5000 notrack; }
+    chain input { type filter hook input priority filter; ct state untracked udp dport 5000 drop comment "untracked"; }
+}
+""")
+    w = watch()
+    lab.udp_send(a, str(link.b_v4.ip), 5000)
+    ev = w.sink.wait_for(to_port(5000))
+    assert ev["conntrack"] == {"state": "untracked"}
+    assert ev["netfilter"]["rule"]["comment"] == "untracked"
+    assert ev["drop"]["subsystem"] == "nftables"
+
+
+def test_iptables_nft_rule(lab, watch):
+    a, b = lab.add_ns("a"), lab.add_ns("b")
+    link = lab.link(a, b)
+    lab.run(b, ["iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "8443", "-j", "DROP",
+                "-m", "comment", "--comment", "old app"])
+    w = watch()
+    lab.tcp_connect(a, str(link.b_v4.ip), 8443, timeout=0.3)
+    ev = w.sink.wait_for(to_port(8443))
+    nf = ev["netfilter"]
+    assert (nf["backend"], nf["family"], nf["table"], nf["chain"], nf["hook"]) == (
+        "iptables-nft", "ip", "filter", "INPUT", "input")
+    assert nf["rule"]["iptables"] == '-A INPUT -p tcp -m tcp --dport 8443 -m comment --comment "old app" -j DROP'
+    assert "tcp dport 8443" in nf["rule"]["text"] and nf["rule"]["comment"] == "old app"
+
+
+def test_netns_proto_and_iface_filters(net, watch):
+    lab, client, server, link = net
+    w = watch(netns=server.name, proto="udp", iface=link.b_ifname)
+    lab.tcp_connect(client, str(link.b_v4.ip), 443, timeout=0.2)   # tcp: filtered out
+    lab.udp_send(client, str(link.b_v4.ip), 53)                    # udp into server: kept
+    lab.udp_send(server, str(link.a_v4.ip), 4444)                  # udp into client: other netns
+    w.sink.wait_for(to_port(53))
+    time.sleep(0.5)
+    assert [e["destination"]["port"] for e in w.sink.events] == [53]
+    assert w.sink.events[0]["netns"]["name"] == server.name

@@ -2,7 +2,9 @@
 
 Three sources, best first:
 - nftrace: the kernel's own per-rule trace of the packet (exact rule, user
-  chains, policy), joined to the drop by packet fingerprint;
+  chains, policy), joined to the drop by packet fingerprint; for
+  iptables-legacy the same nf_trace bit makes ip_tables log TRACE lines,
+  read through nfnetlink_log;
 - fexit/kprobe context: table, base chain and hook recorded by the BPF
   programs on nft_do_chain / ipt_do_table / nf_hook_slow;
 - the stack: hook from the caller of nf_hook_slow, subsystem from frames.
@@ -11,12 +13,14 @@ A field a source cannot know is left out rather than guessed.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from .collectors.drop import KernelDrop
 from .event import Netfilter, Rule
 
 if TYPE_CHECKING:
+    from .collectors.iptables import LegacyVerdict
     from .collectors.nft import TraceVerdict
 
 #: Built-in iptables chain of each hook (legacy tables have no chain names
@@ -52,6 +56,32 @@ def from_trace(drop: KernelDrop, v: TraceVerdict) -> Netfilter:
         policy=True if v.policy else (False if rule else None),
         verdict=v.verdict,
     )
+
+
+def from_legacy(drop: KernelDrop, v: LegacyVerdict) -> Netfilter:
+    """An iptables-legacy TRACE verdict: rule number as handle, `iptables -S` line as text."""
+    rule = None
+    if not v.policy and v.rule_number is not None and v.iptables is not None:
+        rule = Rule(handle=v.rule_number, text=v.iptables, comment=v.comment, iptables=v.iptables)
+    return Netfilter(
+        backend="iptables-legacy",
+        attribution="nftrace",
+        family=v.family,
+        hook=v.hook or drop.hook,
+        table=v.table,
+        chain=v.chain,
+        base_chain=v.base_chain,
+        rule=rule,
+        policy=True if v.policy else (False if rule else None),
+        verdict=v.verdict,
+    )
+
+
+def with_legacy_table(nf: Netfilter, candidates: list[str]) -> Netfilter:
+    """Adds the table of an untraced iptables-legacy drop when only one table could have dropped it."""
+    if nf.backend != "iptables-legacy" or nf.table is not None or len(candidates) != 1:
+        return nf
+    return replace(nf, table=candidates[0])
 
 
 def from_context(drop: KernelDrop, ruleset: RulesetView | None) -> Netfilter | None:
@@ -107,7 +137,9 @@ def from_stack(drop: KernelDrop, legacy_present: bool) -> Netfilter | None:
 
 
 def attribute(drop: KernelDrop, verdict: TraceVerdict | None, ruleset: RulesetView | None,
-              legacy_present: bool = False) -> Netfilter | None:
+              legacy_present: bool = False, legacy: LegacyVerdict | None = None) -> Netfilter | None:
     if verdict is not None:
         return from_trace(drop, verdict)
+    if legacy is not None:
+        return from_legacy(drop, legacy)
     return from_context(drop, ruleset) or from_stack(drop, legacy_present)

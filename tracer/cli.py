@@ -128,6 +128,8 @@ def _watch(args: argparse.Namespace) -> int:
     except BaseException:
         engine.close()
         raise
+    if sys.stderr.isatty():
+        print(f"tracer: {engine.describe()} (Ctrl-C to stop)", file=sys.stderr)
     engine.run()
     return EXIT_OK
 

@@ -135,7 +135,7 @@ def _check_kallsyms(r: Report) -> None:
         r.watch_possible = False
 
 
-def _check_bpf(r: Report, config: dict[str, str]) -> None:
+def _check_bpf(r: Report) -> None:
     from . import libbpf, loader
 
     try:
@@ -163,8 +163,6 @@ def _check_bpf(r: Report, config: dict[str, str]) -> None:
         r.watch_possible = False
     for mode, res in caps.nf.items():
         name = f"prog_{mode}"
-        if mode == "kprobe" and not res.ok and config.get("CONFIG_KPROBES") != "y" and config:
-            res = loader.ProbeResult(False, "kernel built without CONFIG_KPROBES")
         if res.ok:
             r.add(name, OK, f"{mode} on nf_hook_slow loads and attaches")
         else:
@@ -241,7 +239,7 @@ def diagnose() -> Report:
     _check_privileges(r)
     _check_kernel(r, config)
     _check_kallsyms(r)
-    _check_bpf(r, config)
+    _check_bpf(r)
     _check_firewalls(r)
     _check_conntrack(r)
     r.add("watch", OK if r.watch_possible else FAIL,

@@ -8,7 +8,10 @@ Threads and why:
 - the caller's thread joins each drop with its nftrace verdict and writes
   the event. A netfilter drop waits for its verdict at most `verdict_wait`
   seconds after it arrived, so a burst of untraced drops delays output by
-  that much once, not once per drop.
+  that much once, not once per drop. A drop the stack does not place in
+  nftables is first looked up in the iptables-legacy traces: that lookup
+  is a barrier on the trace socket, exact and quick, so legacy drops do not
+  wait for an nftables verdict that cannot come.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class Engine:
         self._user_reasons = self._reason_numbers()
         self.tracer: LoadedTracer | None = None
         self.nft = None
+        self.legacy = None
         self.ready = threading.Event()
 
     # ---------------------------------------------------------- set-up
@@ -95,11 +99,17 @@ class Engine:
         self.tracer.set_filter(cfg)
         self._decoder = DropDecoder(self.tracer.Event, self._reasons)
         self._namespaces = self._scan()
+        from .collectors.iptables import LegacyCollector
+
+        watched = self._watched(self._namespaces.values(), netns_inode)
+        # Legacy first: it binds nfnetlink_log before nftables marks (and so traces) anything.
+        self.legacy = LegacyCollector(opts.filter, trace=opts.nftrace, on_ready=self._legacy_ready)
+        self.legacy.start(watched)
         if opts.nftrace:
             from .collectors.nft import NftCollector
 
-            self.nft = NftCollector(opts.filter, rate=opts.trace_rate)
-            self.nft.start(self._watched(self._namespaces.values(), netns_inode))
+            self.nft = NftCollector(opts.filter, rate=opts.trace_rate, mark_legacy=self.legacy)
+            self.nft.start(watched)
         self._rb = self.tracer.ring_buffer(self._on_record)
         self._spawn(self._read_ring, "ring-reader")
         self._spawn(self._scan_loop, "netns-scanner")
@@ -107,6 +117,23 @@ class Engine:
         log.info("watching", drop_program=self.tracer.drop_mode,
                  netfilter_context=self.tracer.nf_mode or "none",
                  nftrace=bool(self.nft), namespaces=len(self._namespaces))
+
+    def describe(self) -> str:
+        """One line for people: which kernel paths are in use, and why not the others."""
+        t = self.tracer
+        if t is None:
+            return "not started"
+        parts = [f"drops via kfree_skb ({t.drop_mode})"]
+        if t.nf_mode:
+            parts.append(f"netfilter context via {t.nf_mode}")
+        else:
+            refused = "; ".join(r.error for r in t.capabilities.nf.values())
+            parts.append(f"netfilter context from the stack ({refused or 'not probed'})")
+        if self.nft is not None:
+            parts.append(f"rules via nftrace in {len(self.nft.watched)} namespace(s)")
+        else:
+            parts.append("no rule text (nftrace off)")
+        return "; ".join(parts)
 
     def _watched(self, namespaces, netns_inode: int | None) -> list[netnsmod.Netns]:
         return [ns for ns in namespaces if netns_inode is None or ns.inode == netns_inode]
@@ -142,8 +169,18 @@ class Engine:
             found = self._scan()
             if found.keys() != self._namespaces.keys():
                 self._namespaces = found
+                watched = self._watched(found.values(), netns_inode)
+                # nftables first: a namespace leaving the watch is unmarked before its nf_log is restored.
                 if self.nft is not None:
-                    self.nft.update_namespaces(self._watched(found.values(), netns_inode))
+                    self.nft.update_namespaces(watched)
+                if self.legacy is not None:
+                    self.legacy.update_namespaces(watched)
+
+    def _legacy_ready(self) -> None:
+        """A namespace's legacy tables became traceable: let nftables mark it."""
+        nft = self.nft
+        if nft is not None:
+            nft.update_namespaces(self._watched(self._namespaces.values(), self._netns_filter_safe()))
 
     def _netns_filter_safe(self) -> int | None:
         try:
@@ -185,12 +222,19 @@ class Engine:
             return None
         verdict = None
         ruleset = None
+        legacy = None
         if self.nft is not None and drop.in_netfilter and drop.fingerprint is not None:
-            wait = max(0.0, drop.received + self.options.verdict_wait - time.monotonic())
-            verdict = self.nft.wait_verdict(drop.netns, drop.fingerprint, wait)
+            legacy = self._legacy_verdict(drop)
+            if legacy is None:
+                wait = max(0.0, drop.received + self.options.verdict_wait - time.monotonic())
+                verdict = self.nft.wait_verdict(drop.netns, drop.fingerprint, wait)
             ruleset = self.nft.ruleset(drop.netns)
         ns = self._namespaces.get(drop.netns)
-        nf = attribution.attribute(drop, verdict, ruleset, self._legacy_present(ns))
+        nf = attribution.attribute(drop, verdict, ruleset, self._legacy_present(ns), legacy)
+        if nf is not None and nf.backend == "iptables-legacy" and nf.table is None and self.legacy is not None:
+            family = {0x0800: "ip", 0x86DD: "ip6"}.get(drop.l3proto)
+            if family and nf.hook:
+                nf = attribution.with_legacy_table(nf, self.legacy.table_candidates(drop.netns, nf.hook, family))
         conntrack = drop.conntrack
         if conntrack is None and verdict is not None:
             conntrack = verdict.conntrack
@@ -214,7 +258,29 @@ class Engine:
             conntrack=conntrack,
             process=drop.process,
             hook=drop.hook,
+            subsystem=self._subsystem(drop, nf),
         )
+
+    def _legacy_verdict(self, drop: KernelDrop):
+        """The iptables-legacy verdict of a drop nftables did not free itself, if traced."""
+        if self.legacy is None or drop.subsystem in ("nftables", "conntrack") or drop.fingerprint is None:
+            return None
+        if not self.legacy.tracing(drop.netns):
+            return None
+        v = self.legacy.wait_verdict(drop.netns, drop.fingerprint, self.options.verdict_wait, since=drop.received)
+        if v is not None and drop.hook is not None and v.hook != drop.hook:
+            return None  # the packet's last legacy trace is from another hook: not what dropped it
+        return v
+
+    @staticmethod
+    def _subsystem(drop: KernelDrop, nf) -> str:
+        """nftables, iptables-legacy, conntrack, routing, socket or other."""
+        if nf is not None:
+            if nf.backend in ("nftables", "iptables-nft"):
+                return "nftables"
+            if nf.backend in ("iptables-legacy", "conntrack"):
+                return nf.backend
+        return drop.subsystem if drop.subsystem != "netfilter" else "other"
 
     @staticmethod
     def _inferred_invalid(ruleset, nf) -> ConntrackInfo | None:
@@ -267,8 +333,11 @@ class Engine:
                 t.join(timeout=2)
         self._threads = []
         if self.nft is not None:
-            self.nft.stop()
+            self.nft.stop()  # unmark before nf_log bindings are restored
             self.nft = None
+        if self.legacy is not None:
+            self.legacy.stop()
+            self.legacy = None
         if self.tracer is not None:
             stats = self.tracer.stats()
             if stats.get("lost"):

@@ -110,6 +110,7 @@ class DropEvent:
     conntrack: ConntrackInfo | None = None
     process: tuple[int, str] | None = None
     hook: str | None = None
+    subsystem: str | None = None
     probe_id: str | None = None
     count: int = 1
     start_ns: int | None = None
@@ -145,6 +146,8 @@ class DropEvent:
         drop: dict = {"reason": self.reason}
         if self.location:
             drop["location"] = self.location
+        if self.subsystem:
+            drop["subsystem"] = self.subsystem
         if self.stack is not None:
             drop["stack"] = self.stack
         ev["drop"] = drop

@@ -122,7 +122,7 @@ def probe(obj_path: Path | None = None, *, drop_modes=tuple(DROP_PROGRAMS),
     obj_path = obj_path or default_object_path()
     caps = Capabilities()
     for mode in drop_modes:
-        caps.drop[mode] = _try(obj_path, [DROP_PROGRAMS[mode]])
+        caps.drop[mode] = _explain(mode, _try(obj_path, [DROP_PROGRAMS[mode]]))
         if caps.drop[mode].ok and stop_at_first:
             break
     caps.nf_functions = kernel_functions(list(NF_PROGRAMS["fentry"]))
@@ -131,10 +131,23 @@ def probe(obj_path: Path | None = None, *, drop_modes=tuple(DROP_PROGRAMS),
             caps.nf[mode] = ProbeResult(False, "nf_hook_slow not in kallsyms (no netfilter)")
         return caps
     for mode in nf_modes:
-        caps.nf[mode] = _try(obj_path, list(NF_PROGRAMS[mode]["nf_hook_slow"]))
+        caps.nf[mode] = _explain(mode, _try(obj_path, list(NF_PROGRAMS[mode]["nf_hook_slow"])))
         if caps.nf[mode].ok and stop_at_first:
             break
     return caps
+
+
+def _explain(mode: str, result: ProbeResult) -> ProbeResult:
+    """Replaces libbpf's errno text with the reason a person can act on."""
+    if result.ok:
+        return result
+    if mode == "kprobe" and not os.path.exists("/sys/bus/event_source/devices/kprobe"):
+        return ProbeResult(False, "kernel has no kprobes (CONFIG_KPROBES off)")
+    if mode == "tracepoint" and not os.path.exists("/sys/kernel/tracing/events"):
+        return ProbeResult(False, "tracefs is not mounted")
+    if mode == "fentry" and "Operation not permitted" in result.error:
+        return ProbeResult(False, "kernel refuses fentry/fexit programs (EPERM)")
+    return result
 
 
 class LoadedTracer:

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from pyroute2.netlink import NETLINK_NETFILTER
@@ -263,6 +263,20 @@ def _ct_status(ct: dict[str, Any]) -> tuple[str, ...] | None:
     return () if ct.get("id") is not None else None
 
 
+class LegacyMarking(Protocol):
+    """What marking needs from iptables-legacy tracing (tracer.collectors.iptables).
+
+    Legacy ip_tables trace packets carrying the same nf_trace bit, so a
+    namespace with legacy tables but no nftables base chains is worth
+    marking too, and a namespace about to be marked must first have its
+    TRACE lines routed away from the kernel log.
+    """
+
+    def wants_marking(self, ns: Netns) -> bool: ...
+
+    def before_marking(self, ns: Netns) -> None: ...
+
+
 def mark_commands(table: str, f: WatchFilter, rate: int, burst: int) -> str:
     """nft commands that create the marking table (one atomic batch)."""
     lines = [f'add table inet {table} {{ flags owner; comment "{MARK_COMMENT}"; }}']
@@ -381,11 +395,16 @@ class _NetnsWatch:
             if self.marked or self._stopping.is_set() or self._ctx is None:
                 return
             rs = self.ruleset()
-            if rs is None or not rs.base_chains(skip_prefix=MARK_TABLE):
+            if rs is None:
                 return
+            c = self.collector
+            legacy = c.mark_legacy
+            if not rs.base_chains(skip_prefix=MARK_TABLE) and not (legacy and legacy.wants_marking(self.ns)):
+                return
+            if legacy is not None:
+                legacy.before_marking(self.ns)
             taken = {t.name for t in rs.tables.values() if t.family == "inet"}
             name = MARK_TABLE if MARK_TABLE not in taken else f"{MARK_TABLE}_{os.getpid()}"
-            c = self.collector
             try:
                 self._ctx.cmd(mark_commands(name, c.filter, c.rate, c.burst))
             except NftError as exc:
@@ -393,7 +412,8 @@ class _NetnsWatch:
                 return
             self.marked = name
             self._stale = True
-            self._warn_legacy_trace()
+            if legacy is None:
+                self._warn_legacy_trace()
             self.log.info("nft.marking_table_added", table=name, rate=c.rate, burst=c.burst)
 
     def _warn_legacy_trace(self) -> None:
@@ -699,7 +719,9 @@ class NftCollector:
     `rate` and `burst` bound how many packets per second and namespace are
     traced (each marking rule has its own limit). `on_verdict` is called in
     the reader thread for every drop verdict, also those without packet
-    headers, which wait_verdict cannot find.
+    headers, which wait_verdict cannot find. `mark_legacy` (the iptables-legacy
+    collector) also gets namespaces marked that only have legacy tables, and
+    is told before any namespace is marked.
     """
 
     def __init__(
@@ -710,6 +732,7 @@ class NftCollector:
         burst: int | None = None,
         verdict_ttl: float = 5.0,
         on_verdict: Callable[[TraceVerdict], None] | None = None,
+        mark_legacy: LegacyMarking | None = None,
         log: Any = None,
     ) -> None:
         if rate < 1:
@@ -721,6 +744,7 @@ class NftCollector:
             raise ValueError(f"trace burst must be at least 1 packet, not {self.burst}")
         self.verdict_ttl = verdict_ttl
         self.on_verdict = on_verdict
+        self.mark_legacy = mark_legacy
         self.log = log or structlog.get_logger("tracer.nft")
         self._watches: dict[int, _NetnsWatch] = {}
         self._lock = threading.Lock()  # _watches
@@ -740,6 +764,8 @@ class NftCollector:
     def update_namespaces(self, namespaces: Iterable[Netns]) -> None:
         """Watches new namespaces and drops the ones no longer listed (no error if gone).
 
+        With `mark_legacy`, unmarked namespaces are checked again too: legacy
+        tables announce no changes, so their collector asks for this.
         Ignored after stop(), so a late namespace scan cannot re-add marking tables.
         """
         with self._update_lock:
@@ -768,6 +794,11 @@ class NftCollector:
                 continue
             with self._lock:
                 self._watches[ns.inode] = watch
+        if self.mark_legacy is not None:
+            with self._lock:
+                unmarked = [w for w in self._watches.values() if w.marked is None and w.ns not in new]
+            for w in unmarked:
+                w._mark_if_needed()
 
     def stop(self) -> None:
         """Removes marking tables, closes sockets, joins threads; safe to call twice."""

@@ -1,0 +1,1247 @@
+"""Which iptables-legacy rule or chain policy dropped a packet.
+
+Why this works without kprobes or fentry: ip_tables and ip6_tables trace
+every packet whose `skb->nf_trace` bit is set. The nftables collector's
+marking table sets that bit (`meta nftrace set 1`) at priority -350, before
+any legacy table, and `ipt_do_table` then calls `nf_log_trace()` for each
+rule the packet matches, with a prefix such as `TRACE: filter:INPUT:rule:3 `
+(or `:policy:N` / `:return:N`). `nf_log_trace()` hands that to whatever
+logger is bound for the protocol family in that namespace
+(`/proc/sys/net/netfilter/nf_log/2` for IPv4, `/10` for IPv6); we bind
+`nfnetlink_log` there and listen on its group 0, which is where the trace's
+default logging parameters send it, with the packet copied from its network
+header. The last TRACE message of a dropped packet names table, chain and
+rule number; `iptables-legacy-save` in the namespace turns that into the rule.
+
+The nf_log binding is host state, so it is journalled under /run/tracer
+before it is changed and put back on stop; a tracer that starts after a
+crash puts back what the crashed one left. Legacy rules are only ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import itertools
+import json
+import os
+import secrets
+import select
+import shlex
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
+
+from tracer import netns as netns_mod
+from tracer import packet
+from tracer.filters import WatchFilter
+from tracer.netns import Netns
+
+# --- kernel constants (uapi/linux/netfilter/nfnetlink_log.h, netfilter.h) ---------
+
+NETLINK_NETFILTER = 12
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_COPY_PACKET = 2
+NLMSG_ERROR = 2
+NLMSG_OVERRUN = 4
+_NLMSG_HEADER = struct.Struct("=IHHII")
+
+#: nf_log_trace() logs with the nfnetlink_log defaults: group 0, whole packet, flush at once.
+TRACE_GROUP = 0
+#: Enough for an IPv4 header with options or IPv6 with extension headers, plus ports.
+COPY_RANGE = 256
+NF_LOGGER = "nfnetlink_log"
+TRACE_PREFIX = "TRACE: "
+STATE_DIR = Path("/run/tracer")
+RCVBUF_BYTES = 16 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
+#: The built-in chain each hook runs (the kernel calls it `hookname` in traces).
+HOOK_CHAINS = {hook: hook.upper() for hook in HOOKS}
+#: Order the kernel runs legacy tables within a hook (priorities -300 .. 50).
+TABLE_ORDER = ("raw", "mangle", "nat", "filter", "security")
+
+#: Targets after which a packet goes on (or is accepted): never the reason for a drop.
+NON_DROPPING_TARGETS = frozenset(
+    {
+        "ACCEPT", "RETURN", "LOG", "NFLOG", "ULOG", "MARK", "CONNMARK", "CT", "NOTRACK", "TRACE",
+        "DSCP", "TOS", "TTL", "HL", "TCPMSS", "TCPOPTSTRIP", "CLASSIFY", "SECMARK", "CONNSECMARK",
+        "CHECKSUM", "AUDIT", "IDLETIMER", "LED", "SET", "TEE", "DNAT", "SNAT", "MASQUERADE",
+        "REDIRECT", "NETMAP", "HMARK", "RATEEST", "TPROXY", "CLUSTERIP", "ECN", "SYNPROXY_ACCEPT",
+    }
+)  # fmt: skip
+
+_TRACE_STATE_TTL = 5.0
+_MAX_TRACES = 65536
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs between ip_tables and ip6_tables."""
+
+    name: str  # ip / ip6, as the drop event's netfilter.family spells it
+    pf: int  # NFPROTO_IPV4 / NFPROTO_IPV6: the nf_log sysctl index
+    save: str  # the listing tool
+    names_file: str  # /proc/net file listing the loaded tables
+    sock_family: int
+    level: int  # getsockopt level of IPT_SO_GET_INFO / IP6T_SO_GET_INFO
+    next_offset: int  # offsetof(struct ipt_entry / ip6t_entry, next_offset)
+    counters: int  # offsetof(..., counters); 16 bytes of packet/byte counts
+
+
+FAMILIES = {
+    "ip": _Family("ip", 2, "iptables-legacy-save", "ip_tables_names", socket.AF_INET, socket.SOL_IP, 90, 96),
+    "ip6": _Family("ip6", 10, "ip6tables-legacy-save", "ip6_tables_names", socket.AF_INET6, 41, 142, 152),
+}
+PF_FAMILIES = {f.pf: f for f in FAMILIES.values()}
+
+
+# --- nfnetlink_log messages -----------------------------------------------------------
+
+
+class nfulnl_packet_msg(nfgen_msg):
+    """NFULNL_MSG_PACKET, which pyroute2 0.9.7 does not decode.
+
+    Attribute order is `enum nfulnl_attr_type`; the kernel leaves out what
+    it does not know (a mark of 0, interfaces of a local packet). The
+    reader uses `parse_packet_message` for speed; this is the full layout,
+    for tools and for checking that parser.
+    """
+
+    prefix = "NFULA_"
+    nla_map = (
+        ("NFULA_UNSPEC", "none"),
+        ("NFULA_PACKET_HDR", "packet_hdr"),
+        ("NFULA_MARK", "be32"),
+        ("NFULA_TIMESTAMP", "hex"),
+        ("NFULA_IFINDEX_INDEV", "be32"),
+        ("NFULA_IFINDEX_OUTDEV", "be32"),
+        ("NFULA_IFINDEX_PHYSINDEV", "be32"),
+        ("NFULA_IFINDEX_PHYSOUTDEV", "be32"),
+        ("NFULA_HWADDR", "hex"),
+        ("NFULA_PAYLOAD", "cdata"),
+        ("NFULA_PREFIX", "asciiz"),
+        ("NFULA_UID", "be32"),
+        ("NFULA_SEQ", "be32"),
+        ("NFULA_SEQ_GLOBAL", "be32"),
+        ("NFULA_GID", "be32"),
+        ("NFULA_HWTYPE", "be16"),
+        ("NFULA_HWHEADER", "hex"),
+        ("NFULA_HWLEN", "be16"),
+        ("NFULA_CT", "hex"),
+        ("NFULA_CT_INFO", "be32"),
+        ("NFULA_VLAN", "hex"),
+        ("NFULA_L2HDR", "hex"),
+    )
+
+    class packet_hdr(nla):
+        """struct nfulnl_msg_packet_hdr: the hook number is what we need."""
+
+        fields = (("hw_protocol", ">H"), ("hook", "B"), ("_pad", "B"))
+
+
+class nfulnl_config_msg(nfgen_msg):
+    """NFULNL_MSG_CONFIG: binds a group and sets how much of each packet is copied."""
+
+    prefix = "NFULA_CFG_"
+    nla_map = (
+        ("NFULA_CFG_UNSPEC", "none"),
+        ("NFULA_CFG_CMD", "uint8"),  # struct nfulnl_msg_config_cmd
+        ("NFULA_CFG_MODE", "mode"),
+        ("NFULA_CFG_NLBUFSIZ", "be32"),
+        ("NFULA_CFG_TIMEOUT", "be32"),
+        ("NFULA_CFG_QTHRESH", "be32"),
+        ("NFULA_CFG_FLAGS", "be16"),
+    )
+
+    class mode(nla):
+        """struct nfulnl_msg_config_mode (packed)."""
+
+        fields = (("copy_range", ">I"), ("copy_mode", "B"), ("_pad", "B"))
+
+
+_NLA_HEADER = struct.Struct("=HH")
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+_NFULA_PACKET_HDR, _NFULA_PAYLOAD, _NFULA_PREFIX = 1, 9, 10
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedPacket:
+    """The parts of an NFULNL_MSG_PACKET a trace needs."""
+
+    pf: int  # nfgen_family: NFPROTO_IPV4 / NFPROTO_IPV6
+    hook: int | None
+    prefix: str
+    payload: bytes
+
+
+def parse_packet_message(msg: bytes) -> LoggedPacket:
+    """Reads hook, prefix and payload of one NFULNL_MSG_PACKET (netlink header included).
+
+    Same layout as `nfulnl_packet_msg`, read by hand: pyroute2 takes about
+    70 us per message, and every marked packet makes one message per rule
+    it matches in every legacy table, so the reader must keep up with
+    thousands per second.
+    """
+    hook: int | None = None
+    prefix, payload = "", b""
+    off, end = _NLMSG_HEADER.size + 4, len(msg)  # after struct nfgenmsg
+    while off + _NLA_HEADER.size <= end:
+        length, atype = _NLA_HEADER.unpack_from(msg, off)
+        if length < _NLA_HEADER.size or off + length > end:
+            break
+        atype &= _NLA_TYPE_MASK
+        if atype == _NFULA_PACKET_HDR and length >= 7:
+            hook = msg[off + 6]  # struct nfulnl_msg_packet_hdr: __be16 hw_protocol, __u8 hook
+        elif atype == _NFULA_PREFIX:
+            prefix = msg[off + 4 : off + length].split(b"\0", 1)[0].decode(errors="replace")
+        elif atype == _NFULA_PAYLOAD:
+            payload = msg[off + 4 : off + length]
+        off += (length + 3) & ~3
+    pf = msg[_NLMSG_HEADER.size] if end > _NLMSG_HEADER.size else 0
+    return LoggedPacket(pf=pf, hook=hook, prefix=prefix, payload=payload)
+
+
+def config_message(seq: int, attrs: list[tuple[str, Any]], group: int = TRACE_GROUP) -> bytes:
+    """An acknowledged NFULNL_MSG_CONFIG for `group` (res_id carries the group number)."""
+    msg = nfulnl_config_msg()
+    msg["header"]["type"] = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+    msg["header"]["sequence_number"] = seq
+    msg["nfgen_family"] = 0  # AF_UNSPEC: the group serves every protocol family
+    msg["version"] = 0
+    msg["res_id"] = group
+    msg["attrs"] = attrs
+    msg.encode()
+    return bytes(msg.data)
+
+
+def split_messages(data: bytes) -> Iterable[tuple[int, int, bytes]]:
+    """(type, sequence number, whole message) of each netlink message in a datagram."""
+    off = 0
+    while off + _NLMSG_HEADER.size <= len(data):
+        length, mtype, _flags, seq, _pid = _NLMSG_HEADER.unpack_from(data, off)
+        if length < _NLMSG_HEADER.size or off + length > len(data):
+            return
+        yield mtype, seq, data[off : off + length]
+        off += (length + 3) & ~3
+
+
+# --- what one TRACE line says ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TracePoint:
+    """One `TRACE: table:chain:kind:number` line: where the packet was in the ruleset."""
+
+    table: str
+    chain: str
+    kind: str  # rule, return or policy
+    number: int  # 1-based position in the chain; for policy/return one past the last rule
+
+
+def parse_trace_prefix(prefix: str) -> TracePoint | None:
+    """Parses the prefix ipt_do_table gives nf_log_trace(); None for anything else.
+
+    Table names never contain a colon, chain names might: split the table
+    off the front and kind and number off the back.
+    """
+    if not prefix.startswith(TRACE_PREFIX):
+        return None
+    table, sep, rest = prefix[len(TRACE_PREFIX) :].strip().partition(":")
+    parts = rest.rsplit(":", 2)
+    if not sep or len(parts) != 3 or parts[1] not in ("rule", "return", "policy") or not parts[2].isdigit():
+        return None
+    return TracePoint(table=table, chain=parts[0], kind=parts[1], number=int(parts[2]))
+
+
+def payload_fingerprint(payload: bytes) -> bytes | None:
+    """`packet.fingerprint` of a packet copied from its network header.
+
+    Mirrors what the BPF side reads: no transport bytes for a non-first
+    fragment or when fewer than four are there.
+    """
+    if not payload:
+        return None
+    version = payload[0] >> 4
+    if version == 4 and len(payload) >= 20:
+        ihl = (payload[0] & 0x0F) * 4
+        first = not struct.unpack_from("!H", payload, 6)[0] & 0x1FFF
+        l4 = payload[ihl : ihl + 20] if first else b""
+    elif version == 6 and len(payload) >= 40:
+        _, off = packet.ipv6_transport_offset(payload[:40], payload[40:])
+        l4 = payload[off : off + 20] if off is not None else b""
+    else:
+        return None
+    return packet.fingerprint(payload[:40], l4 if len(l4) >= 4 else b"")
+
+
+# --- legacy rulesets as iptables-legacy-save prints them -------------------------------------
+
+
+@dataclass(frozen=True)
+class XtChain:
+    """A chain: built-in ones have a policy, user chains have None."""
+
+    name: str
+    policy: str | None
+    rules: tuple[str, ...] = ()  # full `-A CHAIN ...` lines, in order
+
+
+@dataclass(frozen=True)
+class XtTable:
+    family: str
+    name: str
+    chains: dict[str, XtChain]
+
+    def rule(self, chain: str, number: int) -> str | None:
+        """The `-A` line of rule `number` (1-based) in `chain`."""
+        c = self.chains.get(chain)
+        if c is None or not 1 <= number <= len(c.rules):
+            return None
+        return c.rules[number - 1]
+
+    def verdict_of(self, line: str) -> str | None:
+        """`drop`/`reject` when this rule ends a packet, None when it lets it go on."""
+        target, _ = rule_target(line)
+        if target is None or target in NON_DROPPING_TARGETS or target in self.chains:
+            return None
+        return "reject" if target == "REJECT" else "drop"
+
+    def can_drop_from(self, chain: str) -> bool:
+        """Whether a packet entering `chain` can be dropped: a DROP policy, or a
+        dropping rule in it or in any chain reachable by jump/goto."""
+        start = self.chains.get(chain)
+        if start is None:
+            return False
+        if start.policy == "DROP":
+            return True
+        seen, todo = {chain}, [chain]
+        while todo:
+            for line in self.chains[todo.pop()].rules:
+                if self.verdict_of(line) is not None:
+                    return True
+                target, _ = rule_target(line)
+                if target in self.chains and target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        return False
+
+    @property
+    def can_drop(self) -> bool:
+        return any(self.can_drop_from(c.name) for c in self.chains.values() if c.policy is not None)
+
+
+def rule_target(line: str) -> tuple[str | None, bool]:
+    """The target of an `-A` line (`-j` or `-g`) and whether it is a goto."""
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        words = line.split()
+    for i, word in enumerate(words[:-1]):
+        if word in ("-j", "--jump", "-g", "--goto"):
+            return words[i + 1], word in ("-g", "--goto")
+    return None, False
+
+
+def rule_comment(line: str) -> str | None:
+    """The `-m comment --comment` text of a rule, if it has one."""
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        return None
+    for i, word in enumerate(words[:-1]):
+        if word == "--comment":
+            return words[i + 1]
+    return None
+
+
+def parse_save(text: str, family: str) -> dict[str, XtTable]:
+    """Tables of `iptables-legacy-save` output (its `-A` lines are those of `iptables -S`)."""
+    tables: dict[str, XtTable] = {}
+    name: str | None = None
+    policies: dict[str, str | None] = {}
+    rules: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("*"):
+            name, policies, rules = line[1:].strip(), {}, {}
+        elif name is None:
+            continue
+        elif line.startswith(":"):
+            chain, _, rest = line[1:].partition(" ")
+            policy = rest.split(" ", 1)[0]
+            policies[chain] = None if policy == "-" else policy
+            rules.setdefault(chain, [])
+        elif line.startswith("-A "):
+            chain = line.split(" ", 2)[1]
+            rules.setdefault(chain, []).append(line)
+        elif line.strip() == "COMMIT":
+            chains = {c: XtChain(c, policies.get(c), tuple(rules.get(c, ()))) for c in rules}
+            tables[name] = XtTable(family, name, chains)
+            name = None
+    return tables
+
+
+# --- reading tables without changing them -------------------------------------------------
+
+_libc: ctypes.CDLL | None = None
+
+
+def _getsockopt(fd: int, level: int, option: int, buf: bytes) -> bytes:
+    """getsockopt(2) with an input buffer (Python's own cannot pass the table name in)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    cbuf = ctypes.create_string_buffer(buf, len(buf))
+    size = ctypes.c_uint32(len(buf))
+    if _libc.getsockopt(fd, level, option, cbuf, ctypes.byref(size)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return cbuf.raw[: size.value]
+
+
+_SO_GET_INFO, _SO_GET_ENTRIES = 64, 65  # IPT_SO_GET_INFO / IP6T_SO_GET_INFO, ..._ENTRIES
+_GET_INFO_SIZE = 84  # struct ipt_getinfo
+_GET_ENTRIES_HEADER = 40  # struct ipt_get_entries up to its 8-byte aligned entry table
+
+
+def table_generation(sock: socket.socket, fam: _Family, table: str) -> bytes:
+    """A digest of a loaded table's rules, counters left out.
+
+    Legacy iptables sends no change notifications and has no generation
+    number; this is what tells a cached listing from a stale one without
+    running a program. Only ever call it for tables listed in
+    /proc/net/ip*_tables_names: asking for another name makes the kernel
+    create that table.
+    """
+    name = table.encode().ljust(32, b"\0")
+    for _ in range(5):
+        info = _getsockopt(sock.fileno(), fam.level, _SO_GET_INFO, name + bytes(_GET_INFO_SIZE - 32))
+        size = struct.unpack_from("=I", info, 80)[0]
+        request = name + struct.pack("=I", size) + bytes(_GET_ENTRIES_HEADER - 36 + size)
+        try:
+            blob = bytearray(_getsockopt(sock.fileno(), fam.level, _SO_GET_ENTRIES, request)[_GET_ENTRIES_HEADER:])
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:  # replaced between the two calls
+                continue
+            raise
+        off = 0
+        while off + fam.counters + 16 <= len(blob):
+            step = struct.unpack_from("=H", blob, off + fam.next_offset)[0]
+            blob[off + fam.counters : off + fam.counters + 16] = bytes(16)
+            if step == 0:
+                break
+            off += step
+        return hashlib.blake2b(blob, digest_size=16).digest()
+    raise OSError(errno.EAGAIN, f"table {table} kept changing")
+
+
+def loaded_tables(ns: Netns) -> dict[str, tuple[str, ...]]:
+    """family -> legacy tables loaded in the namespace (reading does not load any)."""
+    found: dict[str, tuple[str, ...]] = {}
+    with netns_mod.entered(ns):
+        for fam in FAMILIES.values():
+            try:
+                with open(f"/proc/thread-self/net/{fam.names_file}") as fh:
+                    names = tuple(fh.read().split())
+            except FileNotFoundError:
+                names = ()
+            if names:
+                found[fam.name] = names
+    return found
+
+
+def _nf_log_path(pf: int) -> str:
+    return f"/proc/sys/net/netfilter/nf_log/{pf}"
+
+
+def read_nf_log(ns: Netns, pf: int) -> str:
+    """The logger bound for a protocol family in the namespace (`NONE` when none)."""
+    with netns_mod.entered(ns), open(_nf_log_path(pf)) as fh:  # /proc/sys/net follows the thread's netns
+        return fh.read().strip()
+
+
+def write_nf_log(ns: Netns, pf: int, logger: str) -> None:
+    with netns_mod.entered(ns), open(_nf_log_path(pf), "w") as fh:
+        fh.write(logger)
+
+
+# --- the journal of nf_log bindings we changed ------------------------------------------------
+
+
+def _start_time(pid: int) -> int | None:
+    """Process start time in clock ticks: tells a live tracer from a reused PID."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class BindingJournal:
+    """`/run/tracer/nf_log.<pid>.<id>.json`: the bindings this collector changed.
+
+    Written before each change, so that after a crash the next tracer knows
+    what to put back. One file per collector: several may run at once.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / f"nf_log.{os.getpid()}.{secrets.token_hex(4)}.json"
+        self._entries: dict[tuple[int, int], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def check_writable(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(self.directory, os.W_OK):
+            raise PermissionError(errno.EACCES, f"{self.directory} is not writable")
+
+    def add(self, ns: Netns, pf: int, previous: str) -> None:
+        with self._lock:
+            self._entries[(ns.inode, pf)] = {
+                "netns_inode": ns.inode,
+                "path": ns.path,
+                "name": ns.name,
+                "pf": pf,
+                "previous": previous,
+            }
+            self._write()
+
+    def remove(self, inode: int, pf: int) -> None:
+        with self._lock:
+            if self._entries.pop((inode, pf), None) is not None:
+                self._write()
+
+    def _write(self) -> None:
+        if not self._entries:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        doc = {"pid": os.getpid(), "start_time": _start_time(os.getpid()), "bindings": list(self._entries.values())}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _find_netns(entry: dict[str, Any]) -> Netns | None:
+    """The journalled namespace if it still exists, by its path or else by inode."""
+    ns = Netns(inode=int(entry["netns_inode"]), path=str(entry["path"]), name=entry.get("name"))
+    if netns_mod.exists(ns):
+        return ns
+    try:
+        return netns_mod.discover().get(ns.inode)
+    except OSError:
+        return None
+
+
+def restore_binding(ns: Netns, pf: int, previous: str, log: Any) -> bool:
+    """Puts `previous` back if the binding is still ours; True if it was changed."""
+    current = read_nf_log(ns, pf)
+    if current != NF_LOGGER:
+        if current != previous:
+            log.info("legacy.nf_log_changed_by_others", netns=ns.label, pf=pf, current=current, left=True)
+        return False
+    if previous == NF_LOGGER:
+        return False
+    write_nf_log(ns, pf, previous)
+    log.info("legacy.nf_log_restored", netns=ns.label, pf=pf, binding=previous)
+    return True
+
+
+def restore_stale_bindings(directory: Path = STATE_DIR, log: Any = None) -> int:
+    """Undoes the nf_log bindings of tracers that died without restoring them.
+
+    A journal whose process is gone (or whose PID now belongs to another
+    process) is stale. Namespaces that vanished since need nothing.
+    Returns how many bindings were put back.
+    """
+    log = log or structlog.get_logger("tracer.iptables")
+    restored = 0
+    try:
+        journals = sorted(directory.glob("nf_log.*.json"))
+    except OSError:
+        return 0
+    for path in journals:
+        try:
+            doc = json.loads(path.read_text())
+            pid, started = int(doc["pid"]), doc.get("start_time")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("legacy.journal_unreadable", path=str(path), error=str(exc))
+            continue
+        if _start_time(pid) is not None and _start_time(pid) == started:
+            continue  # a live tracer's
+        left: list[dict[str, Any]] = []
+        for entry in doc.get("bindings", []):
+            ns = _find_netns(entry)
+            if ns is None:
+                log.info("legacy.journalled_netns_gone", netns_inode=entry.get("netns_inode"))
+                continue
+            try:
+                restored += restore_binding(ns, int(entry["pf"]), str(entry["previous"]), log)
+            except OSError as exc:
+                log.warning("legacy.nf_log_restore_failed", netns=ns.label, error=str(exc))
+                left.append(entry)
+        if left:
+            continue  # keep the journal for another try
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        log.info("legacy.stale_journal_done", path=str(path), crashed_pid=pid)
+    return restored
+
+
+# --- verdicts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LegacyVerdict:
+    """The iptables-legacy rule or policy that dropped a packet, from its TRACE lines."""
+
+    netns_inode: int
+    time: float  # time.monotonic() when the TRACE message was read
+    family: str  # ip or ip6
+    table: str
+    chain: str  # chain whose rule or policy decided (user chains included)
+    base_chain: str | None  # the built-in chain of the hook it was reached from
+    hook: str | None
+    rule_number: int | None  # 1-based position in `chain`; None when the policy decided
+    text: str | None  # the rule without its leading `-A CHAIN `: `-p tcp -m tcp --dport 443 -j DROP`
+    iptables: str | None  # the whole line as `iptables -S` prints it: `-A INPUT -p tcp ...`
+    comment: str | None
+    policy: bool
+    verdict: str  # drop or reject
+    fingerprint: bytes
+
+
+@dataclass(frozen=True)
+class _Trace:
+    """The latest TRACE line seen for one packet."""
+
+    family: str
+    point: TracePoint
+    hook: str | None
+    time: float
+
+
+# --- one namespace ------------------------------------------------------------------------------
+
+
+class _TraceSocket:
+    """The nfnetlink_log socket of one namespace and the thread reading it.
+
+    `sync()` is a barrier: it sends a request the kernel acknowledges on
+    this socket, and the acknowledgement is queued behind every TRACE
+    message logged before it was sent. Once it has been read, the last
+    trace recorded for a packet dropped earlier is its final one.
+    """
+
+    def __init__(self, owner: _LegacyNetns) -> None:
+        self.owner = owner
+        self.log = owner.log
+        self._sock: socket.socket | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._cond = threading.Condition()
+        self._seq = itertools.count(1)
+        self._pending: dict[int, float] = {}  # barrier seq -> monotonic time it was sent
+        self._synced_at = 0.0  # send time of the newest acknowledged barrier
+        self._discard_until: int | None = None  # after lost messages: ignore traces until this ack
+        self._traces: OrderedDict[bytes, _Trace] = OrderedDict()
+        self._errors = 0
+        self._last_error_log = 0.0
+
+    def open(self) -> None:
+        """Binds group 0 in the namespace; raises OSError when another listener has it."""
+        with netns_mod.entered(self.owner.ns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        try:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
+            sock.bind((0, 0))
+            seq = next(self._seq)
+            sock.send(
+                config_message(
+                    seq,
+                    [
+                        ("NFULA_CFG_CMD", NFULNL_CFG_CMD_BIND),
+                        ("NFULA_CFG_MODE", {"copy_range": COPY_RANGE, "copy_mode": NFULNL_COPY_PACKET, "_pad": 0}),
+                        ("NFULA_CFG_QTHRESH", 1),
+                    ],
+                )
+            )
+            self._await_ack(sock, seq)
+        except Exception:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(target=self._run, name=f"legacy-trace-{self.owner.ns.inode}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _await_ack(sock: socket.socket, seq: int) -> None:
+        sock.settimeout(2.0)
+        try:
+            while True:
+                for mtype, mseq, msg in split_messages(sock.recv(65536)):
+                    if mtype == NLMSG_ERROR and mseq == seq:
+                        code = struct.unpack_from("=i", msg, 16)[0]
+                        if code:
+                            raise OSError(-code, f"nfnetlink_log group {TRACE_GROUP}: {os.strerror(-code)}")
+                        return
+        finally:
+            sock.settimeout(None)
+
+    def close(self) -> None:
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+            if self._thread.is_alive():
+                self.log.warning("legacy.reader_did_not_stop")
+        if self._sock is not None:
+            self._sock.close()  # the kernel destroys the group-0 instance with it
+            self._sock = None
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with self._cond:
+            self._cond.notify_all()
+
+    # --- barrier --------------------------------------------------------------------------
+
+    def _send_barrier(self) -> int:
+        seq = next(self._seq)
+        self._pending[seq] = time.monotonic()
+        sock = self._sock
+        if sock is not None:
+            # No attributes: the kernel only checks we own the group, then acknowledges.
+            sock.send(config_message(seq, []))
+        return seq
+
+    def sync(self, since: float, timeout: float) -> bool:
+        """Waits until every TRACE message logged before `since` has been read."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._synced_at >= since:
+                return True
+            waiting = [s for s, sent in self._pending.items() if sent >= since]
+            try:
+                seq = waiting[0] if waiting else self._send_barrier()
+            except OSError as exc:
+                self.log.warning("legacy.barrier_failed", error=str(exc))
+                return False
+            sent = self._pending[seq]
+            while self._synced_at < sent:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def last_trace(self, fingerprint: bytes) -> _Trace | None:
+        with self._cond:
+            return self._traces.get(fingerprint)
+
+    # --- reader -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = select.poll()
+        assert self._sock is not None
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stopping.is_set():
+            poller.poll(1000)
+            while not self._stopping.is_set():
+                try:
+                    data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        self._lost(exc)
+                        continue
+                    if not self._stopping.is_set():
+                        self.log.warning("legacy.trace_socket_failed", error=str(exc))
+                    return
+                for mtype, seq, msg in split_messages(data):
+                    try:
+                        self._handle(mtype, seq, msg)
+                    except Exception as exc:
+                        self.log.warning("legacy.bad_message", error=repr(exc), msg_type=mtype)
+
+    def _lost(self, exc: OSError) -> None:
+        """Messages were dropped: forget traces and ignore those queued before a new barrier.
+
+        A lost message may have been the last one of a packet whose earlier
+        messages are still queued; attributing that packet from them would
+        be wrong, so everything up to the barrier is left out instead.
+        """
+        with self._cond:
+            self._traces.clear()
+            try:
+                self._discard_until = self._send_barrier()
+            except OSError:
+                self._discard_until = None
+        self._errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log >= 5.0:
+            self.log.warning(
+                "legacy.trace_messages_lost",
+                error=str(exc),
+                errors_since_last_warning=self._errors,
+                hint="lower the trace rate or narrow the filter",
+            )
+            self._last_error_log, self._errors = now, 0
+
+    def _handle(self, mtype: int, seq: int, msg: bytes) -> None:
+        if mtype == NLMSG_ERROR:
+            with self._cond:
+                sent = self._pending.pop(seq, None)
+                if sent is not None:
+                    self._synced_at = max(self._synced_at, sent)
+                    if self._discard_until is not None and seq >= self._discard_until:
+                        self._discard_until = None
+                    self._cond.notify_all()
+            return
+        if mtype != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET or self._discard_until is not None:
+            return
+        logged = parse_packet_message(msg)
+        point = parse_trace_prefix(logged.prefix)
+        fam = PF_FAMILIES.get(logged.pf)
+        if point is None or fam is None:
+            return  # an NFLOG rule of the user's logging to group 0, or conntrack's invalid log
+        fp = payload_fingerprint(logged.payload)
+        if fp is None:
+            return
+        hook_no = logged.hook
+        hook = HOOKS[hook_no] if hook_no is not None and 0 <= hook_no < len(HOOKS) else None
+        now = time.monotonic()
+        with self._cond:
+            self._traces.pop(fp, None)
+            self._traces[fp] = _Trace(fam.name, point, hook, now)
+            while self._traces:
+                oldest = next(iter(self._traces.values()))
+                if now - oldest.time < _TRACE_STATE_TTL and len(self._traces) <= _MAX_TRACES:
+                    break
+                self._traces.popitem(last=False)
+
+
+class _LegacyNetns:
+    """Legacy tables, nf_log bindings and trace socket of one namespace."""
+
+    def __init__(self, ns: Netns, collector: LegacyCollector) -> None:
+        self.ns = ns
+        self.collector = collector
+        self.log = collector.log.bind(netns=ns.label, netns_inode=ns.inode)
+        self.lock = threading.RLock()
+        self.nft_marked = False  # the nftables side marks (or is about to mark) this namespace
+        self.trace: _TraceSocket | None = None
+        self.bound: dict[int, str] = {}  # pf -> logger that was bound before us
+        self.trace_failed: str | None = None
+        self.closed = False
+        self._probe: dict[str, socket.socket] = {}
+        self._cache: dict[str, tuple[Any, dict[str, XtTable]]] = {}
+
+    # --- tables -----------------------------------------------------------------------------
+
+    def tables(self, family: str) -> dict[str, XtTable]:
+        """The namespace's legacy tables of a family, listed again only when they changed."""
+        fam = FAMILIES[family]
+        names = loaded_tables(self.ns).get(family, ())
+        if not names:
+            return {}
+        with self.lock:
+            generation = self._generation(fam, names)
+            cached = self._cache.get(family)
+            if cached is not None and generation is not None and cached[0] == generation:
+                return cached[1]
+            res = netns_mod.run_in(self.ns, [fam.save], timeout=10)
+            if res.returncode != 0:
+                self.log.warning("legacy.list_failed", tool=fam.save, error=res.stderr.strip())
+                return cached[1] if cached else {}
+            tables = parse_save(res.stdout, family)
+            self._cache[family] = (generation, tables)
+            return tables
+
+    def _generation(self, fam: _Family, names: tuple[str, ...]) -> tuple[tuple[str, bytes], ...] | None:
+        try:
+            sock = self._probe.get(fam.name)
+            if sock is None:
+                with netns_mod.entered(self.ns):
+                    sock = socket.socket(fam.sock_family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
+                self._probe[fam.name] = sock
+            return tuple((name, table_generation(sock, fam, name)) for name in names)
+        except OSError as exc:
+            self.log.debug("legacy.generation_unavailable", error=str(exc))
+            return None  # then every lookup lists again
+
+    def can_drop(self) -> bool:
+        return any(t.can_drop for family in FAMILIES for t in self.tables(family).values())
+
+    # --- tracing -------------------------------------------------------------------------------
+
+    def ensure_tracing(self, force: bool) -> bool:
+        """Binds nfnetlink_log for every family with legacy tables, when they can drop
+        something or `force` (the namespace is marked anyway). True if newly bound."""
+        with self.lock:
+            if self.closed or self.trace_failed is not None:
+                return False
+            loaded = loaded_tables(self.ns)
+            if not loaded:
+                return False
+            if self.trace is None and not (force or self.can_drop()):
+                return False
+            fresh = self.trace is None
+            if fresh:
+                try:
+                    self.collector.journal.check_writable()
+                    trace = _TraceSocket(self)
+                    trace.open()
+                except OSError as exc:
+                    self._give_up(exc)
+                    return False
+                self.trace = trace
+            for family in loaded:
+                pf = FAMILIES[family].pf
+                if pf not in self.bound:
+                    self._bind_pf(pf)
+            if fresh and not self.bound:  # no family could be bound: the socket would hear nothing
+                self.trace.close()
+                self.trace = None
+                self._give_up(OSError(errno.EPERM, "could not bind nfnetlink_log for any family"))
+                return False
+            if fresh:
+                self.log.info("legacy.tracing", families=sorted(loaded), nf_log_bound=sorted(self.bound))
+            return fresh
+
+    def _give_up(self, exc: OSError) -> None:
+        """Not retried: whoever holds group 0 (ulogd, another tracer) usually keeps it."""
+        self.trace_failed = str(exc)
+        self.log.warning(
+            "legacy.trace_unavailable",
+            error=str(exc),
+            consequence="iptables-legacy drops here get at most the table, from the rules",
+            note="if nftables marks this namespace anyway, legacy TRACE lines go to its bound "
+            "logger (the kernel log in the initial namespace)",
+        )
+
+    def _bind_pf(self, pf: int) -> None:
+        """Journal first, then bind: a crash in between leaves nothing unrecorded."""
+        try:
+            previous = read_nf_log(self.ns, pf)
+        except OSError as exc:
+            self.log.warning("legacy.nf_log_bind_failed", pf=pf, error=str(exc))
+            return
+        try:
+            if previous != NF_LOGGER:
+                self.collector.journal.add(self.ns, pf, previous)
+                write_nf_log(self.ns, pf, NF_LOGGER)
+        except OSError as exc:
+            self.log.warning("legacy.nf_log_bind_failed", pf=pf, error=str(exc))
+            with contextlib.suppress(OSError):
+                self.collector.journal.remove(self.ns.inode, pf)
+            return
+        self.bound[pf] = previous
+
+    def wants_marking(self) -> bool:
+        with self.lock:
+            return bool(self.bound) and self.can_drop()
+
+    def refresh(self) -> bool:
+        """Periodic check: tables loaded or rules added since. True if newly tracing."""
+        if self.collector.trace_enabled:
+            try:
+                return self.ensure_tracing(force=self.nft_marked)
+            except OSError as exc:
+                self.log.debug("legacy.refresh_failed", error=str(exc))
+        return False
+
+    def close(self) -> None:
+        """Puts every binding back, then closes the trace socket and probes."""
+        with self.lock:
+            self.closed = True
+            gone = not netns_mod.exists(self.ns)
+            for pf, previous in list(self.bound.items()):
+                try:
+                    if not gone:
+                        restore_binding(self.ns, pf, previous, self.log)
+                    self.collector.journal.remove(self.ns.inode, pf)
+                except OSError as exc:
+                    self.log.warning("legacy.nf_log_restore_failed", pf=pf, error=str(exc), journal_kept=True)
+                del self.bound[pf]
+            if self.trace is not None:
+                self.trace.close()
+                self.trace = None
+            for sock in self._probe.values():
+                sock.close()
+            self._probe.clear()
+
+
+# --- the collector --------------------------------------------------------------------------------
+
+
+class LegacyCollector:
+    """Attributes netfilter drops to iptables-legacy rules and policies.
+
+    Works together with the nftables collector, which sets the trace bit:
+    pass this collector as its `mark_legacy`. Namespaces are traced when the
+    watch covers them, legacy tables are loaded there, and those tables can
+    drop a packet (or nftables marks the namespace anyway). `on_ready` is
+    called, outside any lock, when a namespace becomes traced after start:
+    the nftables collector should then re-check its marking.
+    """
+
+    def __init__(
+        self,
+        filter: WatchFilter,
+        *,
+        log: Any = None,
+        trace: bool = True,
+        poll_interval: float = 2.0,
+        state_dir: Path = STATE_DIR,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.filter = filter
+        self.log = log or structlog.get_logger("tracer.iptables")
+        self.trace_enabled = trace
+        self.poll_interval = poll_interval
+        self.state_dir = state_dir
+        self.on_ready = on_ready
+        self.journal = BindingJournal(state_dir)
+        self._namespaces: dict[int, _LegacyNetns] = {}
+        self._lock = threading.Lock()  # _namespaces
+        self._update_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._stopped = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self, namespaces: Iterable[Netns]) -> None:
+        """Undoes what a crashed tracer left, then starts on the namespaces the filter covers."""
+        if self.trace_enabled:
+            restore_stale_bindings(self.state_dir, self.log)
+        with self._update_lock:
+            with self._lock:
+                self._stopped = False
+            self._stop.clear()
+            ready = self._update(namespaces)
+        if ready:
+            self._notify_ready()
+        if self.trace_enabled and self._poller is None:
+            self._poller = threading.Thread(target=self._poll, name="legacy-poll", daemon=True)
+            self._poller.start()
+
+    def update_namespaces(self, namespaces: Iterable[Netns]) -> None:
+        """Adds new namespaces, restores and drops the ones no longer listed."""
+        with self._update_lock:
+            ready = False if self._stopped else self._update(namespaces)
+        if ready:
+            self._notify_ready()  # outside the lock: it calls back into the nftables collector
+
+    def _update(self, namespaces: Iterable[Netns]) -> bool:
+        """Returns whether a namespace became traced that nftables has not marked."""
+        wanted = {ns.inode: ns for ns in namespaces if self.filter.matches_netns(ns.inode, ns.name)}
+        with self._lock:
+            gone = [n for inode, n in self._namespaces.items() if inode not in wanted]
+            for n in gone:
+                del self._namespaces[n.ns.inode]
+            new = [_LegacyNetns(ns, self) for inode, ns in wanted.items() if inode not in self._namespaces]
+            for n in new:
+                self._namespaces[n.ns.inode] = n
+        for n in gone:
+            n.close()
+        became_ready = [n.refresh() and not n.nft_marked for n in new]  # every one, no short cut
+        return any(became_ready)
+
+    def stop(self) -> None:
+        """Restores every nf_log binding and closes sockets; safe to call twice."""
+        with self._update_lock:
+            self._stop.set()
+            with self._lock:
+                self._stopped = True
+                namespaces, self._namespaces = list(self._namespaces.values()), {}
+        if self._poller is not None and self._poller is not threading.current_thread():
+            self._poller.join(10)
+        self._poller = None
+        for n in namespaces:
+            try:
+                n.close()
+            except Exception as exc:
+                n.log.warning("legacy.stop_failed", error=repr(exc))
+
+    def __enter__(self) -> LegacyCollector:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _poll(self) -> None:
+        """Legacy iptables announces nothing: look for new tables and rules now and then."""
+        while not self._stop.wait(self.poll_interval):
+            with self._lock:
+                namespaces = list(self._namespaces.values())
+            ready = False
+            for n in namespaces:
+                if self._stop.is_set():
+                    return
+                ready |= n.refresh() and not n.nft_marked
+            if ready:
+                self._notify_ready()
+
+    def _notify_ready(self) -> None:
+        if self.on_ready is not None:
+            try:
+                self.on_ready()
+            except Exception as exc:
+                self.log.warning("legacy.on_ready_failed", error=repr(exc))
+
+    def _get(self, inode: int) -> _LegacyNetns | None:
+        with self._lock:
+            return self._namespaces.get(inode)
+
+    # --- what the nftables collector asks (its `mark_legacy`) ------------------------------------
+
+    def wants_marking(self, ns: Netns) -> bool:
+        """Whether to mark a namespace with no nftables base chains: we trace legacy tables
+        there that can drop packets."""
+        n = self._get(ns.inode)
+        try:
+            return n is not None and n.wants_marking()
+        except OSError:
+            return False
+
+    def before_marking(self, ns: Netns) -> None:
+        """Called just before nftables marks a namespace: bind nfnetlink_log there first,
+        so no TRACE line of a marked packet reaches the kernel log."""
+        if not self.trace_enabled or not self.filter.matches_netns(ns.inode, ns.name):
+            return
+        with self._lock:
+            if self._stopped:
+                return
+            n = self._namespaces.get(ns.inode)
+            if n is None:  # nftables saw the namespace before we did
+                n = self._namespaces[ns.inode] = _LegacyNetns(ns, self)
+        n.nft_marked = True
+        try:
+            n.ensure_tracing(force=True)
+        except OSError as exc:
+            n.log.warning("legacy.prepare_failed", error=str(exc))
+
+    # --- queries ---------------------------------------------------------------------------------
+
+    def tracing(self, netns_inode: int) -> bool:
+        """Whether TRACE messages of this namespace are being read."""
+        n = self._get(netns_inode)
+        return n is not None and n.trace is not None and bool(n.bound)
+
+    def wait_verdict(
+        self, netns_inode: int, fingerprint: bytes, timeout: float, *, since: float | None = None
+    ) -> LegacyVerdict | None:
+        """The rule or policy that dropped a packet, or None when its trace does not show one.
+
+        `since`: a time.monotonic() by which the packet had already been
+        dropped (default: now); traces logged before it are waited for, at
+        most `timeout` seconds.
+        """
+        n = self._get(netns_inode)
+        trace = n.trace if n is not None else None
+        if n is None or trace is None:
+            return None
+        if not trace.sync(time.monotonic() if since is None else since, timeout):
+            n.log.debug("legacy.sync_timeout")
+        last = trace.last_trace(fingerprint)
+        if last is None:
+            return None
+        try:
+            return self._resolve(n, last, fingerprint)
+        except OSError as exc:
+            n.log.warning("legacy.resolve_failed", error=str(exc))
+            return None
+
+    def _resolve(self, n: _LegacyNetns, last: _Trace, fingerprint: bytes) -> LegacyVerdict | None:
+        point = last.point
+        table = n.tables(last.family).get(point.table)
+        if table is None or point.kind == "return":
+            return None
+        chain = table.chains.get(point.chain)
+        if chain is None:
+            return None
+        base = HOOK_CHAINS.get(last.hook or "")
+        common: dict[str, Any] = {
+            "netns_inode": n.ns.inode,
+            "time": last.time,
+            "family": last.family,
+            "table": point.table,
+            "chain": point.chain,
+            "base_chain": base,
+            "hook": last.hook,
+            "fingerprint": fingerprint,
+        }
+        if point.kind == "policy":
+            if chain.policy != "DROP":
+                return None
+            return LegacyVerdict(
+                **common, rule_number=None, text=None, iptables=None, comment=None, policy=True, verdict="drop"
+            )
+        line = table.rule(point.chain, point.number)
+        verdict = table.verdict_of(line) if line is not None else None
+        if line is None or verdict is None:
+            # The rule list changed since, or the last traced rule let the packet go on
+            # (something after it dropped the packet without a trace): no claim.
+            n.log.debug("legacy.last_trace_not_a_drop", table=point.table, chain=point.chain, rule=point.number)
+            return None
+        return LegacyVerdict(
+            **common,
+            rule_number=point.number,
+            text=line.split(" ", 2)[2] if line.count(" ") >= 2 else None,
+            iptables=line,
+            comment=rule_comment(line),
+            policy=False,
+            verdict=verdict,
+        )
+
+    def table_candidates(self, netns_inode: int, hook: str, family: str) -> list[str]:
+        """Legacy tables of the namespace whose chain for `hook` can drop a packet.
+
+        The fallback when no trace is available: exactly one candidate names
+        the table of a legacy drop. Chains reached by jump/goto count.
+        """
+        n = self._get(netns_inode)
+        chain = HOOK_CHAINS.get(hook)
+        if n is None or chain is None or family not in FAMILIES:
+            return []
+        try:
+            tables = n.tables(family)
+        except OSError as exc:
+            n.log.warning("legacy.list_failed", error=str(exc))
+            return []
+        found = [t.name for t in tables.values() if t.can_drop_from(chain)]
+        return sorted(found, key=lambda name: (TABLE_ORDER.index(name) if name in TABLE_ORDER else 99, name))
+
+    @property
+    def watched(self) -> dict[int, Netns]:
+        with self._lock:
+            return {inode: n.ns for inode, n in self._namespaces.items()}
+
