@@ -58,14 +58,17 @@ def net(lab: Lab):
 
 
 @pytest.fixture
-def watch():
-    """Starts engines like `tracer watch` (tests.support.Watch); stops them after the test."""
+def watch(lab: Lab):
+    """Starts engines like `tracer watch` (tests.support.Watch); stops them after the test.
+
+    Events are kept only from this test's lab namespaces.
+    """
     from tests.support import Watch
 
     started: list[Watch] = []
 
     def start(**kw) -> Watch:
-        w = Watch(**kw)
+        w = Watch(netns_prefix=lab.prefix, **kw)
         started.append(w)
         return w
 

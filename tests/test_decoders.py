@@ -142,3 +142,22 @@ def test_conntrack_activity_and_invalid_inference():
     assert ct.invalid_if_tracked(True, "prerouting", -300) is None
     assert ct.invalid_if_tracked(True, "prerouting", 0).state == "invalid"
     assert ct.invalid_if_tracked(False, "input", 0) is None
+
+
+def test_bpf_filter_fields_reach_the_struct():
+    from tracer import bpf_filter
+    from tracer.filters import WatchFilter
+
+    cfg = object_structs(str(default_object_path()))["filter_cfg"]()
+    f = WatchFilter(ports=(443, 53), hosts=bpf_filter.host_networks(["198.18.0.0/15", "2001:db8::1"]),
+                    proto="tcp", iface="veth0b")
+    bpf_filter.build(cfg, f, reasons=[3, 12], netns_inode=4026532211, consumed_reason=None)
+    assert cfg.flags == (bpf_filter.FILTER_PORTS | bpf_filter.FILTER_PROTO | bpf_filter.FILTER_NETS
+                         | bpf_filter.FILTER_NETNS | bpf_filter.FILTER_IFACE | bpf_filter.FILTER_REASONS
+                         | bpf_filter.FILTER_IP_ONLY)
+    assert sorted(cfg.ports[:cfg.nports]) == [53, 443] and cfg.l4proto == 6
+    assert cfg.iface == b"veth0b"
+    assert (cfg.nets[0].family, cfg.nets[0].prefixlen, bytes(cfg.nets[0].addr[:4])) == (4, 15, bytes([198, 18, 0, 0]))
+    assert (cfg.nets[1].family, cfg.nets[1].prefixlen) == (6, 128)
+    assert cfg.reasons[0] == (1 << 3) | (1 << 12)
+    assert cfg.netns_ino == 4026532211 and cfg.ignore_reason == bpf_filter.NO_REASON

@@ -14,9 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +23,15 @@ import structlog
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
+from tests.support import datagram, fields, fingerprint_of, send_and_wait, to_port, wait_for
 from tracer import netns
-from tracer.bpf_filter import host_networks
 from tracer.collectors.iptables import (
     NF_LOGGER,
     STATE_DIR,
     LegacyCollector,
-    LegacyVerdict,
     config_message,
+    nfulnl_packet_msg,
+    parse_packet_message,
     parse_save,
     parse_trace_prefix,
     payload_fingerprint,
@@ -40,11 +39,9 @@ from tracer.collectors.iptables import (
     write_nf_log,
 )
 from tracer.collectors.nft import MARK_TABLE, NftCollector
-from tracer.engine import Engine, WatchOptions
 from tracer.filters import WatchFilter
 from tracer.lab import Lab, Link
 from tracer.netns import Netns
-from tracer.schema import validate
 
 WAIT = 3.0
 IPV4, IPV6 = 2, 10
@@ -78,39 +75,6 @@ def host_untouched() -> Iterator[None]:
 
 def legacy(lab: Lab, ns: Netns, *args: str, v6: bool = False) -> None:
     lab.run(ns, ["ip6tables-legacy" if v6 else "iptables-legacy", *args])
-
-
-def datagram(link: Link, l4: Any, v6: bool = False, ident: int = 4242) -> bytes:
-    """A client->server datagram with fields fixed so its fingerprint is known."""
-    if v6:
-        return bytes(IPv6(src=str(link.a_v6.ip), dst=str(link.b_v6.ip), fl=ident) / l4)
-    return bytes(IP(src=str(link.a_v4.ip), dst=str(link.b_v4.ip), id=ident) / l4)
-
-
-def fingerprint_of(data: bytes) -> bytes:
-    fp = payload_fingerprint(data)
-    assert fp is not None
-    return fp
-
-
-def send_and_wait(lab: Lab, col: LegacyCollector, src: Netns, dst: Netns, data: bytes) -> LegacyVerdict | None:
-    lab.send_ip(src, data)
-    return col.wait_verdict(dst.inode, fingerprint_of(data), WAIT)
-
-
-def fields(v: LegacyVerdict | None, *names: str) -> dict[str, Any]:
-    assert v is not None, "no verdict"
-    d = asdict(v)
-    return {k: d[k] for k in names}
-
-
-def wait_for(predicate: Any, timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def journals() -> set[Path]:
@@ -189,6 +153,29 @@ def test_parse_save_and_what_can_drop() -> None:
     assert filt.verdict_of(filt.chains["web"].rules[0]) == "reject"
     assert filt.can_drop_from("INPUT") and filt.can_drop_from("FORWARD") and not filt.can_drop_from("OUTPUT")
     assert not mangle.can_drop and filt.can_drop
+
+
+def test_fast_packet_parser_agrees_with_the_message_class() -> None:
+    payload = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=9) / UDP(sport=1, dport=53))
+    msg = nfulnl_packet_msg()
+    msg["header"]["type"] = (4 << 8) | 0
+    msg["nfgen_family"] = IPV4
+    msg["attrs"] = [
+        ("NFULA_PACKET_HDR", {"hw_protocol": 0x0800, "hook": 1, "_pad": 0}),
+        ("NFULA_PREFIX", "TRACE: filter:INPUT:rule:2 "),
+        ("NFULA_IFINDEX_INDEV", 2),
+        ("NFULA_MARK", 7),
+        ("NFULA_PAYLOAD", payload),
+    ]
+    msg.encode()
+    data = bytes(msg.data)
+    decoded = nfulnl_packet_msg(data)
+    decoded.decode()
+    attrs = dict(decoded["attrs"])
+    fast = parse_packet_message(data)
+    assert (fast.pf, fast.hook, fast.prefix, fast.payload) == (
+        decoded["nfgen_family"], attrs["NFULA_PACKET_HDR"]["hook"], attrs["NFULA_PREFIX"], attrs["NFULA_PAYLOAD"])
+    assert (fast.pf, fast.hook, fast.payload) == (IPV4, 1, payload)
 
 
 def test_payload_fingerprint_matches_the_bpf_side() -> None:
@@ -489,73 +476,19 @@ def test_stop_is_idempotent_and_joins_threads(lab: Lab, fw: tuple[Netns, Netns, 
 
 # --- through the engine ---------------------------------------------------------------------------
 
-LISTEN = (
-    "import socket,time\n"
-    "s=socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
-    "s.bind(('::', 22)); s.listen(8); time.sleep(600)\n"
-)
-CONNECT = (
-    "import socket,sys\n"
-    "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET); s.settimeout(0.5)\n"
-    "try:\n    s.connect((sys.argv[1], int(sys.argv[2]))); print('open')\n"
-    "except OSError as e:\n    print(type(e).__name__)\n"
-)
-
-
-class Sink:
-    """Validates every event against the published schema and lets a test wait for one."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self._cond = threading.Condition()
-
-    def write(self, event: dict) -> None:
-        validate(event)
-        with self._cond:
-            self.events.append(event)
-            self._cond.notify_all()
-
-    def flush(self) -> None:
-        pass
-
-    def wait_for(self, pred: Any, timeout: float = 5.0) -> dict:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for ev in self.events:
-                    if pred(ev):
-                        return ev
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no matching event in {timeout}s; got {self.events}")
-                self._cond.wait(left)
-
-
-def connect(lab: Lab, ns: Netns, addr: str, port: int) -> str:
-    return lab.run(ns, [sys.executable, "-c", CONNECT, addr, str(port)], check=False).stdout.strip()
-
-
-def to_port(port: int, dst: str) -> Any:
-    return lambda ev: ev.get("destination", {}).get("port") == port and ev["destination"]["ip"] == dst
-
-
 @pytest.mark.root
 @pytest.mark.bpf
-def test_engine_reports_legacy_rule_and_policy(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
+def test_engine_reports_legacy_rule_and_policy(lab: Lab, fw: tuple[Netns, Netns, Link], watch) -> None:
     client, server, link = fw
-    lab.spawn(server, [sys.executable, "-c", LISTEN])
-    sink = Sink()
-    engine = Engine(WatchOptions(filter=WatchFilter(netns=server.name,
-                                                    hosts=host_networks(["198.18.0.0/15", "2001:db8::/32"]))), sink)
-    engine.start()
-    runner = threading.Thread(target=engine.run, daemon=True)
-    runner.start()
+    lab.listen(server, 22)
+    w = watch(netns=server.name)
+    engine, sink = w.engine, w.sink
     try:
         assert engine.legacy is not None and engine.legacy.tracing(server.inode)
         dst4, dst6 = str(link.b_v4.ip), str(link.b_v6.ip)
-        assert connect(lab, client, dst4, 443) == "TimeoutError"
-        assert connect(lab, client, dst6, 8080) == "TimeoutError"
-        assert connect(lab, client, dst4, 22) == "open"
+        assert lab.tcp_connect(client, dst4, 443) == "timeout"
+        assert lab.tcp_connect(client, dst6, 8080) == "timeout"
+        assert lab.tcp_connect(client, dst4, 22) == "open"
 
         ev = sink.wait_for(to_port(443, dst4))
         assert ev["netfilter"] == {
@@ -583,29 +516,23 @@ def test_engine_reports_legacy_rule_and_policy(lab: Lab, fw: tuple[Netns, Netns,
             "ip6", "filter", "INPUT")
         assert not [e for e in sink.events if e["destination"]["port"] == 22]
     finally:
-        engine.stop()
-        runner.join(10)
-    assert not runner.is_alive()
+        w.stop()
     assert (read_nf_log(server, IPV4), read_nf_log(server, IPV6)) == ("nf_log_ipv4", "nf_log_ipv6")
     assert MARK_TABLE not in lab.nft_list(server)
 
 
 @pytest.mark.root
 @pytest.mark.bpf
-def test_engine_fallback_names_only_the_table(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
+def test_engine_fallback_names_only_the_table(lab: Lab, fw: tuple[Netns, Netns, Link], watch) -> None:
     """No trace possible (group 0 taken): the event still names the one table that can drop at input."""
     client, server, link = fw
     busy = hold_group_zero(server)
-    sink = Sink()
-    engine = Engine(WatchOptions(filter=WatchFilter(netns=server.name)), sink)
-    engine.start()
-    runner = threading.Thread(target=engine.run, daemon=True)
-    runner.start()
+    w = watch(netns=server.name)
     try:
-        assert engine.legacy is not None and not engine.legacy.tracing(server.inode)
+        assert w.engine.legacy is not None and not w.engine.legacy.tracing(server.inode)
         dst = str(link.b_v4.ip)
-        assert connect(lab, client, dst, 443) == "TimeoutError"
-        nf = sink.wait_for(to_port(443, dst))["netfilter"]
+        assert lab.tcp_connect(client, dst, 443) == "timeout"
+        nf = w.sink.wait_for(to_port(443, dst))["netfilter"]
         assert nf == {
             "backend": "iptables-legacy",
             "hook": "input",
@@ -615,7 +542,6 @@ def test_engine_fallback_names_only_the_table(lab: Lab, fw: tuple[Netns, Netns, 
             "attribution": "stack",
         }
     finally:
-        engine.stop()
-        runner.join(10)
+        w.stop()
         busy.close()
     assert read_nf_log(server, IPV4) == "nf_log_ipv4"

@@ -7,18 +7,15 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
-from typing import Any
 
 import pytest
 import structlog
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import TCP, UDP
 
-from tracer import netns, packet
+from tests.support import datagram, fields, fingerprint_of, send_and_wait, wait_for
+from tracer import netns
 from tracer.collectors.nft import (
     MARK_TABLE,
     NftCollector,
@@ -57,33 +54,6 @@ def nft_handles(lab: Lab, ns: Netns) -> dict[str, int]:
     """Rule text -> handle, as `nft -a list ruleset` shows them (-s: no counter values in the key)."""
     out = lab.run(ns, ["nft", "-a", "-s", "list", "ruleset"]).stdout
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^\t\t(.+) # handle (\d+)$", out, re.M)}
-
-
-def datagram(link: Link, l4: Any, v6: bool = False, ident: int = 4242) -> bytes:
-    """A client->server datagram with fields fixed so its fingerprint is known."""
-    if v6:
-        return bytes(IPv6(src=str(link.a_v6.ip), dst=str(link.b_v6.ip), fl=ident) / l4)
-    return bytes(IP(src=str(link.a_v4.ip), dst=str(link.b_v4.ip), id=ident) / l4)
-
-
-def fingerprint_of(data: bytes) -> bytes:
-    hlen = (data[0] & 0x0F) * 4 if data[0] >> 4 == 4 else 40
-    fp = packet.fingerprint(data[:hlen], data[hlen:])
-    assert fp is not None
-    return fp
-
-
-def send_and_wait(
-    lab: Lab, col: NftCollector, src: Netns, dst: Netns, data: bytes, timeout: float = WAIT
-) -> TraceVerdict | None:
-    lab.send_ip(src, data)
-    return col.wait_verdict(dst.inode, fingerprint_of(data), timeout)
-
-
-def fields(v: TraceVerdict | None, *names: str) -> dict[str, Any]:
-    assert v is not None, "no verdict arrived"
-    d = asdict(v)
-    return {k: d[k] for k in names}
 
 
 NETFILTER_FIELDS = (
@@ -125,15 +95,6 @@ def fw(lab: Lab) -> tuple[Netns, Netns, Link]:
     link = lab.link(client, server)
     lab.nft(server, RULESET)
     return client, server, link
-
-
-def wait_for(predicate: Any, timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 # --- verdicts ---------------------------------------------------------------------

@@ -70,7 +70,7 @@ def build(cfg: ctypes.Structure, f: WatchFilter, *, reasons: list[int],
         if len(name) > 15:
             raise ValueError(f"interface name {f.iface!r} is longer than 15 characters")
         cfg.flags |= FILTER_IFACE
-        ctypes.memmove(cfg.iface, name, len(name))
+        cfg.iface = name  # a char[] field reads back as a bytes copy: assign, don't memmove
     words = len(cfg.reasons)
     kernel_side = [r for r in reasons if r < words * 64]
     if reasons and len(kernel_side) == len(reasons):

@@ -10,8 +10,8 @@ Threads and why:
   seconds after it arrived, so a burst of untraced drops delays output by
   that much once, not once per drop. A drop the stack does not place in
   nftables is first looked up in the iptables-legacy traces: that lookup
-  is a barrier on the trace socket, exact and quick, so legacy drops do not
-  wait for an nftables verdict that cannot come.
+  only waits until the trace socket has been drained (exact and quick), so
+  legacy drops do not wait for an nftables verdict that cannot come.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .collectors.drop import DropDecoder, DropReasons, KernelDrop
 from .event import DropEvent, Interface
 from .filters import WatchFilter
 from .links import LinkNames
+from .libbpf import RingBuffer
 from .loader import LoadedTracer
 from .output import Sink
 
@@ -67,6 +68,7 @@ class Engine:
         self._reasons = DropReasons()
         self._user_reasons = self._reason_numbers()
         self.tracer: LoadedTracer | None = None
+        self._rb: RingBuffer | None = None
         self.nft = None
         self.legacy = None
         self.ready = threading.Event()
@@ -131,6 +133,9 @@ class Engine:
             parts.append(f"netfilter context from the stack ({refused or 'not probed'})")
         if self.nft is not None:
             parts.append(f"rules via nftrace in {len(self.nft.watched)} namespace(s)")
+            if self.legacy is not None:
+                traced = sum(self.legacy.tracing(inode) for inode in self.legacy.watched)
+                parts.append(f"iptables-legacy TRACE read in {traced} namespace(s)")
         else:
             parts.append("no rule text (nftrace off)")
         return "; ".join(parts)
@@ -328,10 +333,20 @@ class Engine:
 
     def close(self) -> None:
         self._stop.set()
+        if self._rb is not None:
+            self._rb.cancel()
+        stuck = []
         for t in self._threads:
             if t is not threading.current_thread():
-                t.join(timeout=2)
+                t.join(timeout=5)
+                if t.is_alive():
+                    stuck.append(t.name)
         self._threads = []
+        if stuck:
+            # Freeing the ring buffer under a reader still inside libbpf would
+            # crash the process; leaking it until exit is the safe choice.
+            log.warning("threads did not stop; BPF objects released at exit", threads=stuck)
+            self.tracer = None
         if self.nft is not None:
             self.nft.stop()  # unmark before nf_log bindings are restored
             self.nft = None

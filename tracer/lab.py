@@ -72,9 +72,14 @@ class Lab:
 
     # --- building -----------------------------------------------------------------
 
+    @property
+    def prefix(self) -> str:
+        """What the names of this lab's namespaces start with."""
+        return f"{PREFIX}{self.suffix}-"
+
     def add_ns(self, role: str) -> Netns:
         """Creates a namespace with `lo` up; nothing else is configured."""
-        name = f"{PREFIX}{self.suffix}-{role}"
+        name = f"{self.prefix}{role}"
         _run(["ip", "netns", "add", name])
         ns = netns_mod.by_name(name)
         self.namespaces[role] = ns

@@ -282,7 +282,14 @@ class RingBuffer:
     """
 
     def __init__(self, ringbuf: Map, callback: Callable[[bytes], None]) -> None:
+        self._cancelled = False
+
         def on_sample(_ctx: int, data: int, size: int) -> int:
+            # Under a flood one poll can run callbacks for a long time; a
+            # negative return makes libbpf stop, so cancel() takes effect
+            # between two records instead of after the buffer drains.
+            if self._cancelled:
+                return -errno.ECANCELED
             try:
                 callback(_c.string_at(data, size))
             except Exception:  # an exception must not unwind through C
@@ -299,9 +306,13 @@ class RingBuffer:
     def poll(self, timeout_ms: int) -> int:
         """Waits for events and runs the callback; returns how many ran."""
         n = lib().lib.ring_buffer__poll(self._ptr, timeout_ms)
-        if n < 0 and n != -errno.EINTR:
+        if n < 0 and n not in (-errno.EINTR, -errno.ECANCELED):
             raise lib().fail("ring_buffer__poll", n)
         return max(n, 0)
+
+    def cancel(self) -> None:
+        """Makes a running or later poll() return at the next record."""
+        self._cancelled = True
 
     def consume(self) -> int:
         n = lib().lib.ring_buffer__consume(self._ptr)

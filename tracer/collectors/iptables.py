@@ -25,7 +25,6 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
-import itertools
 import json
 import os
 import secrets
@@ -33,6 +32,7 @@ import select
 import shlex
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections import OrderedDict
@@ -59,7 +59,6 @@ NFULNL_MSG_CONFIG = 1
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NLMSG_ERROR = 2
-NLMSG_OVERRUN = 4
 _NLMSG_HEADER = struct.Struct("=IHHII")
 
 #: nf_log_trace() logs with the nfnetlink_log defaults: group 0, whole packet, flush at once.
@@ -646,10 +645,11 @@ class _Trace:
 class _TraceSocket:
     """The nfnetlink_log socket of one namespace and the thread reading it.
 
-    `sync()` is a barrier: it sends a request the kernel acknowledges on
-    this socket, and the acknowledgement is queued behind every TRACE
-    message logged before it was sent. Once it has been read, the last
-    trace recorded for a packet dropped earlier is its final one.
+    Synchronising with the kernel needs no round trip: nfnetlink_log queues
+    each TRACE message on the socket before ipt_do_table returns, so before
+    the packet is freed. A receive that finds the queue empty at time t
+    therefore proves every message logged before t has been read (or was
+    lost, which the kernel reports). `sync()` waits for such a drain.
     """
 
     def __init__(self, owner: _LegacyNetns) -> None:
@@ -660,13 +660,13 @@ class _TraceSocket:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._cond = threading.Condition()
-        self._seq = itertools.count(1)
-        self._pending: dict[int, float] = {}  # barrier seq -> monotonic time it was sent
-        self._synced_at = 0.0  # send time of the newest acknowledged barrier
-        self._discard_until: int | None = None  # after lost messages: ignore traces until this ack
+        self._drained_at = 0.0  # monotonic time before a receive that found the queue empty
+        self._discarding = False  # messages were lost: ignore traces until the queue is empty
         self._traces: OrderedDict[bytes, _Trace] = OrderedDict()
         self._errors = 0
         self._last_error_log = 0.0
+        self._bad = 0
+        self._last_bad_log = 0.0
 
     def open(self) -> None:
         """Binds group 0 in the namespace; raises OSError when another listener has it."""
@@ -676,10 +676,9 @@ class _TraceSocket:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
             sock.bind((0, 0))
-            seq = next(self._seq)
             sock.send(
                 config_message(
-                    seq,
+                    1,
                     [
                         ("NFULA_CFG_CMD", NFULNL_CFG_CMD_BIND),
                         ("NFULA_CFG_MODE", {"copy_range": COPY_RANGE, "copy_mode": NFULNL_COPY_PACKET, "_pad": 0}),
@@ -687,7 +686,7 @@ class _TraceSocket:
                     ],
                 )
             )
-            self._await_ack(sock, seq)
+            self._await_ack(sock, 1)
         except Exception:
             sock.close()
             raise
@@ -711,8 +710,7 @@ class _TraceSocket:
 
     def close(self) -> None:
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
             if self._thread.is_alive():
@@ -726,31 +724,20 @@ class _TraceSocket:
         with self._cond:
             self._cond.notify_all()
 
-    # --- barrier --------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe wakes the reader just as well
+            os.write(self._wake_w, b"x")
 
-    def _send_barrier(self) -> int:
-        seq = next(self._seq)
-        self._pending[seq] = time.monotonic()
-        sock = self._sock
-        if sock is not None:
-            # No attributes: the kernel only checks we own the group, then acknowledges.
-            sock.send(config_message(seq, []))
-        return seq
+    # --- queries (caller threads) ---------------------------------------------------------
 
     def sync(self, since: float, timeout: float) -> bool:
         """Waits until every TRACE message logged before `since` has been read."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            if self._synced_at >= since:
+            if self._drained_at >= since:
                 return True
-            waiting = [s for s, sent in self._pending.items() if sent >= since]
-            try:
-                seq = waiting[0] if waiting else self._send_barrier()
-            except OSError as exc:
-                self.log.warning("legacy.barrier_failed", error=str(exc))
-                return False
-            sent = self._pending[seq]
-            while self._synced_at < sent:
+            self._wake()
+            while self._drained_at < since:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping.is_set():
                     return False
@@ -764,43 +751,64 @@ class _TraceSocket:
     # --- reader -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = select.poll()
         assert self._sock is not None
+        poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not self._stopping.is_set():
             poller.poll(1000)
-            while not self._stopping.is_set():
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 4096)
+            if not self._drain():
+                return
+
+    def _drain(self) -> bool:
+        """Reads until the queue is empty; False when the socket broke."""
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                with self._cond:
+                    self._drained_at = started
+                    self._discarding = False
+                    self._cond.notify_all()
+                return True
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self._lost(exc)
+                    continue
+                if not self._stopping.is_set():
+                    self.log.warning("legacy.trace_socket_failed", error=str(exc))
+                return False
+            for mtype, _seq, msg in split_messages(data):
                 try:
-                    data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
-                        self._lost(exc)
-                        continue
-                    if not self._stopping.is_set():
-                        self.log.warning("legacy.trace_socket_failed", error=str(exc))
-                    return
-                for mtype, seq, msg in split_messages(data):
-                    try:
-                        self._handle(mtype, seq, msg)
-                    except Exception as exc:
-                        self.log.warning("legacy.bad_message", error=repr(exc), msg_type=mtype)
+                    self._handle(mtype, msg)
+                except Exception as exc:
+                    self._bad_message(exc, mtype)
+        return True
+
+    def _bad_message(self, exc: Exception, mtype: int) -> None:
+        """Logged at most every 5 s: a message we cannot read usually comes in thousands."""
+        self._bad += 1
+        now = time.monotonic()
+        if now - self._last_bad_log >= 5.0:
+            self.log.warning("legacy.bad_message", error=repr(exc), msg_type=mtype, since_last_warning=self._bad)
+            self._last_bad_log, self._bad = now, 0
 
     def _lost(self, exc: OSError) -> None:
-        """Messages were dropped: forget traces and ignore those queued before a new barrier.
+        """Messages were dropped: forget traces and ignore the rest of the backlog.
 
-        A lost message may have been the last one of a packet whose earlier
-        messages are still queued; attributing that packet from them would
-        be wrong, so everything up to the barrier is left out instead.
+        The lost messages are newer than everything read so far and than
+        what is still queued, so any packet whose last message was lost has
+        its earlier ones among those. Attributing it from them would be
+        wrong; leaving it out is not. The kernel reports no further loss
+        until the queue has been empty once, so discarding lasts until then.
         """
         with self._cond:
             self._traces.clear()
-            try:
-                self._discard_until = self._send_barrier()
-            except OSError:
-                self._discard_until = None
+            self._discarding = True
         self._errors += 1
         now = time.monotonic()
         if now - self._last_error_log >= 5.0:
@@ -812,17 +820,8 @@ class _TraceSocket:
             )
             self._last_error_log, self._errors = now, 0
 
-    def _handle(self, mtype: int, seq: int, msg: bytes) -> None:
-        if mtype == NLMSG_ERROR:
-            with self._cond:
-                sent = self._pending.pop(seq, None)
-                if sent is not None:
-                    self._synced_at = max(self._synced_at, sent)
-                    if self._discard_until is not None and seq >= self._discard_until:
-                        self._discard_until = None
-                    self._cond.notify_all()
-            return
-        if mtype != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET or self._discard_until is not None:
+    def _handle(self, mtype: int, msg: bytes) -> None:
+        if mtype != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET or self._discarding:
             return
         logged = parse_packet_message(msg)
         point = parse_trace_prefix(logged.prefix)
@@ -874,7 +873,11 @@ class _LegacyNetns:
             cached = self._cache.get(family)
             if cached is not None and generation is not None and cached[0] == generation:
                 return cached[1]
-            res = netns_mod.run_in(self.ns, [fam.save], timeout=10)
+            try:
+                res = netns_mod.run_in(self.ns, [fam.save], timeout=10)
+            except subprocess.TimeoutExpired:
+                self.log.warning("legacy.list_failed", tool=fam.save, error="timed out")
+                return cached[1] if cached else {}
             if res.returncode != 0:
                 self.log.warning("legacy.list_failed", tool=fam.save, error=res.stderr.strip())
                 return cached[1] if cached else {}
@@ -912,11 +915,14 @@ class _LegacyNetns:
                 return False
             fresh = self.trace is None
             if fresh:
+                trace = None
                 try:
                     self.collector.journal.check_writable()
                     trace = _TraceSocket(self)
                     trace.open()
                 except OSError as exc:
+                    if trace is not None:
+                        trace.close()
                     self._give_up(exc)
                     return False
                 self.trace = trace
@@ -1170,7 +1176,9 @@ class LegacyCollector:
         if n is None or trace is None:
             return None
         if not trace.sync(time.monotonic() if since is None else since, timeout):
-            n.log.debug("legacy.sync_timeout")
+            # The reader is behind: what it has may not be the packet's last trace.
+            n.log.debug("legacy.sync_timeout", timeout=timeout)
+            return None
         last = trace.last_trace(fingerprint)
         if last is None:
             return None

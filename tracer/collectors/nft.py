@@ -40,6 +40,7 @@ from pyroute2.netlink.nlsocket import NetlinkSocket
 
 from tracer import netns as netns_mod
 from tracer import packet
+from tracer.collectors.iptables import rule_comment
 from tracer.filters import WatchFilter, nft_match_rules
 from tracer.netns import Netns
 from tracer.nftables import (
@@ -655,7 +656,8 @@ class _NetnsWatch:
             hook=base.hook if base else None,
             handle=handle,
             text=rule.text if rule else None,
-            comment=rule.comment if rule else None,
+            # nft does not show iptables-nft's `-m comment`: take it from the -S line.
+            comment=(rule.comment or (rule_comment(iptables) if iptables else None)) if rule else None,
             policy=handle is None,
             verdict="reject" if rule is not None and is_reject(rule.text) else "drop",
             backend=backend,
