@@ -84,6 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--reasons", action="store_true", help="also list this kernel's drop reasons")
 
+    pr = sub.add_parser("probe", help="is a port open, closed, filtered, prohibited or unreachable?",
+                        description="Send marked probes (scapy) and classify each target; with "
+                                    "--explain, name the rule on this host that dropped a probe.")
+    pr.add_argument("host", help="address or name to probe")
+    pr.add_argument("--port", action="append", metavar="N[,N...]", help="ports to probe (tcp, udp)")
+    pr.add_argument("--proto", choices=("tcp", "udp", "icmp"), default=None,
+                    help="protocol (default: tcp with --port, icmp without)")
+    pr.add_argument("-6", dest="v6", action="store_true", help="use IPv6 when HOST is a name")
+    pr.add_argument("--explain", action="store_true",
+                    help="watch this host's drops during the probe and name the rule that dropped it")
+    pr.add_argument("--timeout", type=_positive(float), default=1.0, metavar="S",
+                    help="seconds to wait for an answer (default 1)")
+    pr.add_argument("--retries", type=int, default=2, metavar="N", help="resends before 'filtered' (default 2)")
+    pr.add_argument("--json", action="store_true", help="one JSON object per target")
+
+    pm = sub.add_parser("pmtu", help="path MTU to a host, and ICMP black holes",
+                        description="Binary search of the path MTU with DF probes (ICMP echo, or TCP "
+                                    "SYNs where echo is blocked); detects ICMP black holes.")
+    pm.add_argument("host", help="address or name")
+    pm.add_argument("--port", type=int, default=443, help="TCP port for TCP probes (default 443)")
+    pm.add_argument("--proto", choices=("auto", "icmp", "tcp"), default="auto",
+                    help="probe with ICMP echo, TCP SYN, or ICMP then TCP (default)")
+    pm.add_argument("-6", dest="v6", action="store_true", help="use IPv6 when HOST is a name")
+    pm.add_argument("--timeout", type=_positive(float), default=0.5, metavar="S",
+                    help="seconds to wait per probe (default 0.5)")
+    pm.add_argument("--json", action="store_true", help="a JSON object")
+
     demo = sub.add_parser("demo", help="build a lab with broken firewalls and show the drops")
     demo.add_argument("--json", action="store_true", help="print events as NDJSON")
     return p
@@ -149,6 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .doctor import run as doctor
 
             return doctor(json_out=args.json, reasons=args.reasons)
+        if args.command == "probe":
+            from .probe_cli import run_probe
+
+            return run_probe(args, _ports(args.port))
+        if args.command == "pmtu":
+            from .probe_cli import run_pmtu
+
+            return run_pmtu(args)
         if args.command == "demo":
             from .demo import run as demo
 

@@ -292,3 +292,32 @@ def _pids_in(ns: Netns) -> list[int]:
 def _kill_pid(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class RoutedPath:
+    """client -- router -- server, the router's link to the server with a smaller MTU.
+
+    Routes reach only lab subnets: the far one, and 198.18.9.0/24 which the
+    router does not know (so it answers "network unreachable").
+    """
+
+    client: Netns
+    router: Netns
+    server: Netns
+    near: Link
+    far: Link
+
+
+def routed_path(lab: Lab, far_mtu: int = 1400) -> RoutedPath:
+    client, router, server = lab.add_ns("client"), lab.add_ns("router"), lab.add_ns("server")
+    near, far = lab.link(client, router), lab.link(router, server)
+    for ns, ifname in ((router, far.a_ifname), (server, far.b_ifname)):
+        lab.ip(ns, "link", "set", ifname, "mtu", str(far_mtu))
+    lab.run(router, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+    for net in (str(far.b_v4.network), "198.18.9.0/24"):
+        lab.ip(client, "route", "add", net, "via", str(near.b_v4.ip))
+    lab.ip(client, "-6", "route", "add", str(far.b_v6.network), "via", str(near.b_v6.ip))
+    lab.ip(server, "route", "add", str(near.a_v4.network), "via", str(far.a_v4.ip))
+    lab.ip(server, "-6", "route", "add", str(near.a_v6.network), "via", str(far.a_v6.ip))
+    return RoutedPath(client, router, server, near, far)

@@ -1,4 +1,7 @@
-"""The drop event's JSON Schema, and validation of events against it.
+"""The JSON Schemas of what tracer prints, and validation against them.
+
+`drop-event` (the default) is the drop event; `probe-result` and
+`pmtu-result` are what `tracer probe --json` and `tracer pmtu --json` print.
 
 The schema ships inside the package (tracer/data/drop-event.schema.json;
 docs/drop-event.schema.json is a symlink to it) so that an installed tracer
@@ -21,7 +24,8 @@ if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import ValidationError
 
-SCHEMA_RESOURCE = "data/drop-event.schema.json"
+DROP_EVENT = "drop-event"
+SCHEMAS = (DROP_EVENT, "probe-result", "pmtu-result")
 
 #: How many problems one error message lists; the rest are counted.
 _MAX_REPORTED = 10
@@ -30,24 +34,27 @@ _MAX_REPORTED = 10
 class DropEventError(ValueError):
     """An event breaks the drop-event schema; `problems` has one line per violation."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], name: str = DROP_EVENT) -> None:
         self.problems = problems
         shown = problems[:_MAX_REPORTED]
         more = len(problems) - len(shown)
-        text = "event does not match docs/drop-event.md:\n  " + "\n  ".join(shown)
+        doc = "docs/drop-event.md" if name == DROP_EVENT else "docs/probe.md"
+        text = f"{name} does not match {doc}:\n  " + "\n  ".join(shown)
         if more:
             text += f"\n  ... and {more} more"
         super().__init__(text)
 
 
 @functools.cache
-def _schema_text() -> str:
-    return resources.files("tracer").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
+def _schema_text(name: str) -> str:
+    if name not in SCHEMAS:
+        raise ValueError(f"no schema {name!r}; there are {', '.join(SCHEMAS)}")
+    return resources.files("tracer").joinpath(f"data/{name}.schema.json").read_text(encoding="utf-8")
 
 
-def load_schema() -> dict[str, Any]:
-    """A fresh copy of the schema, so callers may modify it without affecting `validator()`."""
-    return json.loads(_schema_text())
+def load_schema(name: str = DROP_EVENT) -> dict[str, Any]:
+    """A fresh copy of a schema, so callers may modify it without affecting `validator()`."""
+    return json.loads(_schema_text(name))
 
 
 def _is_canonical_ipv4(value: object) -> bool:
@@ -79,22 +86,22 @@ def _format_checker() -> Any:
 
 
 @functools.cache
-def validator() -> Draft202012Validator:
+def validator(name: str = DROP_EVENT) -> Draft202012Validator:
     """The compiled validator, built once: checking the schema itself costs more than an event."""
     from jsonschema import Draft202012Validator
 
-    schema = load_schema()
+    schema = load_schema(name)
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema, format_checker=_format_checker())
 
 
-def _rule_for(error: ValidationError) -> str | None:
+def _rule_for(error: ValidationError, name: str) -> str | None:
     """The description of the if/then rule an error came from, if any.
 
     "True was expected" at netfilter.policy means little until it is
     followed by "rule null means the chain policy dropped the packet".
     """
-    node: Any = validator().schema
+    node: Any = validator(name).schema
     rule = None
     for key in error.absolute_schema_path:
         if isinstance(node, dict) and "if" in node and "description" in node:
@@ -106,31 +113,31 @@ def _rule_for(error: ValidationError) -> str | None:
     return rule
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, name: str) -> str:
     """One `path: message` line; the field's description replaces unreadable regexes."""
     path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
     message = error.message
     described = isinstance(error.schema, dict) and error.schema.get("description")
     if error.validator in ("pattern", "oneOf", "anyOf", "not") and described:
         message = f"{error.instance!r} is not valid: {described}"
-    rule = _rule_for(error)
+    rule = _rule_for(error, name)
     if rule:
         message = f"{message} ({rule})"
     return f"{path.lstrip('.') or '(top level)'}: {message}"
 
 
-def errors(event: dict[str, Any]) -> list[str]:
+def errors(event: dict[str, Any], name: str = DROP_EVENT) -> list[str]:
     """Every violation in `event`, as `path: message` lines; empty when it is valid."""
-    found = validator().iter_errors(event)
+    found = validator(name).iter_errors(event)
     ordered = sorted(found, key=lambda e: ([str(p) for p in e.absolute_path], e.message))
-    return [_describe(e) for e in ordered]
+    return [_describe(e, name) for e in ordered]
 
 
-def validate(event: dict[str, Any]) -> None:
+def validate(event: dict[str, Any], name: str = DROP_EVENT) -> None:
     """Raises DropEventError listing every violation, so one test run shows them all."""
-    problems = errors(event)
+    problems = errors(event, name)
     if problems:
-        raise DropEventError(problems)
+        raise DropEventError(problems, name)
 
 
 def validate_line(line: str | bytes) -> dict[str, Any]:
