@@ -14,41 +14,16 @@ import pytest
 
 from tests.support import to_port
 from tracer import probe_marker
-from tracer.lab import routed_path
+from tracer.demo import PROBE_CLIENT_RULESET, ROUTER_BLOCKS_ICMP, build_probe_lab
 from tracer.packet import decode
 from tracer.schema import validate
 
 pytestmark = [pytest.mark.root]
 
-SERVER_RULES = """
-table inet fw {
-    chain input {
-        type filter hook input priority filter; policy accept;
-        tcp dport 444 drop comment "silently dropped"
-        tcp dport 445 reject with icmpx type admin-prohibited
-        udp dport 446 reject with icmpx type admin-prohibited
-    }
-}
-"""
-
-UDP_ECHO = (
-    "import socket\n"
-    "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
-    "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
-    "s.bind(('::', 7))\n"
-    "while True:\n"
-    "    data, peer = s.recvfrom(2048)\n"
-    "    s.sendto(data, peer)\n"
-)
-
-
 @pytest.fixture
 def path(lab):
     """client -- router -- server (tracer.lab.routed_path), server firewall and services."""
-    p = routed_path(lab)
-    lab.nft(p.server, SERVER_RULES)
-    lab.listen(p.server, 443)
-    lab.spawn(p.server, [sys.executable, "-c", UDP_ECHO])
+    p = build_probe_lab(lab)
     return lab, p.client, p.router, p.server, p.near, p.far
 
 
@@ -110,8 +85,7 @@ def test_unreachable(path):
 @pytest.mark.bpf
 def test_probe_dropped_by_own_output_rule_is_explained(path):
     lab, client, router, server, near, far = path
-    lab.nft(client, "table inet host {\n chain output {\n type filter hook output priority filter;\n"
-                    ' tcp dport 8443 drop comment "egress policy"\n }\n}\n')
+    lab.nft(client, PROBE_CLIENT_RULESET)
     rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "8443", "--explain")
     r = results[0]
     assert r["verdict"] == "filtered", err
@@ -158,8 +132,7 @@ def test_pmtu_found_exactly(path, family):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_pmtu_black_hole(path, family):
     lab, client, router, server, near, far = path
-    lab.nft(router, "table inet fw {\n chain out {\n type filter hook output priority filter;\n"
-                    " icmp type destination-unreachable drop\n icmpv6 type packet-too-big drop\n }\n}\n")
+    lab.nft(router, ROUTER_BLOCKS_ICMP)
     dst = str(far.b_v4.ip if family == "ipv4" else far.b_v6.ip)
     rc, (result,), err = tracer(lab, client, "pmtu", dst, "--timeout", "0.3", schema="pmtu-result")
     assert rc == 1, err

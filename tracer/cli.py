@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a lab with broken firewalls and show the drops")
     demo.add_argument("--json", action="store_true", help="print events as NDJSON")
+    demo.add_argument("--probes", action="store_true",
+                      help="instead: a routed lab where `tracer probe` and `tracer pmtu` meet each case")
     return p
 
 
@@ -185,9 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_pmtu(args)
         if args.command == "demo":
-            from .demo import run as demo
+            from . import demo
 
-            return demo(json_out=args.json)
+            return demo.run_probes() if args.probes else demo.run(json_out=args.json)
     except UsageError as exc:
         print(f"tracer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

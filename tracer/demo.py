@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .engine import Engine, WatchOptions
 from .filters import WatchFilter
-from .lab import Lab
+from .lab import Lab, routed_path
 from .output import NdjsonSink, TerminalSink
 from .bpf_filter import host_networks
 
@@ -109,3 +109,92 @@ def run(json_out: bool = False) -> int:
             runner.join(timeout=5)
         say(f"{engine.emitted} drops reported; removing the lab")
     return 0
+
+
+# ------------------------------------------------------------------ probes
+
+PROBE_SERVER_RULESET = """
+table inet fw {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp dport 444 drop comment "silently dropped"
+        tcp dport 445 reject with icmpx type admin-prohibited
+        udp dport 446 reject with icmpx type admin-prohibited
+    }
+}
+"""
+
+PROBE_CLIENT_RULESET = """
+table inet host {
+    chain output {
+        type filter hook output priority filter;
+        tcp dport 8443 drop comment "egress policy"
+    }
+}
+"""
+
+ROUTER_BLOCKS_ICMP = """
+table inet fw {
+    chain out {
+        type filter hook output priority filter;
+        icmp type destination-unreachable drop
+        icmpv6 type packet-too-big drop
+    }
+}
+"""
+
+UDP_ECHO = (
+    "import socket\n"
+    "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+    "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+    "s.bind(('::', 7))\n"
+    "while True:\n"
+    "    data, peer = s.recvfrom(2048)\n"
+    "    s.sendto(data, peer)\n"
+)
+
+
+def build_probe_lab(lab: Lab):
+    """The lab of `tracer demo --probes` and of tests/test_probe.py."""
+    path = routed_path(lab)
+    lab.nft(path.server, PROBE_SERVER_RULESET)
+    lab.listen(path.server, 443)
+    lab.spawn(path.server, [sys.executable, "-c", UDP_ECHO])
+    return path
+
+
+def run_probes() -> int:
+    """Runs `tracer probe` and `tracer pmtu` in the client of a routed lab, as a person would."""
+    out = sys.stdout
+    with Lab() as lab:
+        path = build_probe_lab(lab)
+        v4, v6 = str(path.far.b_v4.ip), str(path.far.b_v6.ip)
+        out.write(f"lab: client {path.near.a_v4.ip} -- router -- server {v4} / {v6}; "
+                  "router->server MTU 1400\n\n")
+        cases = [
+            ("open, closed, filtered, prohibited (TCP)", ["probe", v4, "--port", "443,80,444,445"]),
+            ("the same over IPv6", ["probe", v6, "--port", "443,80,444,445"]),
+            ("UDP: an echo service, a closed port, a reject rule", ["probe", v4, "--proto", "udp",
+                                                                    "--port", "7,53,446"]),
+            ("a network the router cannot reach", ["probe", "198.18.9.9", "--port", "443"]),
+            ("dropped upstream, explained", ["probe", v4, "--port", "444", "--explain"]),
+            ("path MTU", ["pmtu", v4]),
+            ("path MTU over IPv6", ["pmtu", v6]),
+        ]
+        for title, args in cases:
+            _run_case(lab, path.client, title, args)
+        lab.nft(path.client, PROBE_CLIENT_RULESET)
+        _run_case(lab, path.client, "dropped by this host's own output rule, explained",
+                  ["probe", v4, "--port", "8443", "--explain"])
+        lab.nft(path.router, ROUTER_BLOCKS_ICMP)
+        _run_case(lab, path.client, "the router drops its ICMP errors: a black hole", ["pmtu", v4])
+        out.write("removing the lab\n")
+    return 0
+
+
+def _run_case(lab: Lab, client, title: str, args: list[str]) -> None:
+    sys.stdout.write(f"--- {title}\n$ tracer {' '.join(args)}\n")
+    sys.stdout.flush()
+    res = lab.run(client, [sys.executable, "-m", "tracer", *args], check=False)
+    sys.stdout.write(res.stdout + (res.stderr if res.returncode == 2 else "") + f"(exit {res.returncode})\n\n")
+    sys.stdout.flush()

@@ -194,11 +194,11 @@ def _finish(result: PmtuResult, search: _Search) -> PmtuResult:
         result.verdict, result.black_hole = "black_hole", True
         result.detail = (f"packets up to {result.path_mtu} bytes pass, larger DF packets vanish and no "
                          f"{icmp_name} comes back: ICMP is blocked on the path (a PMTU black hole)")
+        accept = "icmpv6 type packet-too-big accept" if v6 else "icmp type destination-unreachable accept"
         result.fix = [
-            f"allow {icmp_name} through every firewall on the path "
-            f"(nft: `{'icmpv6 type packet-too-big accept' if v6 else 'icmp type destination-unreachable accept'}`)",
-            f"or clamp the TCP MSS to the path: "
-            f"`nft add rule inet filter forward tcp flags syn tcp option maxseg size set rt mtu`",
+            f"allow {icmp_name} through every firewall on the path (nft: `{accept}`)",
+            "or clamp the TCP MSS to the path: "
+            "`nft add rule inet filter forward tcp flags syn tcp option maxseg size set rt mtu`",
             f"or lower the MTU of the route: `ip route change {result.target.ip} ... mtu {result.path_mtu}`",
         ]
     elif result.interface_mtu and result.path_mtu < result.interface_mtu:

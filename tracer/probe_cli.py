@@ -43,7 +43,8 @@ def probe_all(targets: list[Target], *, explain: bool, retries: int, timeout: fl
 
 def render_probe(r: ProbeResult) -> str:
     rtt = f"  {r.rtt_ms:.2f} ms" if r.rtt_ms is not None else ""
-    who = f"  from {r.responder}" if r.responder and r.responder != r.target.ip else ""
+    who = ("  not sent" if r.responder == "local" else
+           f"  from {r.responder}" if r.responder and r.responder != r.target.ip else "")
     lines = [f"{str(r.target):<32} {r.verdict.upper():<12}{rtt}{who}  [{r.probe_id}]",
              f"    {r.detail}"]
     lines += [f"    -> {step}" for step in r.next_steps]
