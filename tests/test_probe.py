@@ -161,3 +161,19 @@ def test_marker_round_trip():
             hlen = 20 if ":" not in dst else 40
             assert probe_marker.recognise(decode(raw[:hlen], raw[hlen:hlen + 20])) == "tr-1a2b"
     assert probe_marker.recognise(None) is None
+
+
+def test_result_schemas_reject_inconsistent_documents():
+    from tracer.schema import errors
+
+    good = {"target": {"host": "h", "ip": "198.18.1.2", "protocol": "tcp", "port": 443},
+            "verdict": "open", "detail": "SYN-ACK", "probe": {"id": "tr-00ff", "attempts": 1}}
+    assert errors(good, "probe-result") == []
+    no_port = {**good, "target": {"host": "h", "ip": "198.18.1.2", "protocol": "tcp"}}
+    assert errors(no_port, "probe-result")
+    assert errors({**good, "verdict": "timeout"}, "probe-result")
+    pmtu = {"target": {"host": "h", "ip": "198.18.1.2", "protocol": "icmp"}, "method": "icmp",
+            "verdict": "black_hole", "black_hole": False, "detail": "x", "probes": [], "probe_ids": [],
+            "path_mtu": 1400}
+    assert errors(pmtu, "pmtu-result")
+    assert errors({**pmtu, "black_hole": True}, "pmtu-result") == []
