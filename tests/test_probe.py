@@ -77,6 +77,9 @@ def test_unreachable(path):
     assert results[0]["verdict"] == "unreachable"
     assert results[0]["responder"] == str(near.b_v4.ip)
     assert results[0]["icmp"]["type"] == 3
+    rc, results, err = probe(lab, client, "2001:db8:9::9", "--port", "443")
+    assert results[0]["verdict"] == "unreachable"
+    assert results[0]["responder"] == str(near.b_v6.ip) and results[0]["icmp"]["type"] == 1
     # The client itself has no route to 198.18.20.0/24.
     rc, results, err = probe(lab, client, "198.18.20.1", "--port", "443")
     assert results[0]["verdict"] == "unreachable" and results[0]["responder"] == "local"

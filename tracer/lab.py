@@ -298,8 +298,9 @@ def _kill_pid(pid: int) -> None:
 class RoutedPath:
     """client -- router -- server, the router's link to the server with a smaller MTU.
 
-    Routes reach only lab subnets: the far one, and 198.18.9.0/24 which the
-    router does not know (so it answers "network unreachable").
+    Routes reach only lab subnets: the far one, and 198.18.9.0/24 and
+    2001:db8:9::/64, which the router does not know (so it answers
+    "network unreachable").
     """
 
     client: Netns
@@ -317,7 +318,8 @@ def routed_path(lab: Lab, far_mtu: int = 1400) -> RoutedPath:
     lab.run(router, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
     for net in (str(far.b_v4.network), "198.18.9.0/24"):
         lab.ip(client, "route", "add", net, "via", str(near.b_v4.ip))
-    lab.ip(client, "-6", "route", "add", str(far.b_v6.network), "via", str(near.b_v6.ip))
+    for net in (str(far.b_v6.network), "2001:db8:9::/64"):
+        lab.ip(client, "-6", "route", "add", net, "via", str(near.b_v6.ip))
     lab.ip(server, "route", "add", str(near.a_v4.network), "via", str(far.a_v4.ip))
     lab.ip(server, "-6", "route", "add", str(near.a_v6.network), "via", str(far.a_v6.ip))
     return RoutedPath(client, router, server, near, far)
