@@ -96,6 +96,27 @@ static __always_inline void count(__u32 which)
 		*v += 1;
 }
 
+/* Whether the ring buffer has no room for one more drop_event. Checked
+ * before the stack walk, which is most of a drop's cost: when Python falls
+ * behind, a flood would otherwise pay for every stack only to have
+ * bpf_ringbuf_output() refuse the record. Assumes the kernel's rule that a
+ * record takes its size plus BPF_RINGBUF_HDR_SZ rounded up to 8 (sizeof
+ * (struct drop_event) is a multiple of 8) and fits while the unconsumed data
+ * (BPF_RB_AVAIL_DATA: producer minus consumer position) plus it stays below
+ * the ring size. Both values race with the consumer and other CPUs, so this
+ * is a hint: a record refused here might have fitted a moment later (counted
+ * lost, as it would have been a moment earlier), and one let through may
+ * still not fit (then bpf_ringbuf_output() fails and counts it). */
+_Static_assert(sizeof(struct drop_event) % 8 == 0, "ring_full() assumes records need no padding");
+
+static __always_inline int ring_full(void)
+{
+	__u64 need = sizeof(struct drop_event) + BPF_RINGBUF_HDR_SZ;
+
+	return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) + need >=
+	       bpf_ringbuf_query(&events, BPF_RB_RING_SIZE);
+}
+
 /* ------------------------------------------------------------ parsing */
 
 /* Network namespace of the packet. Assumes skb->dev (set on receive and in
@@ -403,6 +424,11 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	parse_packet(e, skb);
 	if (!wanted(f, e)) {
 		count(STAT_FILTERED);
+		bpf_map_delete_elem(&skb_nf, &key);
+		return 0;
+	}
+	if (ring_full()) {
+		count(STAT_LOST);
 		bpf_map_delete_elem(&skb_nf, &key);
 		return 0;
 	}

@@ -1,12 +1,14 @@
 """Decoders from kernel facts to event fields: stacks, conntrack, ECS, text."""
 
 import ctypes
+from pathlib import Path
 
 from tracer.bpf_event import object_structs
 from tracer.collectors import conntrack as ct
-from tracer.collectors.drop import hook_from_stack, process_of, subsystem_from_stack
+from tracer.collectors.drop import DropDecoder, DropReasons, hook_from_stack, process_of, subsystem_from_stack
 from tracer.collectors.skb import hook_name, nf_context
-from tracer.event import DropEvent, Interface, Netfilter, Rule, iso_time
+from tracer.event import DropEvent, Interface, Netfilter, Rule, community_id, iso_time
+from tracer.kallsyms import Kallsyms
 from tracer.loader import default_object_path
 from tracer.output import one_line
 from tracer.packet import decode
@@ -161,3 +163,136 @@ def test_bpf_filter_fields_reach_the_struct():
     assert (cfg.nets[1].family, cfg.nets[1].prefixlen) == (6, 128)
     assert cfg.reasons[0] == (1 << 3) | (1 << 12)
     assert cfg.netns_ino == 4026532211 and cfg.ignore_reason == bpf_filter.NO_REASON
+
+
+def test_community_id_is_cached_per_flow_not_per_packet():
+    import communityid
+    from scapy.layers.inet import IP, UDP
+
+    from tracer.event import _flow_community_id
+
+    first = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=1, ttl=64) / UDP(sport=5000, dport=53) / b"a")
+    second = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=2, ttl=63) / UDP(sport=5000, dport=53) / b"bb")
+    other = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=3) / UDP(sport=5001, dport=53))
+    p1, p2, p3 = (decode(raw[:20], raw[20:28]) for raw in (first, second, other))
+    assert p1 != p2  # per-packet fields differ...
+    _flow_community_id.cache_clear()
+    expected = communityid.CommunityID().calc(communityid.FlowTuple.make_udp("198.18.0.1", "198.18.0.2", 5000, 53))
+    assert community_id(p1) == community_id(p2) == expected
+    assert _flow_community_id.cache_info().hits == 1  # ...the flow is the same
+    assert community_id(p3) != community_id(p1)
+
+
+# --- the drop decoder's stack cache --------------------------------------------------------
+
+KSYMS = """\
+ffffffff81000000 T _stext
+ffffffff81000100 T sk_skb_reason_drop
+ffffffff81000200 T nf_hook_slow
+ffffffff81000300 T ip_local_deliver
+ffffffff81000400 T ip_rcv
+ffffffff81000500 T bpf_trace_run3
+ffffffffc0100000 t nft_do_chain\t[nf_tables]
+ffffffffc0100400 t nft_do_chain_inet\t[nf_tables]
+ffffffffc0100800 t nft_trace_notify\t[nf_tables]
+ffffffffc0200000 t bpf_prog_0123456789abcdef_kfree_skb_btf\t[bpf]
+"""
+# innermost first, as bpf_get_stack writes them: our program, the tracepoint, then the drop
+BPF_FRAME, TRACEPOINT = 0xFFFFFFFFC0200040, 0xFFFFFFFF81000510
+DROP_STACK = [BPF_FRAME, TRACEPOINT, 0xFFFFFFFF81000110, 0xFFFFFFFFC01003E8, 0xFFFFFFFFC0100420,
+              0xFFFFFFFF81000220, 0xFFFFFFFF81000330, 0xFFFFFFFF81000440]
+
+
+class CountingKallsyms(Kallsyms):
+    """Kallsyms that counts the addresses it is asked to name."""
+
+    formatted = 0
+
+    def format(self, addr: int) -> str:
+        self.formatted += 1
+        return super().format(addr)
+
+
+def _record(event_type, stack: list[int], location: int) -> bytes:
+    rec = event_type()
+    for i, addr in enumerate(stack):
+        rec.stack[i] = addr
+    rec.stack_bytes = 8 * len(stack)
+    rec.location = location
+    return bytes(rec)
+
+
+def test_stack_symbols_are_cached_per_stack_and_call_site(tmp_path: Path):
+    path = tmp_path / "kallsyms"
+    path.write_text(KSYMS)
+    ksyms = CountingKallsyms(str(path), refresh_interval=3600)
+    event_type = object_structs(str(default_object_path()))["drop_event"]
+    decoder = DropDecoder(event_type, DropReasons(), ksyms)
+    raw = _record(event_type, DROP_STACK, 0xFFFFFFFFC01003E8)
+    first = decoder.decode(raw)
+    assert first.stack == ["sk_skb_reason_drop+0x10", "nft_do_chain+0x3e8 [nf_tables]",
+                           "nft_do_chain_inet+0x20 [nf_tables]", "nf_hook_slow+0x20",
+                           "ip_local_deliver+0x30", "ip_rcv+0x40"]  # tracing frames cut
+    assert (first.location, first.hook, first.subsystem) == ("nft_do_chain+0x3e8 [nf_tables]", "input", "nftables")
+    named = ksyms.formatted
+    again = decoder.decode(raw)
+    assert ksyms.formatted == named  # nothing named twice
+    assert (again.stack, again.location, again.hook, again.subsystem) == (
+        first.stack, first.location, first.hook, first.subsystem)
+    again.stack.append("x")
+    assert decoder.decode(raw).stack == first.stack  # each drop gets a list of its own
+
+    other_site = decoder.decode(_record(event_type, DROP_STACK, 0xFFFFFFFF81000110))
+    assert other_site.location == "sk_skb_reason_drop+0x10" and ksyms.formatted == named + 1 + len(DROP_STACK)
+
+    # A table that changed under the cache: names are taken again.
+    path.write_text(KSYMS.replace("ip_rcv", "ip_rcv_core"))
+    assert ksyms.refresh()
+    assert decoder.decode(raw).stack[-1] == "ip_rcv_core+0x40"
+
+
+def test_a_stack_with_a_doubtful_frame_is_not_cached(tmp_path: Path):
+    """nft_trace_notify is the last [nf_tables] symbol: a frame past it may belong to a
+    module loaded since, which the next due re-read of the table names."""
+    path = tmp_path / "kallsyms"
+    path.write_text(KSYMS)
+    ksyms = CountingKallsyms(str(path), refresh_interval=3600)
+    event_type = object_structs(str(default_object_path()))["drop_event"]
+    decoder = DropDecoder(event_type, DropReasons(), ksyms)
+    stack = [*DROP_STACK[:4], 0xFFFFFFFFC0100980, *DROP_STACK[5:]]
+    raw = _record(event_type, stack, 0)
+    assert decoder.decode(raw).stack[2] == "nft_trace_notify+0x180 [nf_tables]"
+    named = ksyms.formatted
+    decoder.decode(raw)
+    assert ksyms.formatted == 2 * named
+    path.write_text(KSYMS + "ffffffffc0100900 t nfnl_fn\t[nfnetlink]\n")
+    ksyms.refresh()
+    assert decoder.decode(raw).stack[2] == "nfnl_fn+0x80 [nfnetlink]"
+
+
+def test_full_queue_losses_are_counted_not_logged_one_by_one(monkeypatch):
+    """A flood past a full queue: one warning a second at most, carrying the count."""
+    import queue
+
+    import structlog
+
+    from tracer.engine import Engine, WatchOptions
+
+    engine = Engine(WatchOptions(), sink=None)
+    engine._decoder = type("Stub", (), {"decode": staticmethod(lambda raw: raw)})()
+    engine._queue = queue.Queue(maxsize=1)
+    now = [1000.0]
+    monkeypatch.setattr("tracer.engine.time.monotonic", lambda: now[0])
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(500):
+            engine._on_record(b"x")
+        now[0] += 0.5
+        for _ in range(300):
+            engine._on_record(b"x")
+        now[0] += 0.6
+        engine._on_record(b"x")
+        engine._on_record(b"x")
+        engine._warn_queue_lost(final=True)  # as close() does once the ring reader stopped
+    warned = [e["lost"] for e in logs if e["event"] == "event queue full, drop event lost"]
+    assert warned == [1, 799, 1]
+    assert sum(warned) == 801  # the first record went into the queue

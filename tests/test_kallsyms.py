@@ -212,21 +212,58 @@ def test_address_after_the_last_module_symbol_is_rechecked(tmp_path: Path) -> No
     """A module loaded right after the last one must not be named after it."""
     path = tmp_path / "k"
     k = Kallsyms(write(path, SAMPLE), refresh_interval=0)
-    write(path, SAMPLE + "ffffffffc0200100 t bpf_prog_fedcba9876543210_new\t[bpf]\n")
-    assert k.format(0xFFFFFFFFC0200104) == "bpf_prog_fedcba9876543210_new+0x4 [bpf]"
+    write(path, SAMPLE + "ffffffffc0100800 t nfnl_fn\t[nfnetlink]\n")
+    assert k.format(0xFFFFFFFFC0100804) == "nfnl_fn+0x4 [nfnetlink]"
+    assert k.refreshes == 1
 
 
 def test_rereads_are_rate_limited_and_doubtful_answers_not_cached(tmp_path: Path) -> None:
     path = tmp_path / "k"
     k = Kallsyms(write(path, SAMPLE), refresh_interval=3600)
-    write(path, SAMPLE + "ffffffffc0200100 t bpf_prog_fedcba9876543210_new\t[bpf]\n")
+    write(path, SAMPLE + "ffffffffc0100800 t nfnl_fn\t[nfnetlink]\n")
     # Not yet re-read: the best answer is given, but not remembered...
-    assert k.format(0xFFFFFFFFC0200104) == "bpf_prog_0123456789abcdef_trk+0x104 [bpf]"
-    assert k.lookup(0xFFFFFFFFC0200104) == Symbol("bpf_prog_0123456789abcdef_trk", 0x104, "bpf")
+    assert k.format(0xFFFFFFFFC0100804) == "nft_other+0x404 [nf_tables]"
+    assert k.lookup(0xFFFFFFFFC0100804) == Symbol("nft_other", 0x404, "nf_tables")
+    assert not k.settled([0xFFFFFFFFC0100804])
     assert k.refreshes == 0
     # ...so the next read corrects it.
     assert k.refresh() is True
+    assert k.format(0xFFFFFFFFC0100804) == "nfnl_fn+0x4 [nfnetlink]"
+
+
+def test_bpf_program_frames_never_force_a_reread(tmp_path: Path) -> None:
+    """The tracer's own program is on every stack, often as the last BPF symbol: no
+    re-read for it, however often it is seen; a re-read that happens anyway corrects it."""
+    path = tmp_path / "k"
+    k = Kallsyms(write(path, SAMPLE), refresh_interval=0)
+    generation = k.generation
+    write(path, SAMPLE + "ffffffffc0200100 t bpf_prog_fedcba9876543210_new\t[bpf]\n")
+    for _ in range(3):
+        assert k.format(0xFFFFFFFFC0200104) == "bpf_prog_0123456789abcdef_trk+0x104 [bpf]"
+        assert k.lookup(0xFFFFFFFFC0200104) == Symbol("bpf_prog_0123456789abcdef_trk", 0x104, "bpf")
+    assert k.refreshes == 0 and k.settled([0xFFFFFFFFC0200104])
+    assert k.refresh() is True and k.generation == generation + 1
     assert k.format(0xFFFFFFFFC0200104) == "bpf_prog_fedcba9876543210_new+0x4 [bpf]"
+    assert k.lookup(0xFFFFFFFFC0200104) == Symbol("bpf_prog_fedcba9876543210_new", 4, "bpf")
+
+
+def test_bpf_programs_loading_do_not_reset_the_backoff(tmp_path: Path) -> None:
+    """Programs load all the time on a busy host; only a module change makes re-reads frequent again."""
+    path = tmp_path / "k"
+    k = Kallsyms(write(path, SAMPLE), refresh_interval=0.05, max_refresh_interval=10)
+    junk = 0xFFFFFFFFD0000000
+    time.sleep(0.06)
+    assert k.lookup(junk) is None and k.refreshes == 1  # nothing new: the wait is now 0.1 s
+    write(path, SAMPLE + "ffffffffc0200100 t bpf_prog_fedcba9876543210_new\t[bpf]\n")
+    time.sleep(0.11)
+    assert k.lookup(junk) is None and k.refreshes == 2  # changed, but only BPF: 0.2 s
+    time.sleep(0.06)
+    assert k.lookup(junk) is None and k.refreshes == 2
+    write(path, SAMPLE + MODULE)
+    time.sleep(0.15)
+    assert k.lookup(junk) is None and k.refreshes == 3  # a module came: back to 0.05 s
+    time.sleep(0.06)
+    assert k.lookup(junk) is None and k.refreshes == 4
 
 
 def test_fruitless_rereads_back_off(tmp_path: Path) -> None:
@@ -291,9 +328,7 @@ def _symbol_address(suffix: str) -> int | None:
     return None
 
 
-@pytest.mark.root
-@pytest.mark.bpf
-def test_bpf_program_loaded_later_is_named(bpf_programs: list[int]) -> None:
+def _first_bpf_program(bpf_programs: list[int]) -> None:
     if _NR_BPF is None:
         pytest.skip(f"no bpf syscall number for {platform.machine()}")
     if Path("/proc/sys/net/core/bpf_jit_kallsyms").read_text().strip() != "1":
@@ -302,11 +337,36 @@ def test_bpf_program_loaded_later_is_named(bpf_programs: list[int]) -> None:
         bpf_programs.append(_load_trivial_bpf(b"trk_first"))
     except OSError as exc:
         pytest.skip(f"cannot load a BPF program here: {exc}")
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_bpf_program_loaded_later_is_named_after_a_reread(bpf_programs: list[int]) -> None:
+    _first_bpf_program(bpf_programs)
     k = Kallsyms(refresh_interval=0)
     bpf_programs.append(_load_trivial_bpf(b"trk_second"))
     addr = _symbol_address("_trk_second")
     assert addr is not None
+    before = k.lookup(addr + 4)
+    # Near a known program: that program's name, without a re-read. Far from any
+    # known symbol: an unknown range, re-read at once (refresh_interval=0).
+    assert before is not None and before.module == "bpf", before
+    assert k.refreshes == 0 or (k.refreshes == 1 and before.name.endswith("_trk_second")), before
+    k.refresh()
     sym = k.lookup(addr + 4)
     assert sym is not None and sym.name.endswith("_trk_second"), sym
     assert (sym.offset, sym.module) == (4, "bpf")
     assert k.format(addr + 4).endswith("_trk_second+0x4 [bpf]")
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_last_bpf_program_is_named_without_a_reread(bpf_programs: list[int]) -> None:
+    """The tracer's own program is usually the last one loaded: naming its frame must not re-read."""
+    _first_bpf_program(bpf_programs)
+    k = Kallsyms(refresh_interval=0)
+    last = max(int(line.split()[0], 16) for line in Path(PROC).read_text().splitlines() if line.endswith("\t[bpf]"))
+    sym = k.lookup(last + 4)
+    assert sym is not None and sym.module == "bpf" and sym.offset == 4, sym
+    assert k.format(last + 4).endswith("+0x4 [bpf]")
+    assert k.refreshes == 0

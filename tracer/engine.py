@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from . import attribution, bpf_filter
+from . import attribution, bpf_filter, probe_marker
 from . import netns as netnsmod
 from .collectors import conntrack as ct
 from .collectors.conntrack import ConntrackInfo
@@ -72,6 +72,8 @@ class Engine:
         self.nft = None
         self.legacy = None
         self.ready = threading.Event()
+        self._queue_lost = 0  # events lost to a full queue since the last warning
+        self._queue_lost_logged = 0.0
 
     # ---------------------------------------------------------- set-up
 
@@ -162,7 +164,16 @@ class Engine:
         try:
             self._queue.put_nowait(drop)
         except queue.Full:
-            log.warning("event queue full, drop event lost")
+            self._queue_lost += 1
+            self._warn_queue_lost()
+
+    def _warn_queue_lost(self, final: bool = False) -> None:
+        """At most one warning a second, with the count: a full queue loses thousands of
+        events a second, and a log line for each would slow the ring reader further."""
+        now = time.monotonic()
+        if self._queue_lost and (final or now - self._queue_lost_logged >= 1.0):
+            log.warning("event queue full, drop event lost", lost=self._queue_lost)
+            self._queue_lost, self._queue_lost_logged = 0, now
 
     def _read_ring(self) -> None:
         while not self._stop.is_set():
@@ -264,6 +275,7 @@ class Engine:
             process=drop.process,
             hook=drop.hook,
             subsystem=self._subsystem(drop, nf),
+            probe_id=probe_marker.recognise(drop.packet),
         )
 
     def _legacy_verdict(self, drop: KernelDrop):
@@ -353,6 +365,7 @@ class Engine:
         if self.legacy is not None:
             self.legacy.stop()
             self.legacy = None
+        self._warn_queue_lost(final=True)  # the ring reader has stopped: what is left to say
         if self.tracer is not None:
             stats = self.tracer.stats()
             if stats.get("lost"):

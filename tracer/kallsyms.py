@@ -12,14 +12,23 @@ read of the table when
 
 - it lies more than `max_offset` past the nearest symbol, or below all of
   them: a range we know nothing about; or
-- its nearest symbol is the last one of a module or of the BPF programs:
-  the kernel puts the next module or program right after it, well within
-  `max_offset`, and without sizes the two cannot be told apart.
+- its nearest symbol is the last one of a module: the kernel puts the next
+  module right after it, well within `max_offset`, and without sizes the
+  two cannot be told apart.
 
-Re-reads cost ~150 ms, so they happen at most once per `refresh_interval`,
-and that interval doubles after each re-read that finds nothing new: an
-address no table will ever name (a corrupt frame) must not make us re-read
-120 000 lines per packet.
+Re-reads cost ~150-250 ms with the GIL held, so they happen at most once
+per `refresh_interval`, and that interval doubles after each re-read that
+finds no module change: an address no table will ever name (a corrupt
+frame) must not make us re-read 120 000 lines per packet.
+
+BPF programs (`[bpf]`) are the exception: the nearest `[bpf]` symbol names
+an address without a re-read, even when it is the last one and a program
+loaded since might be the one holding the address. The tracer's own program
+is on every stack it sees, and usually the last BPF program loaded, so
+doubting it would mean a re-read per event for as long as the tracer runs,
+repeated each time any program is loaded anywhere on the host. Such a name
+can only be wrong until the next re-read (`refresh()`, or one due for a
+module's address), which empties the caches when anything changed.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ _CACHE_LIMIT = 1 << 16
 # return address, and data symbols (per-CPU ones sit at 0x0...) would only
 # give junk addresses plausible-looking names.
 _TEXT_TYPES = frozenset("TtWw")
+
+#: The `[module]` kallsyms gives JIT-compiled BPF programs (and trampolines).
+BPF_MODULE = "bpf"
 
 
 class KallsymsError(RuntimeError):
@@ -133,6 +145,11 @@ def parse(text: str, path: str = "/proc/kallsyms") -> _Table:
     return _Table(addrs, names, modules, _tails(modules))
 
 
+def _without_bpf(table: _Table) -> list[tuple[int, str]]:
+    """The kernel's and the modules' symbols: what a change of BPF programs leaves as it was."""
+    return [(a, n) for a, n, m in zip(table.addrs, table.names, table.modules, strict=True) if m != BPF_MODULE]
+
+
 def _tails(modules: list[str | None]) -> frozenset[int]:
     """Indices of module symbols that the next loaded module or BPF program may follow."""
     n = len(modules)
@@ -161,6 +178,8 @@ class Kallsyms:
         self.refresh_interval = refresh_interval
         self.max_refresh_interval = max(max_refresh_interval, refresh_interval)
         self.refreshes = 0
+        #: Counts re-reads that changed the table: names cached under an older generation may be stale.
+        self.generation = 0
         self._table = self._read()
         self._loaded_at = time.monotonic()
         self._interval = refresh_interval
@@ -181,19 +200,24 @@ class Kallsyms:
         """Re-reads the table now; returns whether it changed.
 
         Callers that load modules or BPF programs can call it to have their
-        symbols named at once. A change empties the caches (a module may have
-        been unloaded and its range reused); an unchanged table doubles the
-        wait before the next automatic re-read.
+        symbols named at once. A change empties the caches (a module or
+        program may have been unloaded and its range reused); a table whose
+        modules did not change doubles the wait before the next automatic
+        re-read.
         """
         table = self._read()
-        changed = table.addrs != self._table.addrs or table.names != self._table.names
-        self._table = table
+        old, self._table = self._table, table
+        changed = table.addrs != old.addrs or table.names != old.names
         self._loaded_at = time.monotonic()
         self.refreshes += 1
         if changed:
-            self._interval = self.refresh_interval
+            self.generation += 1
             self._symbols.clear()
             self._formatted.clear()
+        # BPF programs come and go all the time and are never doubted (see the
+        # module docstring): only a module change brings the interval back down.
+        if changed and _without_bpf(table) != _without_bpf(old):
+            self._interval = self.refresh_interval
         else:
             self._interval = min(self._interval * 2, self.max_refresh_interval)
         return changed
@@ -201,7 +225,7 @@ class Kallsyms:
     def address(self, name: str, module: str | None = None) -> int | None:
         """Start address of a symbol (first match); O(n), for tests and diagnostics."""
         table = self._table
-        for addr, sym, mod in zip(table.addrs, table.names, table.modules):
+        for addr, sym, mod in zip(table.addrs, table.names, table.modules, strict=True):
             if sym == name and (module is None or mod == module):
                 return addr
         return None
@@ -224,6 +248,8 @@ class Kallsyms:
         i, certain = self._locate(addr)
         if certain:
             return i, True
+        if i >= 0 and self._table.modules[i] == BPF_MODULE:
+            return i, True  # only a re-read can change it, and one that does empties the caches
         if time.monotonic() - self._loaded_at < self._interval:
             return i, False
         self.refresh()
@@ -273,6 +299,15 @@ class Kallsyms:
                 self._formatted.clear()
             self._formatted[addr] = text
         return text
+
+    def settled(self, addrs: list[int]) -> bool:
+        """Whether `format` names each address for good, as long as `generation` stays.
+
+        Not so for an address it doubts and will check against a re-read once
+        one is due: a caller that keeps formatted names must not keep those.
+        """
+        formatted = self._formatted
+        return all(a in formatted for a in addrs)
 
     def format_stack(self, addrs: list[int]) -> list[str]:
         """Formats one stack, innermost frame first, as `drop.stack` carries it."""

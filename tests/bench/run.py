@@ -67,6 +67,7 @@ table inet bench {
 """
 
 NFTRACE = b'"attribution":"nftrace"'
+QUEUE_FULL_EVENT = "event queue full, drop event lost"  # the engine's warning (a `lost` count)
 #: `tracer watch`'s default --trace-rate, and the burst it derives (rate // 10).
 TRACE_RATE, TRACE_BURST = 1000, 100
 
@@ -331,7 +332,8 @@ class Tracer:
             except ValueError:
                 rec = {"event": raw.decode(errors="replace").strip()}
             name = str(rec.get("event", ""))
-            self.log_events[name] += 1
+            # The queue-full warning says how many events it stands for (older builds: one each).
+            self.log_events[name] += int(rec.get("lost", 1)) if name == QUEUE_FULL_EVENT else 1
             if name.startswith("ring buffer overflowed"):
                 self.ring_lost_at_exit = int(rec.get("lost", 0))
             elif name == "watching":
@@ -619,7 +621,7 @@ def flood_step(net: Net, kind: str, target: float, port: int, dur: float, *, fil
         tr.stop()
     step.ring_lost = step.bpf.get("lost", 0)
     step.lost_logged = tr.ring_lost_at_exit  # the CLI's own "events lost" warning at exit (whole run)
-    step.queue_full = tr.log_events.get("event queue full, drop event lost", 0)
+    step.queue_full = tr.log_events.get(QUEUE_FULL_EVENT, 0)
     step.trace_errors = tr.log_events.get("nft.trace_socket_error", 0)
     step.backlog = max(0, step.bpf.get("emitted", 0) - step.printed - step.queue_full)
     return step

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..kallsyms import Kallsyms
@@ -91,6 +92,10 @@ _IRQ_FRAMES = frozenset({
 })
 _SYSCALL_FRAMES = frozenset({"do_syscall_64", "entry_SYSCALL_64_after_hwframe", "__do_fast_syscall_32"})
 
+#: Distinct (stack, call site) pairs whose symbols DropDecoder keeps: a flood
+#: repeats a handful, a busy host a few hundred.
+_STACK_CACHE_LIMIT = 4096
+
 
 class DropReasons:
     """The running kernel's `enum skb_drop_reason`, numbers to short names.
@@ -166,10 +171,14 @@ class KernelDrop:
             self.nf is not None and self.reason == "NETFILTER_DROP")
 
 
+def stack_addresses(record: ctypes.Structure) -> list[int]:
+    """The return addresses bpf_get_stack wrote, innermost first."""
+    return [addr for addr in record.stack[: record.stack_bytes // 8] if addr]
+
+
 def symbolize_stack(ksyms: Kallsyms, record: ctypes.Structure) -> list[str]:
     """The kernel stack from the freeing function down, tracing frames removed."""
-    n = record.stack_bytes // 8
-    frames = [ksyms.format(record.stack[i]) for i in range(n) if record.stack[i]]
+    frames = ksyms.format_stack(stack_addresses(record))
     start = 0
     for i, frame in enumerate(frames):
         if frame.startswith(_TRACE_PREFIXES):
@@ -181,7 +190,7 @@ def _fn(frame: str) -> str:
     return frame.split("+", 1)[0]
 
 
-def hook_from_stack(functions: list[str]) -> str | None:
+def hook_from_stack(functions: Sequence[str]) -> str | None:
     """The netfilter hook whose nf_hook_slow call is on the stack."""
     for i, fn in enumerate(functions):
         if fn in ("nf_hook_slow", "nf_hook_slow_list"):
@@ -206,7 +215,7 @@ def subsystem_from_stack(functions: list[str], location: str) -> str:
     return "other"
 
 
-def process_of(functions: list[str], pid: int, comm: str, hook: str | None) -> tuple[int, str] | None:
+def process_of(functions: Sequence[str], pid: int, comm: str, hook: str | None) -> tuple[int, str] | None:
     """The sending process, only when the drop ran in its system call.
 
     The BPF side records the current task unconditionally; that task is the
@@ -221,6 +230,17 @@ def process_of(functions: list[str], pid: int, comm: str, hook: str | None) -> t
     return pid, comm
 
 
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """What a drop's stack and call site say; the same for every drop with the same ones."""
+
+    stack: tuple[str, ...]  # symbolized, tracing frames removed
+    functions: tuple[str, ...]  # the stack's function names
+    location: str
+    hook: str | None  # from the stack (the netfilter probes may know better)
+    subsystem: str
+
+
 class DropDecoder:
     """Turns raw ring-buffer records into KernelDrops."""
 
@@ -231,24 +251,53 @@ class DropDecoder:
         self.ksyms = ksyms or Kallsyms()
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; Python's monotonic_ns is the same clock.
         self._wall_offset = time.time_ns() - time.monotonic_ns()
+        self._stack_at: int = event_type.stack.offset  # type: ignore[attr-defined]
+        self._where_cache: dict[tuple[bytes, int], _Where] = {}
+        self._cache_generation = self.ksyms.generation
+
+    def _where(self, raw: bytes, rec: ctypes.Structure) -> _Where:
+        """Stack, call site and what they imply, cached by the raw stack bytes and call site.
+
+        Naming ~20 frames and reading them costs ~20 us a drop (with the
+        symbol caches warm), and a flood repeats a handful of stacks. A
+        stack is only kept once every address in it has its final name
+        (kallsyms may still re-read the table for one it doubts), and the
+        cache is emptied when the table changes.
+        """
+        ksyms = self.ksyms
+        if self._cache_generation != ksyms.generation:
+            self._where_cache.clear()
+            self._cache_generation = ksyms.generation
+        key = (raw[self._stack_at : self._stack_at + rec.stack_bytes], rec.location)
+        found = self._where_cache.get(key)
+        if found is not None:
+            return found
+        stack = symbolize_stack(ksyms, rec)
+        functions = [_fn(f) for f in stack]
+        location = ksyms.format(rec.location) if rec.location else (stack[0] if stack else "")
+        found = _Where(tuple(stack), tuple(functions), location, hook_from_stack(functions),
+                       subsystem_from_stack(functions, location))
+        if ksyms.settled(stack_addresses(rec) + ([rec.location] if rec.location else [])):
+            if len(self._where_cache) >= _STACK_CACHE_LIMIT:
+                self._where_cache.clear()
+            self._where_cache[key] = found
+        return found
 
     def decode(self, raw: bytes) -> KernelDrop:
         rec = self.Event.from_buffer_copy(raw)
-        stack = symbolize_stack(self.ksyms, rec)
-        functions = [_fn(f) for f in stack]
-        location = self.ksyms.format(rec.location) if rec.location else (stack[0] if stack else "")
+        where = self._where(raw, rec)
         nf = skbmod.nf_context(rec.nf)
-        hook = (nf.hook if nf and nf.hook else None) or hook_from_stack(functions)
+        hook = (nf.hook if nf and nf.hook else None) or where.hook
         headers, fp = skbmod.headers(rec)
         return KernelDrop(
             mono_ns=rec.ts_ns,
             wall_ns=rec.ts_ns + self._wall_offset,
             reason=self.reasons.name(rec.reason),
-            location=location,
-            stack=stack,
+            location=where.location,
+            stack=list(where.stack),
             netns=rec.netns_ino,
             hook=hook,
-            subsystem=subsystem_from_stack(functions, location),
+            subsystem=where.subsystem,
             packet=headers,
             fingerprint=fp,
             l3proto=rec.l3proto,
@@ -259,7 +308,7 @@ class DropDecoder:
             ifindex=rec.ifindex,
             iif=rec.iif,
             dev_name=rec.dev_name.decode(errors="replace"),
-            process=process_of(functions, rec.pid, rec.comm.decode(errors="replace"), hook),
+            process=process_of(where.functions, rec.pid, rec.comm.decode(errors="replace"), hook),
             conntrack=ct.from_record(rec.ct_info, rec.ct_status, rec.ct_zone, rec.ct_mark),
             nf=nf,
         )

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import secrets
-import select
 import shlex
 import socket
 import struct
@@ -50,16 +49,22 @@ from tracer import netns as netns_mod
 from tracer import packet
 from tracer.filters import WatchFilter
 from tracer.netns import Netns
+from tracer.nlmsg import (
+    NFGEN_ATTRS,
+    NLMSG_ERROR,
+    NetlinkReader,
+    attributes,
+    netfilter_socket,
+    nfgen_family,
+    split_messages,
+)
 
 # --- kernel constants (uapi/linux/netfilter/nfnetlink_log.h, netfilter.h) ---------
 
-NETLINK_NETFILTER = 12
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
-NLMSG_ERROR = 2
-_NLMSG_HEADER = struct.Struct("=IHHII")
 
 #: nf_log_trace() logs with the nfnetlink_log defaults: group 0, whole packet, flush at once.
 TRACE_GROUP = 0
@@ -68,8 +73,6 @@ COPY_RANGE = 256
 NF_LOGGER = "nfnetlink_log"
 TRACE_PREFIX = "TRACE: "
 STATE_DIR = Path("/run/tracer")
-RCVBUF_BYTES = 16 << 20
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 #: The built-in chain each hook runs (the kernel calls it `hookname` in traces).
@@ -176,8 +179,6 @@ class nfulnl_config_msg(nfgen_msg):
         fields = (("copy_range", ">I"), ("copy_mode", "B"), ("_pad", "B"))
 
 
-_NLA_HEADER = struct.Struct("=HH")
-_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 _NFULA_PACKET_HDR, _NFULA_PAYLOAD, _NFULA_PREFIX = 1, 9, 10
 
 
@@ -201,21 +202,14 @@ def parse_packet_message(msg: bytes) -> LoggedPacket:
     """
     hook: int | None = None
     prefix, payload = "", b""
-    off, end = _NLMSG_HEADER.size + 4, len(msg)  # after struct nfgenmsg
-    while off + _NLA_HEADER.size <= end:
-        length, atype = _NLA_HEADER.unpack_from(msg, off)
-        if length < _NLA_HEADER.size or off + length > end:
-            break
-        atype &= _NLA_TYPE_MASK
-        if atype == _NFULA_PACKET_HDR and length >= 7:
-            hook = msg[off + 6]  # struct nfulnl_msg_packet_hdr: __be16 hw_protocol, __u8 hook
+    for atype, start, end in attributes(msg, NFGEN_ATTRS):
+        if atype == _NFULA_PACKET_HDR and end - start >= 3:
+            hook = msg[start + 2]  # struct nfulnl_msg_packet_hdr: __be16 hw_protocol, __u8 hook
         elif atype == _NFULA_PREFIX:
-            prefix = msg[off + 4 : off + length].split(b"\0", 1)[0].decode(errors="replace")
+            prefix = msg[start:end].split(b"\0", 1)[0].decode(errors="replace")
         elif atype == _NFULA_PAYLOAD:
-            payload = msg[off + 4 : off + length]
-        off += (length + 3) & ~3
-    pf = msg[_NLMSG_HEADER.size] if end > _NLMSG_HEADER.size else 0
-    return LoggedPacket(pf=pf, hook=hook, prefix=prefix, payload=payload)
+            payload = msg[start:end]
+    return LoggedPacket(pf=nfgen_family(msg), hook=hook, prefix=prefix, payload=payload)
 
 
 def config_message(seq: int, attrs: list[tuple[str, Any]], group: int = TRACE_GROUP) -> bytes:
@@ -230,17 +224,6 @@ def config_message(seq: int, attrs: list[tuple[str, Any]], group: int = TRACE_GR
     msg["attrs"] = attrs
     msg.encode()
     return bytes(msg.data)
-
-
-def split_messages(data: bytes) -> Iterable[tuple[int, int, bytes]]:
-    """(type, sequence number, whole message) of each netlink message in a datagram."""
-    off = 0
-    while off + _NLMSG_HEADER.size <= len(data):
-        length, mtype, _flags, seq, _pid = _NLMSG_HEADER.unpack_from(data, off)
-        if length < _NLMSG_HEADER.size or off + length > len(data):
-            return
-        yield mtype, seq, data[off : off + length]
-        off += (length + 3) & ~3
 
 
 # --- what one TRACE line says ---------------------------------------------------------
@@ -655,9 +638,7 @@ class _TraceSocket:
     def __init__(self, owner: _LegacyNetns) -> None:
         self.owner = owner
         self.log = owner.log
-        self._sock: socket.socket | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread: threading.Thread | None = None
+        self._reader: NetlinkReader | None = None
         self._stopping = threading.Event()
         self._cond = threading.Condition()
         self._drained_at = 0.0  # monotonic time before a receive that found the queue empty
@@ -665,17 +646,11 @@ class _TraceSocket:
         self._traces: OrderedDict[bytes, _Trace] = OrderedDict()
         self._errors = 0
         self._last_error_log = 0.0
-        self._bad = 0
-        self._last_bad_log = 0.0
 
     def open(self) -> None:
         """Binds group 0 in the namespace; raises OSError when another listener has it."""
-        with netns_mod.entered(self.owner.ns):
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        sock = netfilter_socket(self.owner.ns)
         try:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
-            sock.bind((0, 0))
             sock.send(
                 config_message(
                     1,
@@ -690,9 +665,16 @@ class _TraceSocket:
         except Exception:
             sock.close()
             raise
-        self._sock = sock
-        self._thread = threading.Thread(target=self._run, name=f"legacy-trace-{self.owner.ns.inode}", daemon=True)
-        self._thread.start()
+        self._reader = NetlinkReader(
+            sock,
+            name=f"legacy-trace-{self.owner.ns.inode}",
+            on_message=self._handle,
+            on_lost=self._lost,
+            on_drained=self._drained,
+            log=self.log,
+            event_prefix="legacy",
+        )
+        self._reader.start()
 
     @staticmethod
     def _await_ack(sock: socket.socket, seq: int) -> None:
@@ -709,24 +691,12 @@ class _TraceSocket:
             sock.settimeout(None)
 
     def close(self) -> None:
+        """Stops the reader and closes the socket: the kernel destroys the group-0 instance with it."""
         self._stopping.set()
-        self._wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
-            if self._thread.is_alive():
-                self.log.warning("legacy.reader_did_not_stop")
-        if self._sock is not None:
-            self._sock.close()  # the kernel destroys the group-0 instance with it
-            self._sock = None
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        if self._reader is not None:
+            self._reader.close()
         with self._cond:
             self._cond.notify_all()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # a full pipe wakes the reader just as well
-            os.write(self._wake_w, b"x")
 
     # --- queries (caller threads) ---------------------------------------------------------
 
@@ -736,7 +706,8 @@ class _TraceSocket:
         with self._cond:
             if self._drained_at >= since:
                 return True
-            self._wake()
+            if self._reader is not None:
+                self._reader.wake()
             while self._drained_at < since:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping.is_set():
@@ -748,54 +719,13 @@ class _TraceSocket:
         with self._cond:
             return self._traces.get(fingerprint)
 
-    # --- reader -------------------------------------------------------------------------------
+    # --- reader thread ------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        assert self._sock is not None
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._stopping.is_set():
-            poller.poll(1000)
-            with contextlib.suppress(OSError):
-                os.read(self._wake_r, 4096)
-            if not self._drain():
-                return
-
-    def _drain(self) -> bool:
-        """Reads until the queue is empty; False when the socket broke."""
-        assert self._sock is not None
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            try:
-                data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                with self._cond:
-                    self._drained_at = started
-                    self._discarding = False
-                    self._cond.notify_all()
-                return True
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self._lost(exc)
-                    continue
-                if not self._stopping.is_set():
-                    self.log.warning("legacy.trace_socket_failed", error=str(exc))
-                return False
-            for mtype, _seq, msg in split_messages(data):
-                try:
-                    self._handle(mtype, msg)
-                except Exception as exc:
-                    self._bad_message(exc, mtype)
-        return True
-
-    def _bad_message(self, exc: Exception, mtype: int) -> None:
-        """Logged at most every 5 s: a message we cannot read usually comes in thousands."""
-        self._bad += 1
-        now = time.monotonic()
-        if now - self._last_bad_log >= 5.0:
-            self.log.warning("legacy.bad_message", error=repr(exc), msg_type=mtype, since_last_warning=self._bad)
-            self._last_bad_log, self._bad = now, 0
+    def _drained(self, started: float) -> None:
+        with self._cond:
+            self._drained_at = started
+            self._discarding = False
+            self._cond.notify_all()
 
     def _lost(self, exc: OSError) -> None:
         """Messages were dropped: forget traces and ignore the rest of the backlog.
