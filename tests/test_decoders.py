@@ -31,10 +31,17 @@ def test_hook_from_the_caller_of_nf_hook_slow():
 
 
 def test_subsystem():
-    assert subsystem_from_stack(INPUT_STACK, "nft_do_chain+0x3e8") == "nftables"
-    assert subsystem_from_stack(["nf_hook_slow", "ip_local_deliver"], "nf_hook_slow+0x9c") == "netfilter"
-    assert subsystem_from_stack(["__udp4_lib_rcv"], "__udp4_lib_rcv+0x4bc") == "socket"
-    assert subsystem_from_stack(["ip_route_input_slow"], "ip_route_input_slow+0x10") == "routing"
+    assert subsystem_from_stack(INPUT_STACK, "nft_do_chain+0x3e8", "NETFILTER_DROP") == "nftables"
+    assert subsystem_from_stack(["nf_hook_slow", "ip_local_deliver"], "nf_hook_slow+0x9c",
+                                "NETFILTER_DROP") == "netfilter"
+    assert subsystem_from_stack(["__udp4_lib_rcv"], "__udp4_lib_rcv+0x4bc", "NO_SOCKET") == "socket"
+    assert subsystem_from_stack(["ip_route_input_slow"], "ip_route_input_slow+0x10", "IP_NOROUTE") == "routing"
+    # A reject rule's RST dies as NO_SOCKET in the local stack, called from inside nft_do_chain:
+    # the socket layer dropped it, not nftables.
+    rst = ["sk_skb_reason_drop", "tcp_v4_rcv", "ip_local_deliver_finish", "__netif_receive_skb",
+           "process_backlog", "nf_send_reset", "nft_reject_inet_eval", "nft_do_chain", "nf_hook_slow",
+           "__ip_local_out"]
+    assert subsystem_from_stack(rst, "tcp_v4_rcv+0x91", "NO_SOCKET") == "socket"
 
 
 def test_process_only_in_its_own_system_call():

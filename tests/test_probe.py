@@ -98,6 +98,11 @@ def test_probe_dropped_by_own_output_rule_is_explained(path):
     validate(drop)
     assert drop["probe"]["id"] == r["probe"]["id"]
     assert drop["netfilter"]["hook"] == "output" and drop["netfilter"]["table"] == "host"
+    # A local reject rule answers like a closed port; the drop event tells them apart.
+    rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "8444", "--explain")
+    r = results[0]
+    assert r["verdict"] == "prohibited", r
+    assert "rejected here by output rule" in r["detail"] and "no legacy app" in r["detail"]
 
 
 @pytest.mark.bpf

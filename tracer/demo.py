@@ -129,6 +129,7 @@ table inet host {
     chain output {
         type filter hook output priority filter;
         tcp dport 8443 drop comment "egress policy"
+        tcp dport 8444 reject with tcp reset comment "no legacy app"
     }
 }
 """

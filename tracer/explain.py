@@ -80,6 +80,8 @@ def sentence(event: dict) -> str:
 
 def explain(result: ProbeResult, drops: list[dict]) -> None:
     """Adds this host's drops of the probe (or of its answer) to the result."""
+    # The probe's own drop says more than that of an answer it provoked.
+    drops = sorted(drops, key=lambda ev: ev.get("source", {}).get("ip") == result.target.ip)
     result.local_drops = drops
     if drops:
         first = drops[0]
@@ -88,6 +90,10 @@ def explain(result: ProbeResult, drops: list[dict]) -> None:
         packet = "your probe" if own else ("the answer " + ("(" + ",".join(flags) + ")" if flags else ""))
         result.detail = f"{packet.strip()} to {result.target} was {sentence(first)}"
         result.next_steps = ["change or remove that rule on this host, then probe again"]
+        if first["event"]["action"] == "rejected":
+            # A local reject rule answers like a closed port (RST) or an ICMP
+            # error; the drop event is what tells it apart.
+            result.verdict = "prohibited"
     elif result.verdict == "filtered":
         result.detail = ("the probe left this host (no drop here) and no answer came back: it was lost "
                          "upstream, at the remote host's firewall, a cloud security group or a network ACL")

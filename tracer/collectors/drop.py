@@ -201,11 +201,28 @@ def hook_from_stack(functions: Sequence[str]) -> str | None:
     return None
 
 
-def subsystem_from_stack(functions: list[str], location: str) -> str:
-    names = [_fn(location)] + functions
-    for frame, subsystem in SUBSYSTEM_FRAMES:
-        if frame in names:
-            return subsystem
+#: Functions that free a packet on a netfilter verdict.
+NETFILTER_LOCATIONS = frozenset({"nf_hook_slow", "nf_hook_slow_list", "nft_do_chain", "ipt_do_table",
+                                 "ip6t_do_table", "ebt_do_table", "nf_conntrack_in"})
+
+
+def netfilter_drop(reason: str, location: str) -> bool:
+    """Whether netfilter decided this drop (not merely ran further down the stack).
+
+    A packet can die anywhere below a netfilter hook: a reject rule's RST is
+    delivered to the local stack inside nft_do_chain and may die there as
+    NO_SOCKET. Only the reason or the freeing function says whose drop it is.
+    """
+    return reason == "NETFILTER_DROP" or _fn(location) in NETFILTER_LOCATIONS
+
+
+def subsystem_from_stack(functions: list[str], location: str, reason: str) -> str:
+    names = [_fn(location)] + list(functions)
+    if netfilter_drop(reason, location):
+        # Frames past the first nf_hook_slow belong to an outer hook, not this drop.
+        end = next((i for i, f in enumerate(names) if f in ("nf_hook_slow", "nf_hook_slow_list")), len(names))
+        own = names[: end + 1]
+        return next((sub for frame, sub in SUBSYSTEM_FRAMES if frame in own), "netfilter")
     first = names[0] if names else ""
     if first.startswith(("tcp_", "udp", "raw_", "inet_", "sk_", "sock_", "__udp", "icmp")):
         return "socket"
@@ -252,7 +269,7 @@ class DropDecoder:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; Python's monotonic_ns is the same clock.
         self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._stack_at: int = event_type.stack.offset  # type: ignore[attr-defined]
-        self._where_cache: dict[tuple[bytes, int], _Where] = {}
+        self._where_cache: dict[tuple[bytes, int, int], _Where] = {}
         self._cache_generation = self.ksyms.generation
 
     def _where(self, raw: bytes, rec: ctypes.Structure) -> _Where:
@@ -268,15 +285,17 @@ class DropDecoder:
         if self._cache_generation != ksyms.generation:
             self._where_cache.clear()
             self._cache_generation = ksyms.generation
-        key = (raw[self._stack_at : self._stack_at + rec.stack_bytes], rec.location)
+        key = (raw[self._stack_at : self._stack_at + rec.stack_bytes], rec.location, rec.reason)
         found = self._where_cache.get(key)
         if found is not None:
             return found
         stack = symbolize_stack(ksyms, rec)
         functions = [_fn(f) for f in stack]
         location = ksyms.format(rec.location) if rec.location else (stack[0] if stack else "")
-        found = _Where(tuple(stack), tuple(functions), location, hook_from_stack(functions),
-                       subsystem_from_stack(functions, location))
+        reason = self.reasons.name(rec.reason)
+        hook = hook_from_stack(functions) if netfilter_drop(reason, location) else None
+        found = _Where(tuple(stack), tuple(functions), location, hook,
+                       subsystem_from_stack(functions, location, reason))
         if ksyms.settled(stack_addresses(rec) + ([rec.location] if rec.location else [])):
             if len(self._where_cache) >= _STACK_CACHE_LIMIT:
                 self._where_cache.clear()
