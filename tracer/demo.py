@@ -184,9 +184,12 @@ def run_probes() -> int:
         ]
         for title, args in cases:
             _run_case(lab, path.client, title, args)
+        _server_side_case(lab, path, v4)
         lab.nft(path.client, PROBE_CLIENT_RULESET)
         _run_case(lab, path.client, "dropped by this host's own output rule, explained",
                   ["probe", v4, "--port", "8443", "--explain"])
+        _run_case(lab, path.client, "refused by this host's own reject rule, explained",
+                  ["probe", v4, "--port", "8444", "--explain"])
         lab.nft(path.router, ROUTER_BLOCKS_ICMP)
         _run_case(lab, path.client, "the router drops its ICMP errors: a black hole", ["pmtu", v4])
         out.write("removing the lab\n")
@@ -199,3 +202,31 @@ def _run_case(lab: Lab, client, title: str, args: list[str]) -> None:
     res = lab.run(client, [sys.executable, "-m", "tracer", *args], check=False)
     sys.stdout.write(res.stdout + (res.stderr if res.returncode == 2 else "") + f"(exit {res.returncode})\n\n")
     sys.stdout.flush()
+
+
+def _server_side_case(lab: Lab, path, v4: str) -> None:
+    """A watch on the server names the rule that dropped the client's probe, by probe id."""
+    import subprocess
+
+    import orjson
+
+    from .output import one_line
+
+    server = path.server.name or ""
+    sys.stdout.write(f"--- the server's own tracer sees the probe\n$ tracer watch --netns {server} "
+                     f"--port 444 --count 1   # on the server\n")
+    watch = subprocess.Popen([sys.executable, "-m", "tracer", "watch", "--netns", server, "--port", "444",
+                              "--count", "1", "--duration", "20", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while "tracer_mark" not in lab.nft_list(path.server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _run_case(lab, path.client, "(meanwhile, on the client)", ["probe", v4, "--port", "444"])
+        line = watch.stdout.readline()
+        if line:
+            event = orjson.loads(line)
+            sys.stdout.write(f"server: {one_line(event)}\n\n")
+    finally:
+        watch.kill()
+        watch.wait()

@@ -80,6 +80,8 @@ def one_line(event: dict) -> str:
     proc = event.get("process")
     if proc:
         parts.append(f"by {proc['name']}[{proc['pid']}]")
+    if event.get("probe"):
+        parts.append(f"probe {event['probe']['id']}")
     if event["event"]["count"] > 1:
         parts.append(f"x{event['event']['count']}")
     return "  ".join(parts)
