@@ -40,12 +40,10 @@ class RulesetView(Protocol):
     def backend_of(self, family: str, table: str) -> str: ...
 
 
-def from_trace(drop: KernelDrop, v: TraceVerdict) -> Netfilter:
-    rule = None
-    if not v.policy and v.handle is not None and v.text is not None:
-        rule = Rule(handle=v.handle, text=v.text, comment=v.comment, iptables=v.iptables)
+def _traced(drop: KernelDrop, v, backend: str, rule: Rule | None) -> Netfilter:
+    """A Netfilter from a traced verdict (nftables or iptables-legacy TRACE)."""
     return Netfilter(
-        backend=v.backend,
+        backend=backend,
         attribution="nftrace",
         family=v.family,
         hook=v.hook or drop.hook,
@@ -56,6 +54,13 @@ def from_trace(drop: KernelDrop, v: TraceVerdict) -> Netfilter:
         policy=True if v.policy else (False if rule else None),
         verdict=v.verdict,
     )
+
+
+def from_trace(drop: KernelDrop, v: TraceVerdict) -> Netfilter:
+    rule = None
+    if not v.policy and v.handle is not None and v.text is not None:
+        rule = Rule(handle=v.handle, text=v.text, comment=v.comment, iptables=v.iptables)
+    return _traced(drop, v, v.backend, rule)
 
 
 def from_legacy(drop: KernelDrop, v: LegacyVerdict) -> Netfilter:
@@ -63,18 +68,7 @@ def from_legacy(drop: KernelDrop, v: LegacyVerdict) -> Netfilter:
     rule = None
     if not v.policy and v.rule_number is not None and v.iptables is not None:
         rule = Rule(handle=v.rule_number, text=v.iptables, comment=v.comment, iptables=v.iptables)
-    return Netfilter(
-        backend="iptables-legacy",
-        attribution="nftrace",
-        family=v.family,
-        hook=v.hook or drop.hook,
-        table=v.table,
-        chain=v.chain,
-        base_chain=v.base_chain,
-        rule=rule,
-        policy=True if v.policy else (False if rule else None),
-        verdict=v.verdict,
-    )
+    return _traced(drop, v, "iptables-legacy", rule)
 
 
 def with_legacy_table(nf: Netfilter, candidates: list[str]) -> Netfilter:
