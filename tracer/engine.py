@@ -30,6 +30,7 @@ from . import netns as netnsmod
 from .collectors import conntrack as ct
 from .collectors.conntrack import ConntrackInfo
 from .collectors.drop import DropDecoder, DropReasons, KernelDrop
+from .collectors.iptables import loaded_tables
 from .event import DropEvent, Interface
 from .filters import WatchFilter
 from .links import LinkNames
@@ -328,13 +329,10 @@ class Engine:
         cached = self._legacy_cache.get(ns.inode)
         if cached is not None and now - cached[0] < 5.0:
             return cached[1]
-        present = False
         try:
-            out = netnsmod.run_in(ns, ["cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"],
-                                  capture_output=True, text=True)
-            present = bool(out.stdout.strip())
-        except OSError:
-            pass
+            present = bool(loaded_tables(ns))
+        except OSError:  # the namespace vanished
+            present = False
         self._legacy_cache[ns.inode] = (now, present)
         return present
 
