@@ -32,6 +32,13 @@ char LICENSE[] SEC("license") = "GPL";
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define IP_OFFSET_MASK 0x1fff
+#define IP_MF 0x2000
+/* include/net/ipv6.h */
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_AUTH 51
+#define NEXTHDR_DEST 60
 #define NFCT_INFOMASK 7UL
 #define CT_INFO_UNTRACKED 7
 #define CT_INFO_NONE 0xff
@@ -156,6 +163,7 @@ static __always_inline struct net_device *skb_device(struct sk_buff *skb)
 static __always_inline __u32 parse_ipv4(struct drop_event *e, unsigned char *head, __u32 nh)
 {
 	struct iphdr ip;
+	__u16 frag;
 
 	if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh))
 		return 0;
@@ -164,19 +172,40 @@ static __always_inline __u32 parse_ipv4(struct drop_event *e, unsigned char *hea
 	bpf_probe_read_kernel(e->l3, TRACER_L3_BYTES, head + nh);
 	e->l3_off_valid = 1;
 	e->l4proto = ip.protocol;
-	if (bpf_ntohs(ip.frag_off) & IP_OFFSET_MASK)
+	e->frag_id = bpf_ntohs(ip.id);
+	frag = bpf_ntohs(ip.frag_off);
+	e->frag_off = frag & IP_OFFSET_MASK;
+	if (frag & IP_MF)
+		e->frag_flags |= TRACER_FRAG_MORE;
+	if (frag & (IP_MF | IP_OFFSET_MASK))
+		e->frag_flags |= TRACER_FRAG_IS_FRAGMENT;
+	if (e->frag_off)
 		return 0;
 	return nh + ip.ihl * 4;
 }
 
-/* IPv6 extension headers that may stand between the fixed header and the
- * transport header. A fragment header with a non-zero offset ends the walk:
- * only the first fragment carries ports. */
-static __always_inline __u32 parse_ipv6(struct drop_event *e, unsigned char *head, __u32 nh)
+/* ipv6_ext_hdr() of the kernel minus NEXTHDR_NONE: the headers ipv6_find_hdr()
+ * (which nftables uses for the transport offset) walks past. */
+static __always_inline bool ipv6_ext(__u8 nexthdr)
+{
+	return nexthdr == NEXTHDR_HOP || nexthdr == NEXTHDR_ROUTING || nexthdr == NEXTHDR_FRAGMENT ||
+	       nexthdr == NEXTHDR_AUTH || nexthdr == NEXTHDR_DEST;
+}
+
+/* Walks the IPv6 extension headers to the transport header, at most
+ * TRACER_IPV6_MAX_EXT of them (a bounded loop, not unrolled: the verifier
+ * checks each pass). Returns the transport offset from skb->head, or 0 when
+ * the packet has no transport header here: a non-first fragment (offset in
+ * its fragment header), a chain longer than the limit, or a header beyond
+ * the linear data (`tail`). Every extension header is at least 8 bytes, so
+ * each pass reads 8: the fragment header's identification is in its second
+ * half. */
+static __always_inline __u32 parse_ipv6(struct drop_event *e, unsigned char *head, __u32 nh, __u32 tail)
 {
 	__u8 vers = 0, nexthdr;
 	__u32 off;
-	__u8 ext[4];
+	__u8 ext[8];
+	int i;
 
 	bpf_probe_read_kernel(&vers, 1, head + nh);
 	if ((vers >> 4) != 6)
@@ -186,37 +215,48 @@ static __always_inline __u32 parse_ipv6(struct drop_event *e, unsigned char *hea
 	nexthdr = e->l3[6];
 	off = nh + 40;
 
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		if (nexthdr != 0 && nexthdr != 43 && nexthdr != 60 && nexthdr != 44 && nexthdr != 51)
+	for (i = 0; i < TRACER_IPV6_MAX_EXT; i++) {
+		if (!ipv6_ext(nexthdr))
 			break;
-		if (bpf_probe_read_kernel(ext, sizeof(ext), head + off))
+		if (off + sizeof(ext) > tail || bpf_probe_read_kernel(ext, sizeof(ext), head + off)) {
+			e->l4proto = nexthdr;
 			return 0;
-		if (nexthdr == 44) {            /* fragment header, 8 bytes */
-			if ((((__u16)ext[2] << 8) | ext[3]) & 0xfff8)
-				nexthdr = ext[0], off = 0;
-			else
-				nexthdr = ext[0], off += 8;
-			if (!off)
-				break;
-			continue;
 		}
-		if (nexthdr == 51)              /* AH: length in 4-byte units, minus 2 */
+		e->ext_count = i + 1;
+		if (nexthdr == NEXTHDR_FRAGMENT) {
+			__u16 frag = ((__u16)ext[2] << 8) | ext[3];
+
+			e->frag_flags |= TRACER_FRAG_IS_FRAGMENT;
+			if (frag & 1)
+				e->frag_flags |= TRACER_FRAG_MORE;
+			e->frag_off = frag >> 3;
+			e->frag_id = ((__u32)ext[4] << 24) | ((__u32)ext[5] << 16) | ((__u32)ext[6] << 8) | ext[7];
+			nexthdr = ext[0];
+			if (e->frag_off) {      /* only the first fragment has a transport header */
+				e->l4proto = nexthdr;
+				return 0;
+			}
+			off += 8;
+		} else if (nexthdr == NEXTHDR_AUTH) {   /* length in 4-byte units, minus 2 */
 			off += ((__u32)ext[1] + 2) * 4;
-		else                            /* hop-by-hop, routing, destination options */
+			nexthdr = ext[0];
+		} else {                                /* hop-by-hop, routing, destination options */
 			off += ((__u32)ext[1] + 1) * 8;
-		nexthdr = ext[0];
+			nexthdr = ext[0];
+		}
 	}
 	e->l4proto = nexthdr;
+	if (ipv6_ext(nexthdr)) {
+		e->frag_flags |= TRACER_FRAG_EXT_LIMIT;
+		return 0;
+	}
 	return off;
 }
 
 /* Reads the transport header when it lies in the linear data (skb->tail is
  * an offset from head on 64-bit kernels, NET_SKBUFF_DATA_USES_OFFSET). */
-static __always_inline void copy_l4(struct drop_event *e, struct sk_buff *skb,
-				    unsigned char *head, __u32 th)
+static __always_inline void copy_l4(struct drop_event *e, unsigned char *head, __u32 th, __u32 tail)
 {
-	__u32 tail = BPF_CORE_READ(skb, tail);
 	__u32 avail;
 
 	if (!th || th >= tail)
@@ -235,6 +275,7 @@ static __always_inline void parse_packet(struct drop_event *e, struct sk_buff *s
 {
 	unsigned char *head = BPF_CORE_READ(skb, head);
 	__u16 nh = BPF_CORE_READ(skb, network_header);
+	__u32 tail = BPF_CORE_READ(skb, tail);
 	__u32 th = 0;
 
 	e->l3proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
@@ -243,8 +284,8 @@ static __always_inline void parse_packet(struct drop_event *e, struct sk_buff *s
 	if (e->l3proto == ETH_P_IP)
 		th = parse_ipv4(e, head, nh);
 	else if (e->l3proto == ETH_P_IPV6)
-		th = parse_ipv6(e, head, nh);
-	copy_l4(e, skb, head, th);
+		th = parse_ipv6(e, head, nh, tail);
+	copy_l4(e, head, th, tail);
 }
 
 /* Conntrack entry attached to the packet. Assumes skb->_nfct holds the
@@ -273,6 +314,161 @@ static __always_inline void read_conntrack(struct drop_event *e, struct sk_buff 
 			e->ct_mark = BPF_CORE_READ(ct, mark);
 		if (bpf_core_field_exists(ct->zone))
 			e->ct_zone = BPF_CORE_READ(ct, zone.id);
+	}
+}
+
+/* ------------------------------------------------------------ reassembly queues */
+
+/* Fragments freed from an IPv4/IPv6 reassembly queue cannot be trusted for
+ * skb->dev. What the kernel does (net/ipv4/inet_fragment.c, ip_fragment.c,
+ * net/ipv6/reassembly.c, include/net/ipv6_frag.h, checked on 6.18):
+ *
+ * - A queued fragment that starts a run of contiguous fragments is a node of
+ *   the queue's rb-tree (fragrun_create); skb->rbnode shares storage with
+ *   skb->next, skb->prev and skb->dev, so while it is (or was) linked, next is
+ *   __rb_parent_color (never 0: a parent pointer, or the root's black colour
+ *   bit) and dev is rb_left: another skb of the queue, or NULL. rb_erase()
+ *   and rb_replace_node() leave the removed node's fields as they were, so
+ *   inet_frag_rbtree_purge() frees these with that rb_left in dev.
+ * - A fragment appended to a run (fragrun_append_to_last) is only chained
+ *   through FRAG_CB(skb)->next_frag; it keeps skb->next == NULL and the
+ *   skb->dev it arrived with, which holds no reference: a device deleted
+ *   since would leave it dangling.
+ * - On expiry (ip_expire; ip6frag_expire_frag_queue, from ip6_frag_expire and
+ *   nf_ct_frag6_expire), when the first fragment has arrived, the head (the
+ *   fragment at offset 0) is taken out with inet_frag_pull_head(), which
+ *   zeroes its rbnode, given head->dev = dev_get_by_index_rcu(net, iif) and
+ *   freed with FRAG_REASM_TIMEOUT inside rcu_read_lock(): that dev is real.
+ *   IPv4 frees the head with a routing reason instead when its route lookup
+ *   fails. Then the queue's last reference goes (ipq_put / inet_frag_put),
+ *   inet_frag_destroy() frees every other fragment, FRAG_REASM_TIMEOUT
+ *   again, in the same timer callback on the same CPU, with nothing else
+ *   freed by that CPU in between (timer softirqs do not nest). Only when
+ *   another CPU held a reference at that moment does that CPU free them.
+ * - ip_frag_reinit() (IPv4, FRAG_TOO_FAR) purges the tree the same way, and
+ *   then the new fragment, which has a real dev, is freed with the same reason.
+ *
+ * So a drop with one of these reasons uses skb->dev only when skb->next is
+ * NULL (never linked into the tree) and, unless it is an expiring head,
+ * the device still has the ifindex the skb arrived on (skb_iif). Fragments
+ * that follow a head on the same CPU take the head's device and namespace.
+ */
+
+/* A head recorded this long ago is from another timer callback. The whole
+ * callback takes microseconds; the window only has to outlast a slow
+ * (emulated) CPU, and stays far below the shortest expiry (ipfrag_time). */
+#define REASM_HEAD_WINDOW_NS (50ULL * 1000 * 1000)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct reasm_head);
+} reasm_head SEC(".maps");
+
+enum reasm_kind {
+	REASM_NONE = 0,         /* not freed from a reassembly queue */
+	REASM_TIMEOUT = 1,      /* FRAG_REASM_TIMEOUT */
+	REASM_TOO_FAR = 2,      /* FRAG_TOO_FAR */
+};
+
+/* Reason numbers differ between kernels: CO-RE takes them from the running
+ * kernel's enum skb_drop_reason, and a kernel without them has no such drops. */
+static __always_inline enum reasm_kind reasm_kind(__u32 reason)
+{
+	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_FRAG_REASM_TIMEOUT) &&
+	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_FRAG_REASM_TIMEOUT))
+		return REASM_TIMEOUT;
+	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_FRAG_TOO_FAR) &&
+	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_FRAG_TOO_FAR))
+		return REASM_TOO_FAR;
+	return REASM_NONE;
+}
+
+/* The kernel's queue key, as far as the headers show it: addresses, ID and
+ * (IPv4) protocol. The defrag user and VRF of the key are not visible; the
+ * same CPU and time window stand in for them. */
+static __always_inline void reasm_key(const struct drop_event *e, struct reasm_head *h)
+{
+	h->l3proto = e->l3proto;
+	h->frag_id = e->frag_id;
+	if (e->l3proto == ETH_P_IP) {
+		h->l4proto = e->l4proto;
+		__builtin_memcpy(h->saddr, &e->l3[12], 4);
+		__builtin_memcpy(h->daddr, &e->l3[16], 4);
+	} else {
+		__builtin_memcpy(h->saddr, &e->l3[8], 16);
+		__builtin_memcpy(h->daddr, &e->l3[24], 16);
+	}
+}
+
+static __always_inline bool reasm_same(const struct reasm_head *a, const struct reasm_head *b)
+{
+	if (a->l3proto != b->l3proto || a->frag_id != b->frag_id || a->l4proto != b->l4proto)
+		return false;
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (a->saddr[i] != b->saddr[i] || a->daddr[i] != b->daddr[i])
+			return false;
+	}
+	return true;
+}
+
+static __always_inline void set_device(struct drop_event *e, struct sk_buff *skb, struct net_device *dev)
+{
+	e->netns_ino = skb_netns(skb, dev);
+	if (dev) {
+		e->ifindex = BPF_CORE_READ(dev, ifindex);
+		BPF_CORE_READ_STR_INTO(&e->dev_name, dev, name);
+	}
+}
+
+/* Device and namespace of a drop from a reassembly queue (see above). Runs
+ * before the filter, so that the fragments of a head the filter leaves out
+ * (it has ports, they have none) still get its namespace. */
+static __always_inline void reasm_device(struct drop_event *e, struct sk_buff *skb, enum reasm_kind kind)
+{
+	struct reasm_head key = {}, *last;
+	struct net_device *dev;
+	bool head = false;
+	__u32 zero = 0;
+	__u64 now;
+
+	if (!e->l3_off_valid || !(e->frag_flags & TRACER_FRAG_IS_FRAGMENT)) {
+		e->frag_flags |= TRACER_FRAG_DEV_UNKNOWN;
+		return;
+	}
+	reasm_key(e, &key);
+	last = bpf_map_lookup_elem(&reasm_head, &zero);
+	if (!last)
+		return;
+	now = bpf_ktime_get_ns();
+	if (kind == REASM_TIMEOUT && !e->frag_off && !BPF_CORE_READ(skb, next)) {
+		head = true;            /* pulled by inet_frag_pull_head(), dev set under RCU */
+	} else if (kind == REASM_TIMEOUT && now - last->ts_ns < REASM_HEAD_WINDOW_NS && reasm_same(last, &key)) {
+		e->netns_ino = last->netns_ino;
+		e->ifindex = last->ifindex;
+		__builtin_memcpy(e->dev_name, last->dev_name, sizeof(e->dev_name));
+		e->frag_flags |= TRACER_FRAG_NS_FROM_HEAD;
+		return;
+	}
+	dev = BPF_CORE_READ(skb, next) ? NULL : BPF_CORE_READ(skb, dev);
+	if (dev && !head && BPF_CORE_READ(dev, ifindex) != BPF_CORE_READ(skb, skb_iif))
+		dev = NULL;
+	if (!dev) {
+		/* skb->sk is not shared with the tree; a queued skb of a local
+		 * sender (defrag on output) still names its namespace. */
+		e->netns_ino = skb_netns(skb, NULL);
+		e->frag_flags |= TRACER_FRAG_DEV_UNKNOWN;
+		return;
+	}
+	set_device(e, skb, dev);
+	if (head) {
+		key.ts_ns = now;
+		key.netns_ino = e->netns_ino;
+		key.ifindex = e->ifindex;
+		__builtin_memcpy(key.dev_name, e->dev_name, sizeof(key.dev_name));
+		*last = key;
 	}
 }
 
@@ -396,7 +592,7 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	__u32 zero = 0;
 	struct filter_cfg *f;
 	struct drop_event *e;
-	struct net_device *dev;
+	enum reasm_kind kind;
 	struct nf_info *nf;
 	__u64 key = (__u64)skb;
 	long n;
@@ -415,13 +611,12 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	e->reason = reason;
 	e->location = location;
 	e->skb_addr = key;
-	dev = skb_device(skb);
-	e->netns_ino = skb_netns(skb, dev);
-	if (dev) {
-		e->ifindex = BPF_CORE_READ(dev, ifindex);
-		BPF_CORE_READ_STR_INTO(&e->dev_name, dev, name);
-	}
 	parse_packet(e, skb);
+	kind = reasm_kind(reason);
+	if (kind != REASM_NONE)
+		reasm_device(e, skb, kind);
+	else
+		set_device(e, skb, skb_device(skb));
 	if (!wanted(f, e)) {
 		count(STAT_FILTERED);
 		bpf_map_delete_elem(&skb_nf, &key);

@@ -20,6 +20,21 @@
 #define TRACER_MAX_PORTS 8
 #define TRACER_MAX_NETS 8
 #define TRACER_REASON_WORDS 16  /* bitmap of 1024 drop reasons */
+/* IPv6 extension headers walked before giving up on the transport header.
+ * The kernel sets no limit; this one keeps the verifier's work small (a
+ * bounded loop: about 250 instructions verified per pass, 224k in all with
+ * 64 on 6.18, of the 1M limit). tracer/packet.py (IPV6_MAX_EXT_HEADERS) must
+ * use the same number. */
+#define TRACER_IPV6_MAX_EXT 64
+
+/* drop_event.frag_flags */
+#define TRACER_FRAG_IS_FRAGMENT 0x01  /* IPv4 MF or offset set, or an IPv6 fragment header */
+#define TRACER_FRAG_MORE        0x02  /* more fragments follow (MF / M bit) */
+#define TRACER_FRAG_NS_FROM_HEAD 0x04 /* freed from a reassembly queue: device and namespace
+                                       * are the queue head's (see reasm_* in tracer.bpf.c) */
+#define TRACER_FRAG_DEV_UNKNOWN 0x08  /* freed from a reassembly queue, skb->dev not a device:
+                                       * no device or namespace could be told */
+#define TRACER_FRAG_EXT_LIMIT   0x10  /* more than TRACER_IPV6_MAX_EXT extension headers */
 
 /* Where the netfilter part of an event came from. */
 enum nf_source {
@@ -70,6 +85,10 @@ struct drop_event {
 	__u16 l4_len;           /* bytes valid in l4[], 0 when none (later fragment) */
 	__u16 stack_bytes;      /* bytes valid in stack[] */
 	__s32 stack_err;        /* negative errno of bpf_get_stack, 0 on success */
+	__u32 frag_id;          /* IPv4 ID or IPv6 fragment header identification, host order */
+	__u16 frag_off;         /* fragment offset in 8-byte units, 0 for a first fragment */
+	__u8 frag_flags;        /* TRACER_FRAG_* */
+	__u8 ext_count;         /* IPv6 extension headers walked (fragment header included) */
 	__u8 l3[TRACER_L3_BYTES];
 	__u8 l4[TRACER_L4_BYTES];
 	char dev_name[16];
@@ -77,6 +96,22 @@ struct drop_event {
 	__u8 _pad0[4];
 	struct nf_info nf;
 	__u64 stack[TRACER_STACK_DEPTH];
+};
+
+/* The last reassembly queue head freed on a CPU (BPF-internal, per-CPU map
+ * `reasm_head`): the fragments of its queue freed right after it take their
+ * device and namespace from it. */
+struct reasm_head {
+	__u64 ts_ns;            /* bpf_ktime_get_ns() when the head was freed */
+	__u32 netns_ino;
+	__u32 ifindex;
+	__u32 frag_id;          /* as drop_event.frag_id */
+	__u16 l3proto;          /* ETH_P_IP or ETH_P_IPV6 */
+	__u8 l4proto;           /* IPv4 protocol (part of the kernel's queue key); 0 for IPv6 */
+	__u8 _pad;
+	__u8 saddr[16];         /* IPv4 addresses in the first 4 bytes */
+	__u8 daddr[16];
+	char dev_name[16];
 };
 
 /* In-kernel filter, written by Python into the one-element `filter_cfg` map. */

@@ -507,7 +507,7 @@ table netdev nd { chain ing { type filter hook ingress device "lo" priority -500
     assert texts["udp dport 53 drop"] == ("no dns", 0, "checks")
     assert [c.name for c in rs.base_chains_reaching("inet", "fw", "checks")] == ["input"]
     assert rs.backend("inet", "fw") == "nftables"
-    assert parse_ruleset(rs.text).rules == rs.rules
+    assert parse_ruleset(rs.json, rs.text).rules == rs.rules
 
 
 def test_recovers_after_lost_messages(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:

@@ -58,7 +58,7 @@ def _traced(drop: KernelDrop, v, backend: str, rule: Rule | None) -> Netfilter:
 
 def from_trace(drop: KernelDrop, v: TraceVerdict) -> Netfilter:
     rule = None
-    if not v.policy and v.handle is not None and v.text is not None:
+    if not v.policy and v.handle is not None:
         rule = Rule(handle=v.handle, text=v.text, comment=v.comment, iptables=v.iptables)
     return _traced(drop, v, v.backend, rule)
 

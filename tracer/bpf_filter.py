@@ -10,7 +10,7 @@ import ctypes
 import ipaddress
 import socket
 
-from .filters import WatchFilter
+from .filters import PROTO_NUMBERS, WatchFilter
 
 FILTER_PORTS = 1 << 0
 FILTER_PROTO = 1 << 1
@@ -24,14 +24,27 @@ NO_REASON = 0xFFFFFFFF
 
 
 def protocol_number(proto: str | int | None) -> int | None:
+    """The IP protocol number of a WatchFilter protocol: a table name or a number 0-255."""
     if proto is None:
         return None
     if isinstance(proto, int):
-        return proto
-    names = {"icmpv6": 58, "ipv6-icmp": 58, "icmp6": 58}
-    if proto.lower() in names:
-        return names[proto.lower()]
-    return socket.getprotobyname(proto.lower())
+        number = proto
+    else:
+        text = proto.strip().lower()
+        if text in PROTO_NUMBERS:
+            return PROTO_NUMBERS[text]
+        if text == "icmp6":
+            return 58
+        if text.isascii() and text.isdigit():
+            number = int(text)
+        else:
+            try:
+                number = socket.getprotobyname(text)
+            except (OSError, ValueError):
+                raise ValueError(f"protocol {proto!r} is not a known name or a number 0-255") from None
+    if not 0 <= number <= 255:
+        raise ValueError(f"protocol number {number} is out of range 0-255")
+    return number
 
 
 def build(cfg: ctypes.Structure, f: WatchFilter, *, reasons: list[int],

@@ -3,53 +3,113 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 
 import structlog
 
 from . import __version__
 from . import log as logsetup
+from .log import say
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+#: After SIGINT/SIGTERM: seconds until stdout gives up, until stderr gives up. The
+#: whole exit (engine stop, marking tables removed, report) stays within 2 s.
+STDOUT_GRACE, STDERR_GRACE = 0.8, 1.2
+#: After a normal stop (--count, --duration): how long a live reader gets for the rest.
+DRAIN_TIMEOUT = 2.0
+#: select() and friends refuse timeouts beyond ~292 years; an hour per answer is plenty.
+MAX_TIMEOUT = 3600.0
+#: --trace-rate: nft's `limit rate` takes any u64, but more than this per namespace traces everything anyway.
+TRACE_RATE_MAX = 10_000_000
+TRACE_RATE_DEFAULT = 1000
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class UsageError(Exception):
     """Bad flags or values: exit code 2 with the message."""
 
 
-def _split(values: list[str] | None) -> list[str]:
-    """`--port 80 --port 443,8443` -> ['80', '443', '8443']."""
+class RunError(Exception):
+    """The host cannot do what was asked (privileges, kernel): exit code 1 with the message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) and never echo control characters."""
+
+    def error(self, message: str):  # type: ignore[override]
+        say(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
+        sys.exit(EXIT_USAGE)
+
+
+def _items(flag: str, values: list[str] | None) -> list[str]:
+    """`--port 80 --port 443,8443` -> ['80', '443', '8443']; an empty item is an error,
+    because dropping it would silently widen the watch to everything."""
     out: list[str] = []
     for v in values or []:
-        out.extend(x.strip() for x in v.split(",") if x.strip())
+        for item in v.split(","):
+            item = item.strip()
+            if not item:
+                raise UsageError(f"{flag} {v!r}: empty value (give one or more, separated by commas)")
+            out.append(item)
     return out
 
 
 def _ports(values: list[str] | None) -> tuple[int, ...]:
     ports = []
-    for v in _split(values):
-        if not v.isdigit() or not 0 < int(v) < 65536:
+    for v in _items("--port", values):
+        if not _DIGITS.fullmatch(v) or len(v) > 5 or not 0 < int(v) < 65536:
             raise UsageError(f"--port {v!r}: a port is a number from 1 to 65535")
         ports.append(int(v))
     return tuple(dict.fromkeys(ports))
 
 
-def _positive(kind):
+def _positive(kind, maximum: float | None = None) -> Callable[[str], int | float]:
+    """An argparse type: a finite number above 0 (nan, inf, -0 and 1e309 are refused)."""
+    what = "a whole number" if kind is int else "a number"
+
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            value = kind(text.strip())
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at most {maximum:g}")
         return value
     return parse
 
 
+def _at_least_zero(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _port(text: str) -> int:
+    if not _DIGITS.fullmatch(text.strip()) or len(text.strip()) > 5 or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is a number from 1 to 65535")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tracer",
         description="Which packet was dropped, where in the kernel, by which firewall rule, "
                     "in which conntrack state, and why.")
@@ -64,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only packets from or to these ports (TCP, UDP, SCTP)")
     w.add_argument("--host", action="append", metavar="ADDR|CIDR",
                    help="only packets from or to this address or network")
-    w.add_argument("--proto", help="only this protocol: tcp, udp, icmp, icmpv6, sctp or a number")
-    w.add_argument("--netns", help="only this network namespace: ip netns name, inode or path")
+    w.add_argument("--proto", help="only this protocol: tcp, udp, icmp, icmpv6, sctp, "
+                                   "a name from /etc/protocols, or a number 0-255")
+    w.add_argument("--netns", help="only this network namespace: its `ip netns` name (followed, "
+                                   "waited for if absent) or the inode of a live one")
     w.add_argument("--iface", help="only packets on this interface")
     w.add_argument("--reason", action="append", metavar="NAME[,NAME...]",
                    help="only these kernel drop reasons (e.g. NETFILTER_DROP,NO_SOCKET)")
@@ -77,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not add the tracer's nftrace marking table (rule text will be missing)")
     w.add_argument("--nf-probes", choices=("auto", "fentry", "kprobe", "none"), default="auto",
                    help="netfilter context probes (default: the best the kernel allows)")
-    w.add_argument("--trace-rate", type=_positive(int), default=1000, metavar="N",
+    w.add_argument("--trace-rate", type=_positive(int, TRACE_RATE_MAX), default=None, metavar="N",
                    help="nftrace marking limit in packets per second per namespace (default 1000)")
 
     d = sub.add_parser("doctor", help="check what this kernel and host allow")
@@ -94,20 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-6", dest="v6", action="store_true", help="use IPv6 when HOST is a name")
     pr.add_argument("--explain", action="store_true",
                     help="watch this host's drops during the probe and name the rule that dropped it")
-    pr.add_argument("--timeout", type=_positive(float), default=1.0, metavar="S",
+    pr.add_argument("--timeout", type=_positive(float, MAX_TIMEOUT), default=1.0, metavar="S",
                     help="seconds to wait for an answer (default 1)")
-    pr.add_argument("--retries", type=int, default=2, metavar="N", help="resends before 'filtered' (default 2)")
+    pr.add_argument("--retries", type=_at_least_zero, default=2, metavar="N",
+                    help="resends before 'filtered' (default 2)")
     pr.add_argument("--json", action="store_true", help="one JSON object per target")
 
     pm = sub.add_parser("pmtu", help="path MTU to a host, and ICMP black holes",
                         description="Binary search of the path MTU with DF probes (ICMP echo, or TCP "
                                     "SYNs where echo is blocked); detects ICMP black holes.")
     pm.add_argument("host", help="address or name")
-    pm.add_argument("--port", type=int, default=443, help="TCP port for TCP probes (default 443)")
+    pm.add_argument("--port", type=_port, default=443, help="TCP port for TCP probes (default 443)")
     pm.add_argument("--proto", choices=("auto", "icmp", "tcp"), default="auto",
                     help="probe with ICMP echo, TCP SYN, or ICMP then TCP (default)")
     pm.add_argument("-6", dest="v6", action="store_true", help="use IPv6 when HOST is a name")
-    pm.add_argument("--timeout", type=_positive(float), default=0.5, metavar="S",
+    pm.add_argument("--timeout", type=_positive(float, MAX_TIMEOUT), default=0.5, metavar="S",
                     help="seconds to wait per probe (default 0.5)")
     pm.add_argument("--json", action="store_true", help="a JSON object")
 
@@ -118,58 +181,249 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _watch(args: argparse.Namespace) -> int:
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP during a watch: stop, and bound the time left to exit.
+
+    The Python handler only notes the time. The kernel-level wakeup byte
+    (signal.set_wakeup_fd) wakes a thread that stops the engine and hurries
+    the output: a Python handler runs in the middle of whatever the main
+    thread was doing, possibly holding the very lock engine.stop() takes.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    #: When the last watch got its first signal (main() bounds its stderr wait by it).
+    latest: float | None = None
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.output_error: str | None = None
+        self._lock = threading.Lock()
+        self._fired = False
+        self._engine = None
+        self._sink = None
+        self._r, self._w = socket.socketpair()
+        self._w.setblocking(False)  # our own socket: set_wakeup_fd wants it non-blocking
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        self._old = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        threading.Thread(target=self._wait, name="signals", daemon=True).start()
+
+    def _note(self, signum, frame) -> None:
+        if self.at is None:
+            self.at = _Signals.latest = time.monotonic()
+
+    def _wait(self) -> None:
+        wanted = {int(s) for s in self.SIGNALS}
+        while True:
+            try:
+                data = self._r.recv(64)
+            except OSError:
+                return
+            if not data:
+                return  # restore() closed the pair
+            if wanted.intersection(data):
+                self._stop_all()
+
+    def _stop_all(self) -> None:
+        if self.at is None:
+            self.at = _Signals.latest = time.monotonic()
+        with self._lock:
+            self._fired = True
+            engine, sink = self._engine, self._sink
+        if engine is not None:
+            engine.stop()
+        if sink is not None:
+            sink.hurry(self.stdout_timeout())
+
+    def attach(self, engine, sink) -> None:
+        """From now on a signal stops this engine; one that came already stops it now."""
+        with self._lock:
+            self._engine, self._sink = engine, sink
+            fired = self._fired
+        if fired:
+            engine.stop()
+            sink.hurry(self.stdout_timeout())
+
+    @property
+    def stopping(self) -> bool:
+        return self.at is not None or self._fired
+
+    def output_failed(self, why: str) -> None:
+        """The writer thread found stdout unusable (its reader left): stop watching."""
+        self.output_error = why
+        with self._lock:
+            engine = self._engine
+        if engine is not None:
+            engine.stop()
+
+    def stdout_timeout(self) -> float:
+        if self.at is None:
+            return DRAIN_TIMEOUT
+        return max(0.0, self.at + STDOUT_GRACE - time.monotonic())
+
+    def restore(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._w.close()
+        self._r.close()
+
+
+def _watch_filter(args: argparse.Namespace):
+    """The filter from the flags alone (nothing on the host is looked at); UsageError if bad."""
     from .bpf_filter import host_networks
-    from .engine import Engine, WatchOptions
     from .filters import WatchFilter
-    from .output import choose
 
     try:
-        filt = WatchFilter(
+        return WatchFilter(
             ports=_ports(args.port),
-            hosts=host_networks(_split(args.host)),
+            hosts=host_networks(_items("--host", args.host)),
             proto=args.proto,
             netns=args.netns,
             iface=args.iface,
-            reasons=tuple(_split(args.reason)),
+            reasons=tuple(_items("--reason", args.reason)),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    opts = WatchOptions(
-        filter=filt, count=args.count, duration=args.duration, stack=args.stack,
-        nftrace=args.nftrace, nf_mode=None if args.nf_probes == "none" else args.nf_probes,
-        trace_rate=args.trace_rate)
-    try:
-        engine = Engine(opts, choose(args.json, args.stack))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
-    def on_signal(signum, _frame):
-        engine.stop()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+def _watch_checks(args: argparse.Namespace, filt):
+    """What the flags mean on this host, checked before anything is changed.
+
+    Returns the warnings to print and the --netns choice (None without the flag).
+    """
+    from . import netns as netnsmod
+    from . import preflight
+
+    warnings: list[str] = []
+    if not args.nftrace and args.trace_rate is not None:
+        warnings.append("--trace-rate has no effect with --no-nftrace (no packet is marked for tracing)")
     try:
-        engine.start()
-    except ValueError as exc:
-        engine.close()
+        if filt.reasons:
+            from .collectors.drop import DropReasons
+
+            try:
+                known = DropReasons().by_name
+            except OSError:
+                known = None  # no readable BTF: the engine's start says why
+            if known is not None:
+                warnings += preflight.check_reasons(filt.reasons, known)
+        preflight.require_watch_privileges()
+        namespaces = netnsmod.discover()
+        choice = preflight.check_netns(filt.netns, namespaces) if filt.netns is not None else None
+        if filt.iface is not None and not (choice and choice.waiting):
+            watched = [choice.present] if choice else list(namespaces.values())
+            warning = preflight.check_iface(filt.iface, watched)
+            if warning:
+                warnings.append(warning)
+        if args.nf_probes in ("fentry", "kprobe"):
+            preflight.check_nf_probes(args.nf_probes)
+    except preflight.FlagError as exc:
         raise UsageError(str(exc)) from None
-    except BaseException:
-        engine.close()
-        raise
-    if sys.stderr.isatty():
-        print(f"tracer: {engine.describe()} (Ctrl-C to stop)", file=sys.stderr)
-    engine.run()
-    return EXIT_OK
+    except preflight.CannotRun as exc:
+        raise RunError(str(exc)) from None
+    return warnings, choice
+
+
+def _wait_for_netns(name: str, signals: _Signals, deadline: float | None) -> bool:
+    """Until a namespace of that name exists: True; False on a signal or at the deadline."""
+    from . import netns as netnsmod
+    from . import preflight
+
+    path = os.path.join(netnsmod.NETNS_RUN_DIR, name)
+    while not signals.stopping and (deadline is None or time.monotonic() < deadline):
+        if os.path.exists(path) and preflight.named(name, netnsmod.discover()) is not None:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .engine import Engine, WatchOptions
+    from .output import choose, undelivered_line
+
+    began = time.monotonic()
+    filt = _watch_filter(args)
+    warnings, choice = _watch_checks(args, filt)
+    for warning in warnings:
+        say(f"tracer: warning: {warning}")
+    signals = _Signals()
+    try:
+        duration = args.duration
+        if choice is not None and choice.waiting:
+            say(f"tracer: warning: --netns {args.netns!r}: no network namespace by that name yet; "
+                "waiting for it to appear")
+            deadline = None if duration is None else began + duration
+            if not _wait_for_netns(args.netns, signals, deadline):
+                return EXIT_OK
+            if duration is not None:
+                duration = max(0.001, began + duration - time.monotonic())
+        if signals.stopping:
+            return EXIT_OK
+        opts = WatchOptions(
+            filter=filt, count=args.count, duration=duration, stack=args.stack,
+            nftrace=args.nftrace, nf_mode=None if args.nf_probes == "none" else args.nf_probes,
+            trace_rate=args.trace_rate or TRACE_RATE_DEFAULT)
+        sink = choose(args.json, args.stack, on_error=signals.output_failed)
+        try:
+            engine = Engine(opts, sink)
+        except ValueError as exc:
+            sink.close(0)
+            raise UsageError(str(exc)) from None
+        signals.attach(engine, sink)
+        try:
+            engine.start()
+            mode = args.nf_probes
+            if mode in ("fentry", "kprobe") and engine.tracer is not None and engine.tracer.nf_mode != mode:
+                # The preflight loaded them; the real load fell back (a hook module went away).
+                raise RunError(f"--nf-probes {mode}: the kernel refused the netfilter programs at load")
+        except ValueError as exc:
+            engine.close()
+            sink.close(0)
+            raise UsageError(str(exc)) from None
+        except BaseException:
+            engine.close()
+            sink.close(0)
+            raise
+        if sys.stderr.isatty():
+            say(f"tracer: {engine.describe()} (Ctrl-C to stop)")
+        try:
+            engine.run()  # removes the marking tables when it ends, however it ends
+        finally:
+            delivery = sink.close(signals.stdout_timeout())
+        line = undelivered_line(delivery, "stdout")
+        if line:
+            say(f"tracer: {line}")
+        return EXIT_FAIL if signals.output_error is not None else EXIT_OK
+    finally:
+        signals.restore()
+
+
+def _stderr_timeout() -> float:
+    """What is left for stderr: a signal's 2 s budget, else a second."""
+    if _Signals.latest is None:
+        return 1.0
+    return max(0.05, _Signals.latest + STDERR_GRACE - time.monotonic())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; every failure becomes a one-line message and an exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        logsetup.configure(args.log_level)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad flag (already said)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        logsetup.configure(args.log_level, nonblocking=args.command == "watch")
     except ValueError as exc:
-        parser.error(str(exc))
+        say(f"tracer: error: {exc}")
+        return EXIT_USAGE
+    try:
+        return _command(args)
+    finally:
+        logsetup.close(_stderr_timeout())
+
+
+def _command(args: argparse.Namespace) -> int:
     log = structlog.get_logger("tracer")
     try:
         if args.command == "watch":
@@ -191,18 +445,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return demo.run_probes() if args.probes else demo.run(json_out=args.json)
     except UsageError as exc:
-        print(f"tracer: error: {exc}", file=sys.stderr)
+        say(f"tracer: error: {exc}")
         return EXIT_USAGE
+    except RunError as exc:
+        say(f"tracer: error: {exc}")
+        return EXIT_FAIL
     except PermissionError as exc:
-        print(f"tracer: {exc}\ntracer: run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
-              file=sys.stderr)
+        log.debug("failed", exc_info=True)
+        say(f"tracer: {exc}")
+        say("tracer: run as root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
         return EXIT_FAIL
     except OSError as exc:
         log.debug("failed", exc_info=True)
-        print(f"tracer: {exc}", file=sys.stderr)
+        say(f"tracer: {exc}")
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: the user gets one line, --log-level debug the traceback
+        log.debug("internal error", exc_info=True)
+        say(f"tracer: internal error: {type(exc).__name__}: {exc} (run with --log-level debug for details)")
+        return EXIT_FAIL
     return EXIT_USAGE
 
 

@@ -244,7 +244,7 @@ class Engine:
             legacy = self._legacy_verdict(drop)
             if legacy is None:
                 wait = max(0.0, drop.received + self.options.verdict_wait - time.monotonic())
-                verdict = self.nft.wait_verdict(drop.netns, drop.fingerprint, wait)
+                verdict = self.nft.wait_verdict(drop.netns, drop.fingerprint, wait, dropped_at=drop.mono_ns / 1e9)
             ruleset = self.nft.ruleset(drop.netns)
         ns = self._namespaces.get(drop.netns)
         nf = attribution.attribute(drop, verdict, ruleset, self._legacy_present(ns), legacy)

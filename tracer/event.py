@@ -34,12 +34,14 @@ EGRESS_HOOKS = frozenset({"output", "postrouting", "egress"})
 @dataclass(frozen=True)
 class Rule:
     handle: int
-    text: str
+    text: str | None  # None when the rule's text could not be known for certain
     comment: str | None = None
     iptables: str | None = None
 
     def to_ecs(self) -> dict:
-        out: dict = {"handle": self.handle, "text": self.text}
+        out: dict = {"handle": self.handle}
+        if self.text is not None:
+            out["text"] = self.text
         if self.comment is not None:
             out["comment"] = self.comment
         if self.iptables is not None:

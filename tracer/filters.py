@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,7 +32,14 @@ PROTO_NAMES: dict[str, str] = {
 PORT_PROTOS = frozenset({"tcp", "udp", "sctp", "udplite", "dccp"})
 _PORT_PROTO_NUMBERS = {"6": "tcp", "17": "udp", "132": "sctp", "136": "udplite", "33": "dccp"}
 _NAMED_PROTO_NUMBERS = {"1": "icmp", "58": "icmpv6"}
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")
+#: IP protocol numbers of the names above (the BPF filter compares numbers).
+PROTO_NUMBERS: dict[str, int] = {
+    "tcp": 6, "udp": 17, "sctp": 132, "udplite": 136, "dccp": 33, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58,
+}
+_DIGITS = re.compile(r"^[0-9]{1,3}$")
+# Linux refuses '/', ':' and white space in device names (dev_valid_name); ':' labels addresses.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
+_PROTO_NAME = re.compile(r"^[a-z][a-z0-9._+-]{0,63}$")
 _NETNS_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,255}$")
 _REASON = re.compile(r"^[A-Z0-9_]+$")
 
@@ -60,8 +68,9 @@ class WatchFilter:
         self.proto = _proto(self.proto)
         if self.ports and self.proto is not None and self.proto not in PORT_PROTOS:
             raise ValueError(f"protocol {self.proto!r} has no ports; ports need one of {sorted(PORT_PROTOS)}")
-        if self.iface is not None and not _IFNAME.match(self.iface):
-            raise ValueError(f"interface name {self.iface!r} is not a valid Linux interface name (1-15 characters)")
+        if self.iface is not None and (not _IFNAME.match(self.iface) or self.iface in (".", "..")):
+            raise ValueError(f"interface name {self.iface!r} is not a valid Linux interface name "
+                             "(1-15 characters, letters, digits and _.@+-)")
         if self.netns is not None and not _NETNS_NAME.match(str(self.netns)):
             raise ValueError(f"network namespace {self.netns!r} is not a valid name or inode number")
         self.reasons = _reasons(self.reasons)
@@ -116,17 +125,37 @@ def _proto(proto: str | int | None) -> str | None:
     if proto is None:
         return None
     text = str(proto).strip().lower()
-    if text.isdigit():
-        if not 0 <= int(text) <= 255:
-            raise ValueError(f"protocol number {text} is out of range 0-255")
+    if text.isascii() and text.isdigit():
+        text = text.lstrip("0") or "0"
+        if not _DIGITS.match(text) or not 0 <= int(text) <= 255:
+            raise ValueError(f"protocol number {text[:20]} is out of range 0-255")
         text = str(int(text))
         return _PORT_PROTO_NUMBERS.get(text) or _NAMED_PROTO_NUMBERS.get(text) or text
     if text == "ipv6-icmp":
         return "icmpv6"
-    if text not in PROTO_NAMES:
+    if text in PROTO_NAMES:
+        return text
+    number = _system_protocol(text)
+    if number is None:
         names = sorted(set(PROTO_NAMES) - {"ipv6-icmp"})
-        raise ValueError(f"protocol {proto!r} is not one of {names} or a number 0-255")
-    return text
+        raise ValueError(f"protocol {proto!r} is not one of {names}, a name in /etc/protocols, "
+                         "or a number 0-255")
+    return _proto(number)
+
+
+def _system_protocol(name: str) -> int | None:
+    """The number /etc/protocols (through the C library) gives a name, if any.
+
+    Other names become their number, which nft and the BPF filter both take,
+    so the filter never depends on what names a tool happens to know.
+    """
+    if not _PROTO_NAME.match(name):
+        return None
+    try:
+        number = socket.getprotobyname(name)
+    except OSError:
+        return None
+    return number if 0 <= number <= 255 else None
 
 
 def _reasons(reasons: Iterable[str]) -> tuple[str, ...]:

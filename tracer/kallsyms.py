@@ -111,6 +111,11 @@ def parse(text: str, path: str = "/proc/kallsyms") -> _Table:
     Lines are `address type name`, plus a tab and `[module]` for module, BPF
     and ftrace-trampoline symbols. Several names can share an address
     (`_text`, `_stext`, ...); the first one listed is kept, as `%pS` does.
+
+    Raises only KallsymsError (KallsymsRestricted when every address is 0),
+    whatever the text: a line whose address is not hexadecimal is skipped
+    like one with too few fields, so one damaged line costs one symbol, not
+    the table.
     """
     rows: list[tuple[int, int, str, str | None]] = []
     seen = nonzero = 0
@@ -118,8 +123,11 @@ def parse(text: str, path: str = "/proc/kallsyms") -> _Table:
         parts = line.split()
         if len(parts) < 3:
             continue
+        try:
+            addr = int(parts[0], 16)
+        except ValueError:
+            continue
         seen += 1
-        addr = int(parts[0], 16)
         if addr:
             nonzero += 1
         if parts[1] not in _TEXT_TYPES or not addr:

@@ -15,6 +15,22 @@ own queue, so `poll()` on its descriptor can report nothing while messages
 wait, and every message pays for the generic decoder. A plain AF_NETLINK
 socket buffers nothing in user space: `poll()` on it and on a wake pipe is
 exact, and closing the reader wakes it at once.
+
+Why the sender is checked: a netlink socket that the tracer opens inside a
+namespace can be written to by anyone holding CAP_NET_ADMIN over that
+namespace, and the owner of a user namespace holds it. Such a user can
+unicast to the tracer's port id (listed in its own /proc/net/netlink) or
+send to the multicast groups the tracer listens on, and forge traces that
+name any rule. Only the kernel sends from port id 0, so `NetlinkReader`
+reads each datagram with its sender and drops every one the kernel did not
+send.
+
+What bad bytes do: the framing functions here (`split_messages`,
+`attributes`, `nfgen_family`) never raise, whatever the bytes: a
+truncated message or attribute ends the run, and what came before it is
+still handed out. Decoders built on them raise `DecodeError` when a
+well-framed attribute cannot hold what its type says (a 2-byte be32).
+`NetlinkReader` survives any exception a message handler raises.
 """
 
 from __future__ import annotations
@@ -48,9 +64,30 @@ _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 RCVBUF_BYTES = 16 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
+#: The port id of the kernel: the sender of every message we want to read.
+KERNEL_PORT_ID = 0
+
+
+class DecodeError(ValueError):
+    """A netlink message is well framed but an attribute cannot hold what its type says.
+
+    The kernel never sends such a message: it means garbage or a forgery,
+    so the whole message is refused rather than decoded in part.
+    """
+
+
+def fixed_size(buf: bytes, start: int, end: int, size: int) -> None:
+    """Raises DecodeError unless the attribute payload `buf[start:end]` holds `size` bytes."""
+    if end - start < size:
+        raise DecodeError(f"attribute payload of {end - start} bytes where {size} are needed")
+
 
 def split_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(type, sequence number, whole message) of each netlink message in a datagram."""
+    """(type, sequence number, whole message) of each netlink message in a datagram.
+
+    Never raises: a header that claims more bytes than the datagram holds, or
+    fewer than a header, ends the run (the messages before it are yielded).
+    """
     off = 0
     while off + NLMSG_HEADER.size <= len(data):
         length, mtype, _flags, seq, _pid = NLMSG_HEADER.unpack_from(data, off)
@@ -66,11 +103,12 @@ def attributes(buf: bytes, start: int, end: int | None = None) -> Iterator[tuple
     The type comes without the NLA_F_NESTED / NLA_F_NET_BYTEORDER flags.
     Offsets rather than slices, so that fixed-size values are unpacked in
     place; a nested attribute's payload is a run of attributes itself:
-    `attributes(buf, payload_start, payload_end)`. A truncated attribute
-    ends the run.
+    `attributes(buf, payload_start, payload_end)`. Never raises: a
+    truncated attribute, or one shorter than its own header, ends the run,
+    and an `end` beyond the buffer is read as the buffer's end.
     """
-    end = len(buf) if end is None else end
-    off = start
+    end = len(buf) if end is None else min(end, len(buf))
+    off = max(start, 0)
     while off + _NLA_HEADER.size <= end:
         length, atype = _NLA_HEADER.unpack_from(buf, off)
         if length < _NLA_HEADER.size or off + length > end:
@@ -80,7 +118,7 @@ def attributes(buf: bytes, start: int, end: int | None = None) -> Iterator[tuple
 
 
 def nfgen_family(msg: bytes) -> int:
-    """struct nfgenmsg's family of an nfnetlink message (an NFPROTO_* number)."""
+    """struct nfgenmsg's family of an nfnetlink message (an NFPROTO_* number); 0 when too short."""
     return msg[NLMSG_HEADER.size] if len(msg) > NLMSG_HEADER.size else 0
 
 
@@ -108,7 +146,10 @@ class NetlinkReader:
     queue empty, so every message queued before `t` has been handed over.
     Messages that make `on_message` raise are skipped, and logged as
     `<event_prefix>.bad_message` at most every 5 s: a message the reader
-    cannot handle usually comes in thousands.
+    cannot handle usually comes in thousands. Datagrams that another
+    process sent (any sender but the kernel, see the module docstring) are
+    never handed over; they are counted in `foreign` and logged as
+    `<event_prefix>.foreign_message` at most every 5 s.
     """
 
     def __init__(
@@ -133,6 +174,10 @@ class NetlinkReader:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._bad = 0
         self._last_bad_log = 0.0
+        #: Datagrams refused because a process, not the kernel, sent them (never reset).
+        self.foreign = 0
+        self._foreign_unlogged = 0
+        self._last_foreign_log = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -176,7 +221,7 @@ class NetlinkReader:
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
-                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                data, sender = self.sock.recvfrom(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 self._on_drained(started)
                 return True
@@ -187,12 +232,29 @@ class NetlinkReader:
                 if not self._stopping.is_set():
                     self.log.warning(f"{self._prefix}.trace_socket_failed", error=str(exc))
                 return False
+            if sender[0] != KERNEL_PORT_ID:
+                self._foreign_message(sender)
+                continue
             for mtype, _seq, msg in split_messages(data):
                 try:
                     self._on_message(mtype, msg)
                 except Exception as exc:
                     self._bad_message(exc, mtype)
         return True
+
+    def _foreign_message(self, sender: tuple[int, int]) -> None:
+        self.foreign += 1
+        self._foreign_unlogged += 1
+        now = time.monotonic()
+        if now - self._last_foreign_log >= 5.0:
+            self.log.warning(
+                f"{self._prefix}.foreign_message",
+                sender_port_id=sender[0],
+                sender_groups=sender[1],
+                note="a process in this namespace, not the kernel, wrote to the trace socket: ignored",
+                since_last_warning=self._foreign_unlogged,
+            )
+            self._last_foreign_log, self._foreign_unlogged = now, 0
 
     def _bad_message(self, exc: Exception, mtype: int) -> None:
         self._bad += 1

@@ -47,6 +47,16 @@ _IPV6_EXT_HEADERS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination o
 _IPV6_FRAGMENT = 44
 _IPV6_AH = 51
 
+#: Extension headers walked before the transport header is given up on; the
+#: BPF walk stops at the same number (TRACER_IPV6_MAX_EXT in bpf/tracer.h).
+IPV6_MAX_EXT_HEADERS = 64
+
+_IPV4_OFFSET_MASK = 0x1FFF
+
+# First byte of a fingerprint: which kind of key follows, so keys of different
+# kinds never compare equal whatever the packet bytes.
+_TAG_V4, _TAG_V4_FRAGMENT, _TAG_V6, _TAG_V6_SHORT = b"\x04", b"\x14", b"\x06", b"\x16"
+
 
 @dataclass(frozen=True, slots=True)
 class PacketHeaders:
@@ -83,12 +93,15 @@ def ipv6_transport_offset(l3: bytes, extra: bytes = b"") -> tuple[int, int | Non
 
     `extra` holds bytes following the fixed header when the caller has them.
     The offset is None when the transport header is unreachable (a
-    non-first fragment or a truncated extension header).
+    non-first fragment or a truncated extension header). Raises ValueError
+    when `l3` is shorter than the 40-byte fixed header; never otherwise.
     """
+    if len(l3) < 40:
+        raise ValueError(f"an IPv6 header has 40 bytes, not {len(l3)}")
     data = l3[:40] + extra
     nexthdr = l3[6]
     off = 40
-    for _ in range(8):
+    for _ in range(IPV6_MAX_EXT_HEADERS):
         if nexthdr not in _IPV6_EXT_HEADERS and nexthdr not in (_IPV6_FRAGMENT, _IPV6_AH):
             return nexthdr, off
         if len(data) < off + 4:
@@ -101,7 +114,14 @@ def ipv6_transport_offset(l3: bytes, extra: bytes = b"") -> tuple[int, int | Non
             nexthdr, off = data[off], off + (data[off + 1] + 2) * 4
         else:
             nexthdr, off = data[off], off + (data[off + 1] + 1) * 8
+    if nexthdr not in _IPV6_EXT_HEADERS and nexthdr not in (_IPV6_FRAGMENT, _IPV6_AH):
+        return nexthdr, off  # exactly IPV6_MAX_EXT_HEADERS of them: the BPF walk reaches it too
     return nexthdr, None
+
+
+def ipv4_later_fragment(l3: bytes) -> bool:
+    """Whether an IPv4 header is that of a non-first fragment: its payload has no transport header."""
+    return len(l3) >= 20 and bool(struct.unpack_from("!H", l3, 6)[0] & _IPV4_OFFSET_MASK)
 
 
 def decode(l3: bytes, l4: bytes, protocol: int | None = None) -> PacketHeaders | None:
@@ -109,7 +129,8 @@ def decode(l3: bytes, l4: bytes, protocol: int | None = None) -> PacketHeaders |
 
     `protocol` overrides the L4 protocol found in `l3` (the BPF side has
     already walked IPv6 extension headers). Returns None for anything that is
-    not IPv4 or IPv6.
+    not IPv4 or IPv6. `l4` of a non-first IPv4 fragment is payload, not a
+    transport header, and is ignored: ports only where the packet has them.
     """
     if not l3:
         return None
@@ -121,6 +142,8 @@ def decode(l3: bytes, l4: bytes, protocol: int | None = None) -> PacketHeaders |
         ip_id = struct.unpack_from("!H", l3, 4)[0]
         ttl = l3[8]
         length = struct.unpack_from("!H", l3, 2)[0]
+        if ipv4_later_fragment(l3):
+            l4 = b""
     elif version == 6 and len(l3) >= 40:
         proto = protocol if protocol is not None else ipv6_transport_offset(l3)[0]
         src = ipaddress.IPv6Address(l3[8:24]).compressed
@@ -163,14 +186,41 @@ def fingerprint(l3: bytes, l4: bytes) -> bytes | None:
     that hooks rewrite in place (TTL, checksum) are left out; the IPv4 ID or
     IPv6 flow label, the addresses and the first 8 transport bytes (ports and
     TCP sequence, UDP length and checksum, ICMP type/code/id/sequence) stay.
+
+    Both sides must get the same key from what each can see, so packets
+    without a transport header are keyed by the network header alone:
+
+    - A non-first IPv4 fragment: the trace hands over its payload as the
+      "transport header", BPF reads none. The key takes the fragment offset
+      and total length instead, so two fragments of one datagram differ.
+    - IPv6 without transport bytes (a non-first fragment, an extension header
+      chain too long or truncated). nftables finds no transport offset for a
+      non-first fragment (ipv6_find_hdr leaves it 0), so its trace has no
+      network header and the first 20 bytes of the IPv6 header as the
+      transport header: `fingerprint(b"", th)` recognises that form. Those
+      20 bytes end inside the source address, so the key is the flow label,
+      payload length, next header and the first 12 bytes of the source,
+      for the trace and for BPF alike. It is weaker: equal-sized fragments
+      from one source /96 with the same flow label share it.
     """
+    if not l3 and len(l4) >= 20 and l4[0] >> 4 == 6:
+        return _ipv6_short_key(l4)
     if not l3:
         return None
     version = l3[0] >> 4
     if version == 4 and len(l3) >= 20:
-        key = bytes(l3[4:6]) + bytes(l3[9:10]) + bytes(l3[12:20])
+        key = _TAG_V4 + bytes(l3[4:6]) + bytes(l3[9:10]) + bytes(l3[12:20])
+        if ipv4_later_fragment(l3):
+            return _TAG_V4_FRAGMENT + key[1:] + bytes(l3[2:4]) + bytes(l3[6:8])
     elif version == 6 and len(l3) >= 40:
-        key = bytes([l3[1] & 0x0F]) + bytes(l3[2:4]) + bytes(l3[6:7]) + bytes(l3[8:40])
+        if not l4:
+            return _ipv6_short_key(l3)
+        key = _TAG_V6 + bytes([l3[1] & 0x0F]) + bytes(l3[2:4]) + bytes(l3[6:7]) + bytes(l3[8:40])
     else:
         return None
     return key + bytes(l4[:8])
+
+
+def _ipv6_short_key(header: bytes) -> bytes:
+    """The key of an IPv6 packet from the first 20 bytes of its header (see `fingerprint`)."""
+    return _TAG_V6_SHORT + bytes([header[1] & 0x0F]) + bytes(header[2:4]) + bytes(header[4:7]) + bytes(header[8:20])

@@ -9,15 +9,35 @@ from contextlib import nullcontext
 import orjson
 
 from . import pmtu as pmtumod
+from . import preflight
 from . import probe as probemod
+from .log import say
 from .probe import ProbeError, ProbeResult, Target, Wire
 
 EXIT_OK, EXIT_NOT_OPEN, EXIT_USAGE = 0, 1, 2
+#: The host cannot run the probe (no raw sockets): the same code as `watch` uses, not the bad-flag one.
+EXIT_FAIL = 1
 
 
-def _fail(message: str) -> int:
-    print(f"tracer: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    say(f"tracer: error: {message}")
+    return code
+
+
+def _probe_error(exc: ProbeError) -> int:
+    """A refused raw socket is the host's limit (exit 1); anything else is the input's (exit 2)."""
+    return _fail(str(exc), EXIT_FAIL if isinstance(exc.__cause__, PermissionError) else EXIT_USAGE)
+
+
+def _privileges(explain: bool = False) -> int | None:
+    """Exit 1 with the reason when this process cannot send probes (or watch, for --explain)."""
+    try:
+        preflight.require_raw_sockets()
+        if explain:
+            preflight.require_watch_privileges()
+    except preflight.CannotRun as exc:
+        return _fail(str(exc), EXIT_FAIL)
+    return None
 
 
 def probe_all(targets: list[Target], *, explain: bool, retries: int, timeout: float) -> list[ProbeResult]:
@@ -59,9 +79,15 @@ def run_probe(args: argparse.Namespace, ports: tuple[int, ...]) -> int:
         return _fail("--port does not apply to --proto icmp")
     try:
         targets = probemod.targets(args.host, list(ports), protocol, args.v6)
+    except ProbeError as exc:
+        return _probe_error(exc)
+    denied = _privileges(args.explain)
+    if denied is not None:
+        return denied
+    try:
         results = probe_all(targets, explain=args.explain, retries=args.retries, timeout=args.timeout)
     except ProbeError as exc:
-        return _fail(str(exc))
+        return _probe_error(exc)
     for r in results:
         if args.json:
             sys.stdout.write(orjson.dumps(r.to_json()).decode() + "\n")
@@ -84,9 +110,15 @@ def run_pmtu(args: argparse.Namespace) -> int:
         return _fail(f"--port {args.port}: a port is a number from 1 to 65535")
     try:
         ip = probemod.resolve(args.host, args.v6)
+    except ProbeError as exc:
+        return _probe_error(exc)
+    denied = _privileges()
+    if denied is not None:
+        return denied
+    try:
         wire = Wire(4 if ":" not in ip else 6)
     except ProbeError as exc:
-        return _fail(str(exc))
+        return _probe_error(exc)
     try:
         result = None
         if args.proto in ("auto", "icmp"):

@@ -47,6 +47,17 @@ from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
 
 from tracer import netns as netns_mod
 from tracer import packet
+from tracer.collectors.legacy_relay import (
+    RelayClient,
+    RelayServer,
+    check_state_dir,
+    cleanup_stale_sockets,
+    file_lock,
+    group_holder,
+    netns_cookie,
+    printable,
+    relay_path,
+)
 from tracer.filters import WatchFilter
 from tracer.netns import Netns
 from tracer.nlmsg import (
@@ -92,6 +103,14 @@ NON_DROPPING_TARGETS = frozenset(
 
 _TRACE_STATE_TTL = 5.0
 _MAX_TRACES = 65536
+_PACKET_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+_KERNEL_PORT_ID = 0  # the sender of every message we want; anyone else's is ignored
+#: Binding group 0 or subscribing to its holder: tries, and the pause between them.
+_CONNECT_ATTEMPTS = 3
+_CONNECT_PAUSE = 0.1
+#: After a holder left: how long, and how often, to retry before the normal poll takes over.
+_FAST_RETRY_WINDOW = 5.0
+_FAST_RETRY_INTERVAL = 0.2
 
 
 @dataclass(frozen=True)
@@ -243,13 +262,17 @@ def parse_trace_prefix(prefix: str) -> TracePoint | None:
     """Parses the prefix ipt_do_table gives nf_log_trace(); None for anything else.
 
     Table names never contain a colon, chain names might: split the table
-    off the front and kind and number off the back.
+    off the front and kind and number off the back. Never raises: the
+    number must be ASCII digits that fit a u32 (`str.isdigit` also takes
+    "²", which `int` refuses), anything else is not a trace.
     """
     if not prefix.startswith(TRACE_PREFIX):
         return None
     table, sep, rest = prefix[len(TRACE_PREFIX) :].strip().partition(":")
     parts = rest.rsplit(":", 2)
-    if not sep or len(parts) != 3 or parts[1] not in ("rule", "return", "policy") or not parts[2].isdigit():
+    if not sep or len(parts) != 3 or parts[1] not in ("rule", "return", "policy"):
+        return None
+    if not (parts[2].isascii() and parts[2].isdigit() and len(parts[2]) <= 10):
         return None
     return TracePoint(table=table, chain=parts[0], kind=parts[1], number=int(parts[2]))
 
@@ -280,11 +303,18 @@ def payload_fingerprint(payload: bytes) -> bytes | None:
 
 @dataclass(frozen=True)
 class XtChain:
-    """A chain: built-in ones have a policy, user chains have None."""
+    """A chain: built-in ones have a policy, user chains have None.
+
+    `trusted` is False when the listing cannot be matched rule for rule to
+    the table the kernel has (a name or comment with a line break in the
+    wrong place, or rules changed while they were listed): the chain then
+    lends no rule text to any verdict, rather than a wrong one.
+    """
 
     name: str
     policy: str | None
     rules: tuple[str, ...] = ()  # full `-A CHAIN ...` lines, in order
+    trusted: bool = True
 
 
 @dataclass(frozen=True)
@@ -296,7 +326,7 @@ class XtTable:
     def rule(self, chain: str, number: int) -> str | None:
         """The `-A` line of rule `number` (1-based) in `chain`."""
         c = self.chains.get(chain)
-        if c is None or not 1 <= number <= len(c.rules):
+        if c is None or not c.trusted or not 1 <= number <= len(c.rules):
             return None
         return c.rules[number - 1]
 
@@ -309,7 +339,8 @@ class XtTable:
 
     def can_drop_from(self, chain: str) -> bool:
         """Whether a packet entering `chain` can be dropped: a DROP policy, or a
-        dropping rule in it or in any chain reachable by jump/goto."""
+        dropping rule in it or in any chain reachable by jump/goto. A chain we
+        could not read rule for rule counts as one that can."""
         start = self.chains.get(chain)
         if start is None:
             return False
@@ -317,7 +348,10 @@ class XtTable:
             return True
         seen, todo = {chain}, [chain]
         while todo:
-            for line in self.chains[todo.pop()].rules:
+            c = self.chains[todo.pop()]
+            if not c.trusted:
+                return True
+            for line in c.rules:
                 if self.verdict_of(line) is not None:
                     return True
                 target, _ = rule_target(line)
@@ -331,12 +365,73 @@ class XtTable:
         return any(self.can_drop_from(c.name) for c in self.chains.values() if c.policy is not None)
 
 
+def split_words(line: str) -> list[str]:
+    """The words of an iptables-save line, unquoted as xtables quotes them.
+
+    xtables_save_string() puts a value with anything but letters, digits,
+    `_` and `-` in double quotes and escapes `"`, `\\` and `'` inside with a
+    backslash; nothing else is special (shlex would also take single
+    quotes, which xtables prints bare, e.g. in a chain name). A quote only
+    opens at the start of a word.
+    """
+    words: list[str] = []
+    cur: list[str] = []
+    in_word = quoted = False
+    i, n = 0, len(line)
+    while i < n:
+        ch = line[i]
+        if quoted:
+            if ch == "\\" and i + 1 < n:
+                cur.append(line[i + 1])
+                i += 2
+                continue
+            if ch == '"':
+                quoted = False
+            else:
+                cur.append(ch)
+        elif ch == " ":
+            if in_word:
+                words.append("".join(cur))
+                cur, in_word = [], False
+        elif ch == '"' and not in_word:
+            quoted = in_word = True
+        else:
+            cur.append(ch)
+            in_word = True
+        i += 1
+    if in_word:
+        words.append("".join(cur))
+    return words
+
+
+def _quote_open(text: str, skip: int = 0) -> bool:
+    """Whether a quoted value (as split_words reads them) is still open at the end of `text`.
+
+    `skip`: characters at the start that are a raw name, printed without
+    quotes whatever they contain.
+    """
+    quoted = False
+    prev = " "
+    i, n = skip, len(text)
+    while i < n:
+        ch = text[i]
+        if quoted:
+            if ch == "\\":
+                i += 2
+                prev = "x"
+                continue
+            if ch == '"':
+                quoted = False
+        elif ch == '"' and prev == " ":
+            quoted = True
+        prev = ch
+        i += 1
+    return quoted
+
+
 def rule_target(line: str) -> tuple[str | None, bool]:
     """The target of an `-A` line (`-j` or `-g`) and whether it is a goto."""
-    try:
-        words = shlex.split(line)
-    except ValueError:
-        words = line.split()
+    words = split_words(line)
     for i, word in enumerate(words[:-1]):
         if word in ("-j", "--jump", "-g", "--goto"):
             return words[i + 1], word in ("-g", "--goto")
@@ -344,41 +439,156 @@ def rule_target(line: str) -> tuple[str | None, bool]:
 
 
 def rule_comment(line: str) -> str | None:
-    """The `-m comment --comment` text of a rule, if it has one."""
-    try:
-        words = shlex.split(line)
-    except ValueError:
-        return None
+    """The `-m comment --comment` text of a rule, if it has one (exactly, control characters too)."""
+    words = split_words(line)
     for i, word in enumerate(words[:-1]):
         if word == "--comment":
             return words[i + 1]
     return None
 
 
-def parse_save(text: str, family: str) -> dict[str, XtTable]:
-    """Tables of `iptables-legacy-save` output (its `-A` lines are those of `iptables -S`)."""
+@dataclass(frozen=True)
+class TableLayout:
+    """What the kernel says a legacy table is: a digest of its rules, and its chains.
+
+    `chains`: chain name -> its entries, the closing policy (built-in) or
+    RETURN (user chain) included, so one more than its rules. The names are
+    exact (the kernel's bytes); the listing tool prints them raw.
+    """
+
+    digest: bytes
+    chains: dict[str, int]
+
+
+class _ChainNames:
+    """Chain names for reading a listing around them: fast for plain names, exact for odd ones."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = set(names)
+        # Names a space-split would cut, longest first (a name may be another's prefix).
+        self.spaced = sorted((n for n in self.names if " " in n or not n), key=len, reverse=True)
+
+    def at(self, text: str) -> str | None:
+        """The declared name `text` starts with (followed by a space or the end)."""
+        for name in self.spaced:
+            if text == name or text.startswith(name + " "):
+                return name
+        word = text.split(" ", 1)[0]
+        return word if word in self.names else None
+
+
+def _listed_chain(line: str, names: _ChainNames) -> str | None:
+    """The chain an `-A <chain> ...` line appends to."""
+    return names.at(line[3:]) if line.startswith("-A ") else None
+
+
+def _declared_chain(line: str, names: _ChainNames | None) -> tuple[str, str | None]:
+    """(name, policy) of a `:<name> <policy> [<packets>:<bytes>]` line; the name may hold spaces."""
+    body = line[1:]
+    name = names.at(body) if names is not None else None
+    if name is not None and body != name:
+        policy = body[len(name) + 1 :].split(" ", 1)[0]
+        return name, None if policy == "-" else policy
+    parts = body.rsplit(" ", 2) if body.endswith("]") else body.split(" ", 2)
+    name = parts[0]
+    policy = parts[1] if len(parts) > 1 else "-"
+    return name, None if policy == "-" else policy
+
+
+def _starts_statement(line: str) -> bool:
+    return line.startswith(("*", ":", "-A ", "#")) or line == "COMMIT" or line == ""
+
+
+def _logical_lines(text: str, chain_names: _ChainNames) -> list[str]:
+    """Lines of an iptables-save listing, with the line breaks inside a name or comment mended.
+
+    The tool prints names and comments as they are, line breaks included.
+    A physical line continues the previous one when a quoted value is
+    still open there, or when it starts no statement of the format (a line
+    break in a name printed without quotes). Only "\\n" breaks lines: a CR
+    or any other control character is part of the text.
+    """
+    out: list[str] = []
+    for line in text.split("\n"):
+        if out and out[-1].startswith("-A ") and (_rule_quote_open(out[-1], chain_names) or not _starts_statement(line)):
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
+
+
+def _rule_quote_open(line: str, chain_names: _ChainNames) -> bool:
+    if '"' not in line:
+        return False
+    chain = _listed_chain(line, chain_names)
+    skip = 3 + len(chain) if chain is not None else 0
+    # Jump targets are chain names too, printed raw: mask them before looking for quotes.
+    for flag in (" -j ", " -g "):
+        at = line.find(flag, skip)
+        while at >= 0:
+            name = chain_names.at(line[at + len(flag) :])
+            if name:
+                start = at + len(flag)
+                line = line[:start] + "x" * len(name) + line[start + len(name) :]
+            at = line.find(flag, at + 1)
+    return _quote_open(line, skip)
+
+
+def parse_save(text: str, family: str, layouts: dict[str, TableLayout] | None = None) -> dict[str, XtTable]:
+    """Tables of `iptables-legacy-save` output (its `-A` lines are those of `iptables -S`).
+
+    Names and comments are hostile: a chain may be called `-Z` or hold
+    spaces and quotes, a comment may hold line breaks that look like rules.
+    With `layouts` (the kernel's own chain names and sizes, table_layout),
+    chain names are matched exactly, tables the kernel does not have are
+    ignored, and a chain whose listed rules do not add up to what the
+    kernel has is marked untrusted, so it never lends a wrong rule.
+    """
     tables: dict[str, XtTable] = {}
+    known = _ChainNames(c for layout in (layouts or {}).values() for c in layout.chains)
+    # The declared names first, so that `-A` lines and their quotes can be read around them.
+    declared = set(known.names)
+    for line in text.split("\n"):
+        if line.startswith(":"):
+            declared.add(_declared_chain(line, known if layouts else None)[0])
+    names = _ChainNames(declared)
     name: str | None = None
     policies: dict[str, str | None] = {}
     rules: dict[str, list[str]] = {}
-    for line in text.splitlines():
+    for line in _logical_lines(text, names):
         if line.startswith("*"):
             name, policies, rules = line[1:].strip(), {}, {}
         elif name is None:
             continue
         elif line.startswith(":"):
-            chain, _, rest = line[1:].partition(" ")
-            policy = rest.split(" ", 1)[0]
-            policies[chain] = None if policy == "-" else policy
+            chain, policy = _declared_chain(line, known if layouts else names)
+            policies[chain] = policy
             rules.setdefault(chain, [])
         elif line.startswith("-A "):
-            chain = line.split(" ", 2)[1]
+            chain = _listed_chain(line, names) or line.split(" ", 2)[1]
             rules.setdefault(chain, []).append(line)
         elif line.strip() == "COMMIT":
-            chains = {c: XtChain(c, policies.get(c), tuple(rules.get(c, ()))) for c in rules}
-            tables[name] = XtTable(family, name, chains)
+            tables[name] = _table(family, name, policies, rules, (layouts or {}).get(name) if layouts else None)
             name = None
+    if layouts is not None:
+        tables = {t: table for t, table in tables.items() if t in layouts}
     return tables
+
+
+def _table(
+    family: str,
+    name: str,
+    policies: dict[str, str | None],
+    rules: dict[str, list[str]],
+    layout: TableLayout | None,
+) -> XtTable:
+    if layout is None:
+        return XtTable(family, name, {c: XtChain(c, policies.get(c), tuple(rules.get(c, ()))) for c in rules})
+    chains = {}
+    for c, entries in layout.chains.items():
+        listed = tuple(rules.get(c, ()))
+        chains[c] = XtChain(c, policies.get(c), listed, trusted=len(listed) == entries - 1)
+    return XtTable(family, name, chains)
 
 
 # --- reading tables without changing them -------------------------------------------------
@@ -404,18 +614,26 @@ _GET_INFO_SIZE = 84  # struct ipt_getinfo
 _GET_ENTRIES_HEADER = 40  # struct ipt_get_entries up to its 8-byte aligned entry table
 
 
-def table_generation(sock: socket.socket, fam: _Family, table: str) -> bytes:
-    """A digest of a loaded table's rules, counters left out.
+_TARGET_NAME = slice(2, 31)  # struct xt_entry_target: __u16 target_size; char name[29]; __u8 revision
+_TARGET_DATA = 32
+_ERROR_TARGET = b"ERROR"  # heads each user chain, its data the chain's name; also ends the table
+
+
+def table_layout(sock: socket.socket, fam: _Family, table: str) -> TableLayout:
+    """A digest of a loaded table's rules (counters left out), and its chains as the kernel has them.
 
     Legacy iptables sends no change notifications and has no generation
-    number; this is what tells a cached listing from a stale one without
-    running a program. Only ever call it for tables listed in
-    /proc/net/ip*_tables_names: asking for another name makes the kernel
-    create that table.
+    number; the digest is what tells a cached listing from a stale one
+    without running a program. The chains, with exact names and sizes, are
+    what a listing is checked against (parse_save). Only ever call it for
+    tables listed in /proc/net/ip*_tables_names: asking for another name
+    makes the kernel create that table.
     """
     name = table.encode().ljust(32, b"\0")
     for _ in range(5):
         info = _getsockopt(sock.fileno(), fam.level, _SO_GET_INFO, name + bytes(_GET_INFO_SIZE - 32))
+        valid_hooks = struct.unpack_from("=I", info, 32)[0]
+        hook_entry = struct.unpack_from("=5I", info, 36)
         size = struct.unpack_from("=I", info, 80)[0]
         request = name + struct.pack("=I", size) + bytes(_GET_ENTRIES_HEADER - 36 + size)
         try:
@@ -424,6 +642,8 @@ def table_generation(sock: socket.socket, fam: _Family, table: str) -> bytes:
             if exc.errno == errno.EAGAIN:  # replaced between the two calls
                 continue
             raise
+        starts = {hook_entry[h]: HOOK_CHAINS[hook] for h, hook in enumerate(HOOKS) if valid_hooks & (1 << h)}
+        chains = _chain_sizes(blob, fam, starts)
         off = 0
         while off + fam.counters + 16 <= len(blob):
             step = struct.unpack_from("=H", blob, off + fam.next_offset)[0]
@@ -431,8 +651,44 @@ def table_generation(sock: socket.socket, fam: _Family, table: str) -> bytes:
             if step == 0:
                 break
             off += step
-        return hashlib.blake2b(blob, digest_size=16).digest()
+        return TableLayout(hashlib.blake2b(blob, digest_size=16).digest(), chains)
     raise OSError(errno.EAGAIN, f"table {table} kept changing")
+
+
+def _chain_sizes(blob: bytes | bytearray, fam: _Family, starts: dict[int, str]) -> dict[str, int]:
+    """Entries of each chain, counted as ipt_do_table numbers rules in its traces.
+
+    A built-in chain starts at its hook's entry; a user chain at an ERROR
+    entry naming it (not counted: the kernel numbers from the entry after).
+    The last entry of the table is an ERROR entry too.
+    """
+    chains: dict[str, int] = {}
+    current: str | None = None
+    off = 0
+    while off + fam.next_offset + 2 <= len(blob):
+        target_offset, step = struct.unpack_from("=HH", blob, off + fam.next_offset - 2)
+        if step == 0:
+            break
+        if off in starts:
+            current = starts[off]
+            chains.setdefault(current, 0)
+        t = off + target_offset
+        target = bytes(blob[t + _TARGET_NAME.start : t + _TARGET_NAME.stop]).split(b"\0", 1)[0]
+        if target == _ERROR_TARGET and off not in starts:
+            if off + step >= len(blob):
+                break  # the table's end
+            data = bytes(blob[t + _TARGET_DATA : off + step]).split(b"\0", 1)[0]
+            current = data.decode(errors="replace")
+            chains[current] = 0
+        elif current is not None:
+            chains[current] += 1
+        off += step
+    return chains
+
+
+def table_generation(sock: socket.socket, fam: _Family, table: str) -> bytes:
+    """The digest of table_layout alone."""
+    return table_layout(sock, fam, table).digest
 
 
 def loaded_tables(ns: Netns) -> dict[str, tuple[str, ...]]:
@@ -477,11 +733,29 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
+NF_LOG_LOCK = "nf_log.lock"
+
+
 class BindingJournal:
-    """`/run/tracer/nf_log.<pid>.<id>.json`: the bindings this collector changed.
+    """`/run/tracer/nf_log.<pid>.<id>.json`: the nf_log bindings this collector uses.
 
     Written before each change, so that after a crash the next tracer knows
-    what to put back. One file per collector: several may run at once.
+    what to put back. One file per collector: several may run at once, in
+    one process or several, and the binding is one per namespace and
+    family. So each entry says what was bound when this collector came
+    (`previous`: nfnetlink_log when another tracer had bound it already),
+    and every collector watching a namespace has an entry for it: it is a
+    live user of the binding while its process runs.
+
+    The rules, each applied under one lock file (`nf_log.lock`):
+    - bind: read the binding, journal it, then bind nfnetlink_log.
+    - release with other live users: put nothing back. A collector that
+      knows the original binding leaves it in a handover journal
+      (`nf_log.handover.<id>.json`, owned by no process).
+    - release as the last live user: put back what we changed, then what
+      any handover or dead tracer's journal says for that binding.
+    Only a binding that still reads nfnetlink_log is ever put back: one an
+    admin changed meanwhile is theirs.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -494,6 +768,42 @@ class BindingJournal:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.access(self.directory, os.W_OK):
             raise PermissionError(errno.EACCES, f"{self.directory} is not writable")
+
+    def bind(self, ns: Netns, pf: int) -> str:
+        """Binds nfnetlink_log for `pf` in `ns`, journalled first; returns what was bound before."""
+        self.check_writable()
+        with file_lock(self.directory / NF_LOG_LOCK):
+            previous = read_nf_log(ns, pf)
+            self.add(ns, pf, previous)
+            if previous != NF_LOGGER:
+                try:
+                    write_nf_log(ns, pf, NF_LOGGER)
+                except OSError:
+                    self.remove(ns.inode, pf)
+                    raise
+            return previous
+
+    def release(self, ns: Netns, pf: int, previous: str, *, gone: bool, log: Any) -> None:
+        """Stops using the binding; puts it back only when no other live tracer uses it.
+
+        Raises OSError when it could not be put back: the entry stays
+        journalled, and the next tracer to start tries again.
+        """
+        key = (ns.inode, pf)
+        with file_lock(self.directory / NF_LOG_LOCK):
+            users = _live_users(self.directory, key, exclude=self.path)
+            if users:
+                with self._lock:
+                    entry = self._entries.get(key)
+                if previous != NF_LOGGER and entry is not None:
+                    _write_handover(self.directory, entry)
+                log.info("legacy.nf_log_left_bound", pf=pf, still_used_by_pids=sorted(users))
+                self.remove(*key)
+                return
+            if not gone:
+                restore_binding(ns, pf, previous, log)
+            self.remove(*key)
+            _restore_stale_locked(self.directory, log, only=key)
 
     def add(self, ns: Netns, pf: int, previous: str) -> None:
         with self._lock:
@@ -516,11 +826,62 @@ class BindingJournal:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             return
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         doc = {"pid": os.getpid(), "start_time": _start_time(os.getpid()), "bindings": list(self._entries.values())}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        _write_journal(self.path, doc)
+
+
+def _write_journal(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_handover(directory: Path, entry: dict[str, Any]) -> None:
+    """A journal no process owns: the original binding, for the last user to put back."""
+    _write_journal(directory / f"nf_log.handover.{secrets.token_hex(4)}.json", {"handover": True, "bindings": [entry]})
+
+
+def _read_journals(directory: Path, log: Any) -> list[tuple[Path, dict[str, Any], bool]]:
+    """(path, document, live) of every journal; live: its tracer's process still runs."""
+    found = []
+    try:
+        paths = sorted(directory.glob("nf_log.*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("bindings", []), list):
+                raise ValueError("not a journal")
+            live = False
+            if not doc.get("handover"):
+                pid, started = int(doc["pid"]), doc.get("start_time")
+                live = _start_time(pid) is not None and _start_time(pid) == started
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if log is not None:
+                log.warning("legacy.journal_unreadable", path=str(path), error=str(exc))
+            continue
+        found.append((path, doc, live))
+    return found
+
+
+def _entry_key(entry: Any) -> tuple[int, int] | None:
+    try:
+        return int(entry["netns_inode"]), int(entry["pf"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _live_users(directory: Path, key: tuple[int, int], exclude: Path | None = None) -> set[int]:
+    """PIDs of running tracers (other than the journal `exclude`) that use this binding."""
+    return {
+        int(doc["pid"])
+        for path, doc, live in _read_journals(directory, None)
+        if live and path != exclude and any(_entry_key(e) == key for e in doc.get("bindings", []))
+    }
 
 
 def _find_netns(entry: dict[str, Any]) -> Netns | None:
@@ -552,40 +913,59 @@ def restore_stale_bindings(directory: Path = STATE_DIR, log: Any = None) -> int:
     """Undoes the nf_log bindings of tracers that died without restoring them.
 
     A journal whose process is gone (or whose PID now belongs to another
-    process) is stale. Namespaces that vanished since need nothing.
-    Returns how many bindings were put back.
+    process) is stale, and so is a handover. Its bindings are put back
+    unless a running tracer still uses them; namespaces that vanished
+    since need nothing. Returns how many bindings were put back.
     """
     log = log or structlog.get_logger("tracer.iptables")
-    restored = 0
-    try:
-        journals = sorted(directory.glob("nf_log.*.json"))
-    except OSError:
+    if not directory.is_dir():
         return 0
-    for path in journals:
-        try:
-            doc = json.loads(path.read_text())
-            pid, started = int(doc["pid"]), doc.get("start_time")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("legacy.journal_unreadable", path=str(path), error=str(exc))
+    try:
+        with file_lock(directory / NF_LOG_LOCK):
+            return _restore_stale_locked(directory, log)
+    except OSError as exc:
+        log.warning("legacy.stale_journals_unreadable", error=str(exc))
+        return 0
+
+
+def _restore_stale_locked(directory: Path, log: Any, only: tuple[int, int] | None = None) -> int:
+    """restore_stale_bindings with the lock held; `only`: just entries for this binding."""
+    restored = 0
+    journals = _read_journals(directory, log)
+    in_use = {
+        _entry_key(e) for _, doc, live in journals if live for e in doc.get("bindings", [])
+    }
+    for path, doc, live in journals:
+        if live:
             continue
-        if _start_time(pid) is not None and _start_time(pid) == started:
-            continue  # a live tracer's
-        left: list[dict[str, Any]] = []
+        left: list[Any] = []
         for entry in doc.get("bindings", []):
-            ns = _find_netns(entry)
-            if ns is None:
-                log.info("legacy.journalled_netns_gone", netns_inode=entry.get("netns_inode"))
+            key = _entry_key(entry)
+            if key is None:
+                continue
+            if key in in_use or (only is not None and key != only):
+                left.append(entry)  # a running tracer needs it bound still, or not asked about
                 continue
             try:
-                restored += restore_binding(ns, int(entry["pf"]), str(entry["previous"]), log)
-            except OSError as exc:
-                log.warning("legacy.nf_log_restore_failed", netns=ns.label, error=str(exc))
+                ns = _find_netns(entry)
+                if ns is None:
+                    log.info("legacy.journalled_netns_gone", netns_inode=entry.get("netns_inode"))
+                    continue
+                restored += restore_binding(ns, key[1], str(entry["previous"]), log)
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                log.warning("legacy.nf_log_restore_failed", netns_inode=key[0], error=str(exc))
                 left.append(entry)
-        if left:
-            continue  # keep the journal for another try
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        log.info("legacy.stale_journal_done", path=str(path), crashed_pid=pid)
+        try:
+            if left:
+                if left != doc.get("bindings"):
+                    _write_journal(path, {**doc, "bindings": left})
+                continue  # kept for a later try
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        except OSError as exc:
+            log.warning("legacy.journal_update_failed", path=str(path), error=str(exc))
+            continue
+        log.info("legacy.stale_journal_done", path=str(path), crashed_pid=doc.get("pid"))
     return restored
 
 
@@ -625,20 +1005,36 @@ class _Trace:
 # --- one namespace ------------------------------------------------------------------------------
 
 
+class GroupBusy(OSError):
+    """Group 0 is bound by another socket and nobody relays it to us; says who has it."""
+
+
 class _TraceSocket:
-    """The nfnetlink_log socket of one namespace and the thread reading it.
+    """The TRACE messages of one namespace and what they say, read from group 0 or relayed.
+
+    Fed one of two ways, into one state: as the holder, by a NetlinkReader on
+    our own group-0 socket, with a RelayServer passing every message, drain
+    and loss on to other tracers; as a subscriber, by a RelayClient on the
+    holder's socket (see legacy_relay). Either way the same `_handle`,
+    `_drained` and `_lost` run, so `sync()` and `last_trace()` mean the same.
 
     Synchronising with the kernel needs no round trip: nfnetlink_log queues
     each TRACE message on the socket before ipt_do_table returns, so before
     the packet is freed. A receive that finds the queue empty at time t
     therefore proves every message logged before t has been read (or was
-    lost, which the kernel reports). `sync()` waits for such a drain.
+    lost, which the kernel reports). `sync()` waits for such a drain; a
+    subscriber gets the holder's drains as markers, in order with the
+    messages, and CLOCK_MONOTONIC is the same clock in every process.
     """
 
     def __init__(self, owner: _LegacyNetns) -> None:
         self.owner = owner
         self.log = owner.log
+        self.role: str | None = None  # holder, subscriber, or None while detached
+        self.holder_pid: int | None = None
         self._reader: NetlinkReader | None = None
+        self._relay: RelayServer | None = None
+        self._client: RelayClient | None = None
         self._stopping = threading.Event()
         self._cond = threading.Condition()
         self._drained_at = 0.0  # monotonic time before a receive that found the queue empty
@@ -647,42 +1043,81 @@ class _TraceSocket:
         self._errors = 0
         self._last_error_log = 0.0
 
-    def open(self) -> None:
-        """Binds group 0 in the namespace; raises OSError when another listener has it."""
-        sock = netfilter_socket(self.owner.ns)
+    @property
+    def attached(self) -> bool:
+        return self.role is not None
+
+    # --- attaching to a source --------------------------------------------------------------
+
+    def connect(self) -> str:
+        """Binds group 0, else subscribes to the tracer that has it; returns the role.
+
+        A holder that just stopped may be replaced by another subscriber a
+        moment later, so both are tried a few times before giving up with
+        GroupBusy, which names the process holding the group.
+        """
+        self._detach()
+        if self._stopping.is_set():
+            raise OSError(errno.ESHUTDOWN, "stopping")
+        why = ""
+        for attempt in range(_CONNECT_ATTEMPTS):
+            if attempt:
+                time.sleep(_CONNECT_PAUSE)
+            sock = netfilter_socket(self.owner.ns)
+            cookie = netns_cookie(sock)
+            try:
+                self._bind_group(sock)
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EPERM:
+                    raise
+            else:
+                self._start_holder(sock, cookie)
+                return "holder"
+            try:
+                self._subscribe(cookie)
+                return "subscriber"
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                why = f"no tracer relays it ({exc.strerror or exc})"
+            except OSError as exc:
+                why = f"its relay failed: {exc}"
+                break
+        raise GroupBusy(errno.EPERM, self._busy_message(why))
+
+    def _busy_message(self, why: str) -> str:
+        ns = self.owner.ns
         try:
-            sock.send(
-                config_message(
-                    1,
-                    [
-                        ("NFULA_CFG_CMD", NFULNL_CFG_CMD_BIND),
-                        ("NFULA_CFG_MODE", {"copy_range": COPY_RANGE, "copy_mode": NFULNL_COPY_PACKET, "_pad": 0}),
-                        ("NFULA_CFG_QTHRESH", 1),
-                    ],
-                )
+            holder = group_holder(ns, TRACE_GROUP)
+        except OSError as exc:
+            holder, why = None, f"{why}; holder unknown: {exc}"
+        if holder is None:
+            return f"nfnetlink_log group {TRACE_GROUP} in netns {printable(ns.label)}: {os.strerror(errno.EPERM)}; {why}"
+        return f"{holder.describe(ns.label)}; {why}"
+
+    def _bind_group(self, sock: socket.socket) -> None:
+        """Binds group 0 on `sock`; OSError(EPERM) when another socket has it."""
+        sock.send(
+            config_message(
+                1,
+                [
+                    ("NFULA_CFG_CMD", NFULNL_CFG_CMD_BIND),
+                    ("NFULA_CFG_MODE", {"copy_range": COPY_RANGE, "copy_mode": NFULNL_COPY_PACKET, "_pad": 0}),
+                    ("NFULA_CFG_QTHRESH", 1),
+                ],
             )
-            self._await_ack(sock, 1)
-        except Exception:
-            sock.close()
-            raise
-        self._reader = NetlinkReader(
-            sock,
-            name=f"legacy-trace-{self.owner.ns.inode}",
-            on_message=self._handle,
-            on_lost=self._lost,
-            on_drained=self._drained,
-            log=self.log,
-            event_prefix="legacy",
         )
-        self._reader.start()
+        self._await_ack(sock, 1)
 
     @staticmethod
     def _await_ack(sock: socket.socket, seq: int) -> None:
         sock.settimeout(2.0)
         try:
             while True:
-                for mtype, mseq, msg in split_messages(sock.recv(65536)):
-                    if mtype == NLMSG_ERROR and mseq == seq:
+                data, sender = sock.recvfrom(65536)
+                if sender[0] != _KERNEL_PORT_ID:
+                    continue  # only the kernel acknowledges
+                for mtype, mseq, msg in split_messages(data):
+                    if mtype == NLMSG_ERROR and mseq == seq and len(msg) >= 20:
                         code = struct.unpack_from("=i", msg, 16)[0]
                         if code:
                             raise OSError(-code, f"nfnetlink_log group {TRACE_GROUP}: {os.strerror(-code)}")
@@ -690,13 +1125,98 @@ class _TraceSocket:
         finally:
             sock.settimeout(None)
 
-    def close(self) -> None:
-        """Stops the reader and closes the socket: the kernel destroys the group-0 instance with it."""
-        self._stopping.set()
-        if self._reader is not None:
-            self._reader.close()
+    def _start_holder(self, sock: socket.socket, cookie: int) -> None:
+        """Reads group 0 ourselves and serves it to other tracers (without a relay if that fails)."""
+        ns = self.owner.ns
+        relay: RelayServer | None = RelayServer(
+            state_dir=self.owner.collector.state_dir,
+            netns_inode=ns.inode,
+            cookie=cookie,
+            wake_source=self._wake_reader,
+            log=self.log,
+        )
+        try:
+            relay.start()
+        except OSError as exc:
+            relay = None
+            self.log.warning(
+                "legacy.relay_unavailable",
+                error=str(exc),
+                consequence="other tracers watching this namespace get no legacy rule text",
+            )
+        reader = NetlinkReader(
+            sock,
+            name=f"legacy-trace-{ns.inode}",
+            on_message=self._group_message,
+            on_lost=self._group_lost,
+            on_drained=self._group_drained,
+            log=self.log,
+            event_prefix="legacy",
+        )
         with self._cond:
+            self._reader, self._relay = reader, relay
+            self.role, self.holder_pid = "holder", os.getpid()
+            self._discarding = False  # a new stream: everything in it comes after what we forgot
+        reader.start()
+
+    def _subscribe(self, cookie: int) -> None:
+        ns = self.owner.ns
+        client = RelayClient(
+            relay_path(self.owner.collector.state_dir, ns.inode),
+            netns_inode=ns.inode,
+            cookie=cookie,
+            on_message=self._handle,
+            on_drained=self._drained,
+            on_lost=lambda reason: self._lost(OSError(errno.ENOBUFS, f"relayed: {reason}")),
+            on_closed=lambda reason: self._source_closed(client, reason),
+            log=self.log,
+        )
+        check_state_dir(self.owner.collector.state_dir)
+        with self._cond:
+            self._client = client
+            self.role, self.holder_pid = "subscriber", None
+            self._discarding = False  # a new stream: everything in it comes after what we forgot
+        try:
+            pid = client.connect()
+        except BaseException:
+            with self._cond:
+                self._client, self.role = None, None
+            client.close()
+            raise
+        self.holder_pid = pid
+
+    def _source_closed(self, client: RelayClient, reason: str) -> None:
+        """The holder went away (relay thread): forget what we have, let the owner reconnect."""
+        with self._cond:
+            if self._client is not client or self._stopping.is_set():
+                return
+            self.role = None
+            self._traces.clear()
+            self._discarding = True
             self._cond.notify_all()
+        self.log.info("legacy.relay_holder_gone", holder_pid=client.holder_pid, reason=reason)
+        self.owner.source_lost()
+
+    def _detach(self) -> None:
+        """Closes whatever fed us before (a subscriber reconnecting after its holder left)."""
+        with self._cond:
+            reader, relay, client = self._reader, self._relay, self._client
+            self._reader = self._relay = self._client = None
+            self.role = None
+            self._traces.clear()
+            self._cond.notify_all()
+        if reader is not None:
+            reader.close()  # group 0 is free once its socket is closed...
+        if relay is not None:
+            relay.close()  # ...so subscribers that now see EOF can bind it
+        if client is not None:
+            client.close()
+
+    def close(self) -> None:
+        """Stops reading; as the holder, frees group 0 (the kernel destroys the instance) and
+        then closes the relay, whose subscribers take over."""
+        self._stopping.set()
+        self._detach()
 
     # --- queries (caller threads) ---------------------------------------------------------
 
@@ -706,24 +1226,58 @@ class _TraceSocket:
         with self._cond:
             if self._drained_at >= since:
                 return True
-            if self._reader is not None:
-                self._reader.wake()
+            if self.role is None:
+                return False
+            self._wake_source()
             while self._drained_at < since:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._stopping.is_set():
+                if left <= 0 or self._stopping.is_set() or self.role is None:
                     return False
                 self._cond.wait(left)
             return True
+
+    def _wake_source(self) -> None:
+        if self._reader is not None:
+            self._reader.wake()
+        elif self._client is not None:
+            self._client.wake()
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None:
+            reader.wake()
 
     def last_trace(self, fingerprint: bytes) -> _Trace | None:
         with self._cond:
             return self._traces.get(fingerprint)
 
-    # --- reader thread ------------------------------------------------------------------------
+    # --- our own group-0 socket (reader thread) -------------------------------------------------
+
+    def _group_message(self, mtype: int, msg: bytes) -> None:
+        if mtype != _PACKET_TYPE:
+            return
+        relay = self._relay
+        if relay is not None:
+            relay.message(msg)
+        self._handle(mtype, msg)
+
+    def _group_drained(self, started: float) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.drained(started)
+        self._drained(started)
+
+    def _group_lost(self, exc: OSError) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.lost(str(exc))
+        self._lost(exc)
+
+    # --- either source ---------------------------------------------------------------------
 
     def _drained(self, started: float) -> None:
         with self._cond:
-            self._drained_at = started
+            self._drained_at = max(self._drained_at, started)
             self._discarding = False
             self._cond.notify_all()
 
@@ -735,6 +1289,8 @@ class _TraceSocket:
         its earlier ones among those. Attributing it from them would be
         wrong; leaving it out is not. The kernel reports no further loss
         until the queue has been empty once, so discarding lasts until then.
+        A relay says LOST at the place in its stream where it dropped
+        messages, and its next DRAINED marker ends the discarding the same way.
         """
         with self._cond:
             self._traces.clear()
@@ -745,13 +1301,14 @@ class _TraceSocket:
             self.log.warning(
                 "legacy.trace_messages_lost",
                 error=str(exc),
+                role=self.role,
                 errors_since_last_warning=self._errors,
                 hint="lower the trace rate or narrow the filter",
             )
             self._last_error_log, self._errors = now, 0
 
     def _handle(self, mtype: int, msg: bytes) -> None:
-        if mtype != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET or self._discarding:
+        if mtype != _PACKET_TYPE or self._discarding:
             return
         logged = parse_packet_message(msg)
         point = parse_trace_prefix(logged.prefix)
@@ -765,6 +1322,8 @@ class _TraceSocket:
         hook = HOOKS[hook_no] if hook_no is not None and 0 <= hook_no < len(HOOKS) else None
         now = time.monotonic()
         with self._cond:
+            if self._discarding:
+                return
             self._traces.pop(fp, None)
             self._traces[fp] = _Trace(fam.name, point, hook, now)
             while self._traces:
@@ -785,7 +1344,9 @@ class _LegacyNetns:
         self.nft_marked = False  # the nftables side marks (or is about to mark) this namespace
         self.trace: _TraceSocket | None = None
         self.bound: dict[int, str] = {}  # pf -> logger that was bound before us
-        self.trace_failed: str | None = None
+        self.trace_failed: str | None = None  # set when tracing can never work here (not retried)
+        self.unavailable: str | None = None  # why the last attempt to attach failed (retried)
+        self.retry_fast_until = 0.0  # monotonic: retry often until then (a holder just left)
         self.closed = False
         self._probe: dict[str, socket.socket] = {}
         self._cache: dict[str, tuple[Any, dict[str, XtTable]]] = {}
@@ -833,8 +1394,12 @@ class _LegacyNetns:
     # --- tracing -------------------------------------------------------------------------------
 
     def ensure_tracing(self, force: bool) -> bool:
-        """Binds nfnetlink_log for every family with legacy tables, when they can drop
-        something or `force` (the namespace is marked anyway). True if newly bound."""
+        """Reads TRACE messages and binds nfnetlink_log for every family with legacy tables,
+        when they can drop something or `force` (the namespace is marked anyway).
+
+        True if newly tracing (also after a lost holder was replaced). An
+        attempt that fails because group 0 is taken is retried by the poll.
+        """
         with self.lock:
             if self.closed or self.trace_failed is not None:
                 return False
@@ -843,19 +1408,10 @@ class _LegacyNetns:
                 return False
             if self.trace is None and not (force or self.can_drop()):
                 return False
-            fresh = self.trace is None
-            if fresh:
-                trace = None
-                try:
-                    self.collector.journal.check_writable()
-                    trace = _TraceSocket(self)
-                    trace.open()
-                except OSError as exc:
-                    if trace is not None:
-                        trace.close()
-                    self._give_up(exc)
-                    return False
-                self.trace = trace
+            fresh = self.trace is None or not self.trace.attached
+            if fresh and not self._attach():
+                return False
+            assert self.trace is not None
             for family in loaded:
                 pf = FAMILIES[family].pf
                 if pf not in self.bound:
@@ -866,11 +1422,61 @@ class _LegacyNetns:
                 self._give_up(OSError(errno.EPERM, "could not bind nfnetlink_log for any family"))
                 return False
             if fresh:
-                self.log.info("legacy.tracing", families=sorted(loaded), nf_log_bound=sorted(self.bound))
+                self.log.info(
+                    "legacy.tracing",
+                    families=sorted(loaded),
+                    nf_log_bound=sorted(self.bound),
+                    role=self.trace.role,
+                    holder_pid=self.trace.holder_pid,
+                )
             return fresh
 
+    def _attach(self) -> bool:
+        """Binds group 0 or subscribes to its holder; False (and says why, once) when neither works."""
+        if self.trace is None:
+            try:
+                self.collector.journal.check_writable()
+            except OSError as exc:
+                self._give_up(exc)
+                return False
+            self.trace = _TraceSocket(self)
+        try:
+            role = self.trace.connect()
+        except OSError as exc:
+            self._unavailable(exc)
+            if not self.bound:  # never traced here: leave nothing behind
+                self.trace.close()
+                self.trace = None
+            return False
+        if self.unavailable is not None:
+            self.log.warning("legacy.trace_recovered", role=role, holder_pid=self.trace.holder_pid)
+            self.unavailable = None
+        self.retry_fast_until = 0.0
+        return True
+
+    def _unavailable(self, exc: OSError) -> None:
+        """Says why there is no trace, when that changes; quiet while a holder is being replaced."""
+        message = str(exc) if exc.strerror is None else exc.strerror
+        if message == self.unavailable or time.monotonic() < self.retry_fast_until:
+            self.log.debug("legacy.trace_still_unavailable", error=message)
+            return
+        self.unavailable = message
+        self.log.warning(
+            "legacy.trace_unavailable",
+            error=message,
+            consequence="iptables-legacy drops here get at most the table, from the rules",
+            retry=f"every {self.collector.poll_interval:g} s",
+            note="if nftables marks this namespace anyway, legacy TRACE lines go to its bound "
+            "logger (the kernel log in the initial namespace)",
+        )
+
+    def source_lost(self) -> None:
+        """Our holder left (called from the relay thread): retry soon and often for a while."""
+        self.retry_fast_until = time.monotonic() + _FAST_RETRY_WINDOW
+        self.collector.kick()
+
     def _give_up(self, exc: OSError) -> None:
-        """Not retried: whoever holds group 0 (ulogd, another tracer) usually keeps it."""
+        """Not retried: this namespace can never be traced by us (no journal, no binding)."""
         self.trace_failed = str(exc)
         self.log.warning(
             "legacy.trace_unavailable",
@@ -881,29 +1487,22 @@ class _LegacyNetns:
         )
 
     def _bind_pf(self, pf: int) -> None:
-        """Journal first, then bind: a crash in between leaves nothing unrecorded."""
+        """Journal first, then bind (BindingJournal.bind): a crash in between leaves nothing unrecorded."""
         try:
-            previous = read_nf_log(self.ns, pf)
+            self.bound[pf] = self.collector.journal.bind(self.ns, pf)
         except OSError as exc:
             self.log.warning("legacy.nf_log_bind_failed", pf=pf, error=str(exc))
-            return
-        try:
-            if previous != NF_LOGGER:
-                self.collector.journal.add(self.ns, pf, previous)
-                write_nf_log(self.ns, pf, NF_LOGGER)
-        except OSError as exc:
-            self.log.warning("legacy.nf_log_bind_failed", pf=pf, error=str(exc))
-            with contextlib.suppress(OSError):
-                self.collector.journal.remove(self.ns.inode, pf)
-            return
-        self.bound[pf] = previous
 
     def wants_marking(self) -> bool:
         with self.lock:
             return bool(self.bound) and self.can_drop()
 
+    def tracing(self) -> bool:
+        trace = self.trace
+        return trace is not None and trace.attached and bool(self.bound)
+
     def refresh(self) -> bool:
-        """Periodic check: tables loaded or rules added since. True if newly tracing."""
+        """Periodic check: tables loaded or rules added since, or a lost holder. True if newly tracing."""
         if self.collector.trace_enabled:
             try:
                 return self.ensure_tracing(force=self.nft_marked)
@@ -912,15 +1511,14 @@ class _LegacyNetns:
         return False
 
     def close(self) -> None:
-        """Puts every binding back, then closes the trace socket and probes."""
+        """Puts every binding back (unless another tracer still needs it), then closes the
+        trace socket and probes."""
         with self.lock:
             self.closed = True
             gone = not netns_mod.exists(self.ns)
             for pf, previous in list(self.bound.items()):
                 try:
-                    if not gone:
-                        restore_binding(self.ns, pf, previous, self.log)
-                    self.collector.journal.remove(self.ns.inode, pf)
+                    self.collector.journal.release(self.ns, pf, previous, gone=gone, log=self.log)
                 except OSError as exc:
                     self.log.warning("legacy.nf_log_restore_failed", pf=pf, error=str(exc), journal_kept=True)
                 del self.bound[pf]
@@ -967,6 +1565,7 @@ class LegacyCollector:
         self._lock = threading.Lock()  # _namespaces
         self._update_lock = threading.Lock()
         self._stop = threading.Event()
+        self._kick = threading.Event()  # wakes the poller early (a holder left)
         self._poller: threading.Thread | None = None
         self._stopped = False
 
@@ -976,6 +1575,7 @@ class LegacyCollector:
         """Undoes what a crashed tracer left, then starts on the namespaces the filter covers."""
         if self.trace_enabled:
             restore_stale_bindings(self.state_dir, self.log)
+            cleanup_stale_sockets(self.state_dir, self.log)
         with self._update_lock:
             with self._lock:
                 self._stopped = False
@@ -1013,6 +1613,7 @@ class LegacyCollector:
         """Restores every nf_log binding and closes sockets; safe to call twice."""
         with self._update_lock:
             self._stop.set()
+            self._kick.set()
             with self._lock:
                 self._stopped = True
                 namespaces, self._namespaces = list(self._namespaces.values()), {}
@@ -1024,6 +1625,9 @@ class LegacyCollector:
                 n.close()
             except Exception as exc:
                 n.log.warning("legacy.stop_failed", error=repr(exc))
+        if self.trace_enabled and namespaces:
+            with contextlib.suppress(OSError):
+                cleanup_stale_sockets(self.state_dir, self.log)
 
     def __enter__(self) -> LegacyCollector:
         return self
@@ -1034,8 +1638,17 @@ class LegacyCollector:
         self.stop()
 
     def _poll(self) -> None:
-        """Legacy iptables announces nothing: look for new tables and rules now and then."""
-        while not self._stop.wait(self.poll_interval):
+        """Legacy iptables announces nothing: look for new tables and rules now and then.
+
+        Also where a namespace whose group 0 was taken, or whose holder
+        left, is attached again: every `poll_interval`, and every
+        _FAST_RETRY_INTERVAL for a few seconds after a holder left.
+        """
+        while True:
+            self._kick.wait(self._poll_wait())
+            self._kick.clear()
+            if self._stop.is_set():
+                return
             with self._lock:
                 namespaces = list(self._namespaces.values())
             ready = False
@@ -1045,6 +1658,16 @@ class LegacyCollector:
                 ready |= n.refresh() and not n.nft_marked
             if ready:
                 self._notify_ready()
+
+    def _poll_wait(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            hurry = any(n.retry_fast_until > now for n in self._namespaces.values())
+        return min(self.poll_interval, _FAST_RETRY_INTERVAL) if hurry else self.poll_interval
+
+    def kick(self) -> None:
+        """Makes the poller look at every namespace now."""
+        self._kick.set()
 
     def _notify_ready(self) -> None:
         if self.on_ready is not None:
@@ -1090,7 +1713,7 @@ class LegacyCollector:
     def tracing(self, netns_inode: int) -> bool:
         """Whether TRACE messages of this namespace are being read."""
         n = self._get(netns_inode)
-        return n is not None and n.trace is not None and bool(n.bound)
+        return n is not None and n.tracing()
 
     def wait_verdict(
         self, netns_inode: int, fingerprint: bytes, timeout: float, *, since: float | None = None

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -40,15 +41,25 @@ from tracer import packet
 from tracer.collectors.iptables import rule_comment
 from tracer.filters import WatchFilter, nft_match_rules
 from tracer.netns import Netns
-from tracer.nlmsg import NFGEN_ATTRS, NetlinkReader, attributes, netfilter_socket, nfgen_family
+from tracer.nlmsg import (
+    NFGEN_ATTRS,
+    NetlinkReader,
+    attributes,
+    fixed_size,
+    netfilter_socket,
+    nfgen_family,
+)
 from tracer.nftables import (
     FAMILIES,
     IPTABLES_FAMILIES,
+    IPTABLES_TABLES,
     Chain,
     NftContext,
     NftError,
     Rule,
     Ruleset,
+    Table,
+    generation_of,
 )
 
 if TYPE_CHECKING:
@@ -103,13 +114,11 @@ CT_STATUS_BITS = (
     "hw_offload",
 )
 
-# Ruleset notifications that do not change rule text or chains: set elements
-# come and go at runtime (fail2ban, kube-proxy) and NEWGEN only closes a batch.
-_NOT_RULESET_CHANGES = frozenset(
-    {nftsocket.NFT_MSG_NEWSETELEM, nftsocket.NFT_MSG_DELSETELEM, nftsocket.NFT_MSG_NEWGEN, nftsocket.NFT_MSG_TRACE}
-)
-
 _TRACE_STATE_TTL = 5.0
+#: A drop comes microseconds after its trace (the same call chain frees the packet);
+#: a candidate verdict read this long before the drop is an earlier packet's.
+MAX_TRACE_AGE = 0.05
+_MAX_VERDICT_KEYS = 65536
 _MAX_TRACE_PATH = 64
 
 
@@ -158,14 +167,21 @@ _Decoder = Callable[[bytes, int, int], Any]
 
 
 def _fixed(fmt: str) -> _Decoder:
-    unpack = struct.Struct(fmt).unpack_from
-    return lambda buf, start, end: unpack(buf, start)[0]
+    """A fixed-size value; raises DecodeError when the attribute is too short to hold it."""
+    unpack, size = struct.Struct(fmt).unpack_from, struct.calcsize(fmt)
+
+    def decode(buf: bytes, start: int, end: int) -> Any:
+        fixed_size(buf, start, end, size)
+        return unpack(buf, start)[0]
+
+    return decode
 
 
 def _verdict_nest(buf: bytes, start: int, end: int) -> int | None:
     """NFTA_VERDICT_CODE of a verdict nest: the only part trace handling uses."""
-    for atype, vstart, _ in attributes(buf, start, end):
+    for atype, vstart, vend in attributes(buf, start, end):
         if atype == _VERDICT_CODE:
+            fixed_size(buf, vstart, vend, 4)
             return _BE32_SIGNED(buf, vstart)[0]
     return None
 
@@ -214,6 +230,12 @@ def parse_trace_message(msg: bytes) -> TraceMessage:
     socket they cost ~1 ms of CPU per packet, so the default trace rate of
     1000 packets/s took a whole core (pyroute2's decoding of one message
     alone: ~25 us); this takes ~5 us a message.
+
+    Never raises anything but `tracer.nlmsg.DecodeError` (a ValueError),
+    and that only when a fixed-size attribute (or the verdict code in the
+    verdict nest) is too short for its type. Unknown attributes are left
+    out, and a truncated attribute ends the message: the attributes before
+    it are decoded.
     """
     attrs: dict[str, Any] = {}
     for atype, start, end in attributes(msg, NFGEN_ATTRS):
@@ -253,6 +275,11 @@ class TraceVerdict:
     mark: int | None = None
     trace_id: int = 0
     fingerprint: bytes | None = None
+    #: Lower bound of when the kernel emitted the trace: the start of the last receive
+    #: that found the socket empty before the trace was read (monotonic seconds).
+    queued_after: float = 0.0
+    #: The nftables generation the trace was evaluated in (None: not known).
+    generation: int | None = None
 
     @property
     def conntrack(self) -> ConntrackInfo | None:
@@ -337,14 +364,21 @@ def mark_commands(table: str, f: WatchFilter, rate: int, burst: int) -> str:
 
 def stale_marking_tables(rs: Ruleset) -> list[tuple[str, str]]:
     """Marking tables without the owner flag: left by a crashed older tracer."""
-    return [(t.family, t.name) for t in rs.tables.values() if t.name.startswith(MARK_TABLE) and not t.owned]
+    return [(t.family, t.name) for t in _stale_tables(rs)]
+
+
+def _stale_tables(rs: Ruleset) -> list[Table]:
+    return [t for t in rs.tables.values() if t.name.startswith(MARK_TABLE) and not t.owned and t.handle is not None]
 
 
 def _remove_stale(ctx: NftContext, rs: Ruleset, log: Any) -> int:
+    """Deletes stale marking tables by handle: a table's name is chosen by whoever made it
+    (`tracer_mark; flush ruleset` is a valid name), so it never goes into a command."""
     removed = 0
-    for family, name in stale_marking_tables(rs):
+    for table in _stale_tables(rs):
+        family, name = table.family, table.name
         try:
-            ctx.cmd(f"delete table {family} {name}")
+            ctx.cmd(f"delete table {family} handle {int(table.handle or 0)}")
             removed += 1
             log.info("nft.stale_marking_table_removed", family=family, table=name)
         except NftError as exc:
@@ -371,8 +405,78 @@ def remove_stale_marking_tables(namespaces: Iterable[Netns], log: Any = None) ->
     return removed
 
 
+#: How long a drop verdict waits, after it was read, for a generation change that
+#: would make it ambiguous. nftables switches packets to a new generation before it
+#: announces it (nf_tables_commit flips the generation cursor, then sends NEWRULE...
+#: NEWGEN), so a trace evaluated under the new rules can be read just before the
+#: announcement; the gap is the rest of one commit, far below this.
+GENERATION_GRACE = 0.005
+#: Generations whose snapshot is kept for traces still being resolved.
+_SNAPSHOTS_KEPT = 16
+_DRAINS_KEPT = 256
+
+
+@dataclass
+class _Pending:
+    """A drop verdict as read from the trace socket, before its rule is looked up.
+
+    Resolution waits `GENERATION_GRACE` so that a generation announced right
+    after the trace (`crossed`) is known: the trace may then belong to it.
+    """
+
+    trace_id: int
+    family: str
+    table: str
+    chain: str
+    handle: int | None
+    nfproto: int | None
+    path: list[tuple[str, str, str]]
+    network_header: bytes
+    transport_header: bytes
+    iif: int | None
+    oif: int | None
+    mark: int | None
+    ct: dict[str, Any]
+    read_at: float
+    queued_after: float
+    generation: int | None
+    crossed: int | None = None  # the first generation announced while this waited; -1: unknown (messages lost)
+
+
+def split_iptables_rules(listing: str) -> dict[str, list[str]]:
+    """`-A CHAIN ...` records of `iptables -S` output, by chain, in order.
+
+    A rule's comment may hold newlines (iptables prints it raw between
+    quotes), so a line that does not start a record continues the one before.
+    A chain name is the word after `-A` as iptables prints it; callers check
+    the count of records against the chain's rules before trusting positions.
+    """
+    records: list[str] = []
+    for line in listing.removesuffix("\n").split("\n"):
+        if line.startswith("-") or not records:
+            records.append(line)
+        else:
+            records[-1] += "\n" + line
+    chains: dict[str, list[str]] = {}
+    for rec in records:
+        if rec.startswith("-A "):
+            chain = rec[3:].split(" ", 1)[0]
+            chains.setdefault(chain, []).append(rec)
+    return chains
+
+
 class _NetnsWatch:
-    """Marking table, trace reader and ruleset cache of one namespace."""
+    """Marking table, trace reader and ruleset snapshots of one namespace.
+
+    Rule text is exact for the generation a trace was evaluated in: the
+    reader follows NEWGEN announcements on the trace socket itself, so it
+    knows which generation each trace message came in, and it snapshots the
+    ruleset once per generation, proving the generation with a GETGEN before
+    and after the listing. A trace whose generation has no snapshot, or that
+    may belong to a generation announced just after it with a different rule
+    under the same handle, keeps its handle but gets no text: never the text
+    of another generation.
+    """
 
     def __init__(self, ns: Netns, collector: NftCollector) -> None:
         self.ns = ns
@@ -382,20 +486,24 @@ class _NetnsWatch:
         self._ctx: NftContext | None = None
         self._reader: NetlinkReader | None = None
         self._stopping = threading.Event()
-        self._lock = threading.RLock()  # ruleset cache and marking
-        self._ruleset: Ruleset | None = None
-        self._stale = True
-        self._version = 0
+        self._lock = threading.RLock()  # snapshots, marking, pending, drains
+        self._snapshots: OrderedDict[int, Ruleset] = OrderedDict()
+        self._latest: Ruleset | None = None
+        self._generation: int | None = None  # the generation in force, as the socket announced it
+        self._want_snapshot = True
+        self._pending: list[_Pending] = []
+        self._drains: deque[float] = deque(maxlen=_DRAINS_KEPT)  # starts of receives that found the queue empty
+        self._resolved_upto = 0.0  # every verdict read at or before this time has been published
         self._traces: OrderedDict[int, _TraceState] = OrderedDict()
         self._discarding = False  # messages were lost: ignore traces until the queue is empty
-        self._iptables_cache: dict[tuple[int, str, str, str], list[str] | None] = {}
+        self._iptables_cache: OrderedDict[tuple[int, str, str], dict[str, list[str]] | None] = OrderedDict()
         self._socket_errors = 0
         self._last_error_log = 0.0
 
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Subscribes first, then marks: no trace of a marked packet can be missed."""
+        """Subscribes first, then snapshots and marks: no trace of a marked packet can be missed."""
         with netns_mod.entered(self.ns):
             self._ctx = NftContext()
         try:
@@ -415,10 +523,14 @@ class _NetnsWatch:
             log=self.log,
             event_prefix="nft",
         )
+        with self._lock:
+            self._generation = self._current_generation()
+            self._snapshot()
+            rs = self._latest
+            if rs is not None and _remove_stale(self._ctx, rs, self.log):
+                self._generation = self._current_generation()
+                self._snapshot()
         self._reader.start()
-        rs = self.ruleset(refresh=True)
-        if rs is not None and _remove_stale(self._ctx, rs, self.log):
-            self._stale = True
         self._mark_if_needed()
 
     def stop(self) -> None:
@@ -433,8 +545,14 @@ class _NetnsWatch:
                 self.marked = None
         if self._reader is not None:
             self._reader.close()
-        if self._ctx is not None:
-            self._ctx.close()  # also makes the kernel drop the table if delete failed
+        with self._lock:
+            if self._ctx is not None:
+                self._ctx.close()  # also makes the kernel drop the table if delete failed
+
+    def wake(self) -> None:
+        """Makes the reader drain now: resolution of pending verdicts happens at drains."""
+        if self._reader is not None:
+            self._reader.wake()
 
     # --- marking -------------------------------------------------------------------
 
@@ -443,7 +561,7 @@ class _NetnsWatch:
         with self._lock:
             if self.marked or self._stopping.is_set() or self._ctx is None:
                 return
-            rs = self.ruleset()
+            rs = self._latest
             if rs is None:
                 return
             c = self.collector
@@ -460,7 +578,7 @@ class _NetnsWatch:
                 self.log.warning("nft.marking_failed", table=name, error=exc.stderr)
                 return
             self.marked = name
-            self._stale = True
+            self._want_snapshot = True
             if legacy is None:
                 self._warn_legacy_trace()
             self.log.info("nft.marking_table_added", table=name, rate=c.rate, burst=c.burst)
@@ -483,40 +601,72 @@ class _NetnsWatch:
                 "(initial namespace, or all with net.netfilter.nf_log_all_netns=1)",
             )
 
-    # --- ruleset cache ---------------------------------------------------------------
+    # --- generations and snapshots -----------------------------------------------------
 
-    def ruleset(self, refresh: bool = False) -> Ruleset | None:
-        """The cached ruleset, re-read when a change was announced or when asked."""
-        with self._lock:
-            if (refresh or self._stale or self._ruleset is None) and self._ctx is not None and not self._ctx.closed:
-                self._stale = False
-                try:
-                    self._ruleset = self._ctx.ruleset()
-                    self._version += 1
-                except NftError as exc:
-                    self._stale = True
-                    self.log.warning("nft.ruleset_list_failed", error=exc.stderr)
-            return self._ruleset
+    def _current_generation(self) -> int | None:
+        """The namespace's nftables generation id now, None if it cannot be read."""
+        if self._ctx is None or self._ctx.closed:
+            return None
+        try:
+            return self._ctx.generation()
+        except (OSError, ValueError) as exc:
+            self.log.warning("nft.generation_unreadable", error=str(exc))
+            return None
 
-    def _changed(self) -> None:
+    def _snapshot(self) -> None:
+        """Lists the ruleset, keeping it as the snapshot of the generation it proves to be.
+
+        The listing brackets itself with the generation id (NftContext.ruleset);
+        a listing during a commit proves nothing and is tried again. When the
+        socket has not yet announced the generation listed, a later NEWGEN
+        asks again.
+        """
+        if self._ctx is None or self._ctx.closed:
+            return
+        for _ in range(3):
+            try:
+                rs = self._ctx.ruleset()
+            except (NftError, OSError, ValueError) as exc:
+                self.log.warning("nft.ruleset_list_failed", error=str(exc))
+                return
+            self._latest = rs
+            if rs.generation is None:
+                continue
+            self._snapshots[rs.generation] = rs
+            self._snapshots.move_to_end(rs.generation)
+            while len(self._snapshots) > _SNAPSHOTS_KEPT:
+                self._snapshots.popitem(last=False)
+            if rs.generation == self._generation:
+                self._want_snapshot = False
+            return
+
+    def ruleset(self) -> Ruleset | None:
+        """The newest snapshot (for drops no trace covered)."""
         with self._lock:
-            self._stale = True
+            return self._latest
 
     # --- reader thread ---------------------------------------------------------------
 
     def _lost(self, exc: OSError) -> None:
         """The kernel dropped messages (ENOBUFS: we fell behind): start over from a clean state.
 
-        Ruleset changes may have been among them, so the cache is re-read.
-        Half-seen traces are forgotten, and traces are ignored until the
-        queue is empty: what is still queued is older than what was lost,
-        so a packet whose last messages were lost would be attributed from
-        its earlier ones. Warnings are rate-limited: under a flood this
-        happens many times a second.
+        Generation announcements may have been among them, so the generation
+        is read afresh at the next drain and every verdict still waiting may
+        belong to an unknown later generation. Half-seen traces are
+        forgotten, and traces are ignored until the queue is empty: what is
+        still queued is older than what was lost, so a packet whose last
+        messages were lost would be attributed from its earlier ones.
+        Warnings are rate-limited: under a flood this happens many times a
+        second.
         """
-        self._traces.clear()
-        self._discarding = True
-        self._changed()
+        with self._lock:
+            self._traces.clear()
+            self._discarding = True
+            self._generation = None
+            self._want_snapshot = True
+            for p in self._pending:
+                if p.crossed is None:
+                    p.crossed = -1
         self._socket_errors += 1
         now = time.monotonic()
         if now - self._last_error_log >= 5.0:
@@ -529,8 +679,47 @@ class _NetnsWatch:
             )
             self._last_error_log, self._socket_errors = now, 0
 
-    def _drained(self, _started: float) -> None:
-        self._discarding = False
+    def _drained(self, started: float) -> None:
+        """The queue was empty at `started`: snapshot the generation in force, publish what is due."""
+        published: list[TraceVerdict] = []
+        with self._lock:
+            self._discarding = False
+            if self._generation is None:
+                self._generation = self._current_generation()
+                self._want_snapshot = True
+            snapped = self._want_snapshot
+            if snapped:
+                self._snapshot()
+            self._drains.append(started)
+            due = started - GENERATION_GRACE
+            keep: list[_Pending] = []
+            for p in self._pending:
+                if p.read_at <= due:
+                    published.append(self._resolve(p))
+                else:
+                    keep.append(p)
+            self._pending = keep
+            self._resolved_upto = max(self._resolved_upto, due)
+            unmarked = snapped and self.marked is None and not self._want_snapshot
+        if unmarked:
+            self._mark_if_needed()  # base chains may have appeared
+        for v in published:
+            self.collector._publish(v)
+        if published or self._pending:
+            self.collector._notify()
+
+    def all_published_before(self, t: float) -> bool:
+        """Whether every drop verdict the kernel emitted before monotonic time `t` is published.
+
+        A receive that found the queue empty at S >= t proves everything
+        emitted before t was read by S; it is published once the resolution
+        horizon has passed S.
+        """
+        with self._lock:
+            for s in self._drains:
+                if s >= t:
+                    return self._resolved_upto >= s
+            return False
 
     def _handle(self, mtype: int, msg: bytes) -> None:
         if mtype >> 8 != NFNL_SUBSYS_NFTABLES:
@@ -540,10 +729,17 @@ class _NetnsWatch:
             if not self._discarding:
                 self._on_trace(parse_trace_message(msg))
         elif sub == nftsocket.NFT_MSG_NEWGEN:
-            if self.marked is None:
-                self._mark_if_needed()  # base chains may have appeared
-        elif sub not in _NOT_RULESET_CHANGES:
-            self._changed()
+            self._new_generation(generation_of(msg))
+
+    def _new_generation(self, gen: int | None) -> None:
+        with self._lock:
+            if gen is None or (self._generation is not None and gen <= self._generation):
+                return
+            for p in self._pending:
+                if p.crossed is None:
+                    p.crossed = gen
+            self._generation = gen
+            self._want_snapshot = True
 
     # --- traces ------------------------------------------------------------------------
 
@@ -596,70 +792,91 @@ class _NetnsWatch:
             return
         if code != 0:  # only NF_DROP matters here; reject also ends in NF_DROP
             return
-        verdict = self._verdict(now, trace_id, state, family, table, chain, handle, get("NFTA_TRACE_NFPROTO"))
-        self.collector._publish(verdict)
+        with self._lock:
+            self._pending.append(
+                _Pending(
+                    trace_id=trace_id,
+                    family=family,
+                    table=table,
+                    chain=chain,
+                    handle=handle,
+                    nfproto=get("NFTA_TRACE_NFPROTO"),
+                    path=list(state.path),
+                    network_header=state.network_header,
+                    transport_header=state.transport_header,
+                    iif=state.iif,
+                    oif=state.oif,
+                    mark=state.mark,
+                    ct=dict(state.ct),
+                    read_at=now,
+                    queued_after=self._drains[-1] if self._drains else 0.0,
+                    generation=self._generation,
+                )
+            )
 
-    def _lookup_rule(self, family: str, table: str, chain: str, handle: int) -> tuple[Ruleset | None, Rule | None]:
-        rs = self.ruleset()
-        rule = rs.rule(family, table, handle) if rs else None
-        if rule is None or rule.chain != chain:
-            rs = self.ruleset(refresh=True)  # a rule we have not listed yet
-            rule = rs.rule(family, table, handle) if rs else None
+    def _rule_of(self, p: _Pending) -> tuple[Ruleset | None, Rule | None]:
+        """The snapshot of the trace's generation, and its rule when that is certain."""
+        rs = self._snapshots.get(p.generation) if p.generation is not None else None
+        if p.handle is None or rs is None:
+            return rs, None
+        rule = rs.rule(p.family, p.table, p.handle)
+        if rule is None or rule.chain != p.chain:
+            return rs, None
+        if p.crossed is not None:
+            later = self._latest if p.crossed == -1 else self._snapshots.get(p.crossed)
+            if later is None or not rs.same_rule(later, p.family, p.table, p.handle):
+                self.log.debug("nft.rule_ambiguous", handle=p.handle, generation=p.generation, next=p.crossed)
+                return rs, None
         return rs, rule
 
-    def _verdict(
-        self,
-        now: float,
-        trace_id: int,
-        state: _TraceState,
-        family: str,
-        table: str,
-        chain: str,
-        handle: int | None,
-        nfproto: int | None,
-    ) -> TraceVerdict:
-        if handle is not None:
-            rs, rule = self._lookup_rule(family, table, chain, handle)
-            if rule is None:
-                self.log.warning("nft.rule_not_found", family=family, table=table, chain=chain, handle=handle)
-        else:
-            rs, rule = self.ruleset(), None
-        base = self._base_chain(rs, state, family, table, chain)
-        backend = rs.backend(family, table) if rs else "nftables"
+    def _resolve(self, p: _Pending) -> TraceVerdict:
+        rs, rule = self._rule_of(p)
+        if p.handle is not None and rule is None:
+            self.log.info(
+                "nft.rule_text_unknown", family=p.family, table=p.table, chain=p.chain, handle=p.handle,
+                generation=p.generation, snapshot=rs is not None,
+            )
+        view = rs or self._latest
+        base = self._base_chain(view, p.path, p.family, p.table, p.chain)
+        backend = view.backend(p.family, p.table) if view else "nftables"
         iptables = None
-        if backend == "iptables-nft" and rule is not None:
-            iptables = self._iptables_line(family, table, rule)
-        ct = state.ct
+        if backend == "iptables-nft" and rule is not None and p.generation is not None:
+            iptables = self._iptables_line(p.generation, rs, rule)
+        ct = p.ct
         return TraceVerdict(
             netns_inode=self.ns.inode,
-            time=now,
-            family=family,
-            table=table,
-            chain=chain,
+            time=p.read_at,
+            family=p.family,
+            table=p.table,
+            chain=p.chain,
             base_chain=base.name if base else None,
             hook=base.hook if base else None,
-            handle=handle,
+            handle=p.handle,
             text=rule.text if rule else None,
             # nft does not show iptables-nft's `-m comment`: take it from the -S line.
             comment=(rule.comment or (rule_comment(iptables) if iptables else None)) if rule else None,
-            policy=handle is None,
-            verdict="reject" if rule is not None and is_reject(rule.text) else "drop",
+            policy=p.handle is None,
+            verdict="reject" if rule is not None and rule.reject else "drop",
             backend=backend,
             iptables=iptables,
             ct_state=CT_STATES.get(ct["state"]) if ct.get("state") is not None else None,
             ct_direction=CT_DIRECTIONS.get(ct["direction"]) if ct.get("direction") is not None else None,
             ct_status=_ct_status(ct),
             ct_id=ct.get("id"),
-            nfproto=NFPROTO_NAMES.get(nfproto) if nfproto is not None else None,
-            iif=state.iif,
-            oif=state.oif,
-            mark=state.mark,
-            trace_id=trace_id,
-            fingerprint=packet.fingerprint(state.network_header, state.transport_header),
+            nfproto=NFPROTO_NAMES.get(p.nfproto) if p.nfproto is not None else None,
+            iif=p.iif,
+            oif=p.oif,
+            mark=p.mark,
+            trace_id=p.trace_id,
+            fingerprint=packet.fingerprint(p.network_header, p.transport_header),
+            queued_after=p.queued_after,
+            generation=p.generation,
         )
 
     @staticmethod
-    def _base_chain(rs: Ruleset | None, state: _TraceState, family: str, table: str, chain: str) -> Chain | None:
+    def _base_chain(
+        rs: Ruleset | None, path: list[tuple[str, str, str]], family: str, table: str, chain: str
+    ) -> Chain | None:
         """The hooked chain the verdict was reached from.
 
         The trace shows the path: jumps and gotos are traced as rule verdicts
@@ -669,7 +886,7 @@ class _NetnsWatch:
         """
         if rs is None:
             return None
-        for fam, tab, name in reversed(state.path):
+        for fam, tab, name in reversed(path):
             if fam == family and tab == table:
                 c = rs.chain(family, table, name)
                 if c is not None and c.base:
@@ -677,26 +894,46 @@ class _NetnsWatch:
         candidates = rs.base_chains_reaching(family, table, chain)
         return candidates[0] if len(candidates) == 1 else None
 
-    def _iptables_line(self, family: str, table: str, rule: Rule) -> str | None:
-        """The `iptables -S` line of an iptables-nft rule, found by its position in the chain."""
-        key = (self._version, family, table, rule.chain)
+    def _iptables_line(self, generation: int, rs: Ruleset | None, rule: Rule) -> str | None:
+        """The `iptables -S` line of an iptables-nft rule, by its position in the chain.
+
+        iptables is run with fixed words only: the tool, `-t` and a table name
+        from IPTABLES_TABLES (the ruleset's backend check guarantees it), `-S`.
+        No chain name reaches its argv, so a chain called `--modprobe=...` is
+        just a line in its output. The listing is used only when the
+        generation in force is the trace's before and after it, and only for
+        a chain whose record count matches the snapshot's rules.
+        """
+        family, table = rule.family, rule.table
+        if table not in IPTABLES_TABLES or family not in IPTABLES_FAMILIES or rs is None:
+            return None
+        key = (generation, family, table)
         if key not in self._iptables_cache:
-            tool = IPTABLES_FAMILIES[family]
-            lines: list[str] | None = None
-            try:
-                res = netns_mod.run_in(self.ns, [tool, "-t", table, "-S", rule.chain], timeout=10)
-                if res.returncode == 0:
-                    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(f"-A {rule.chain} ")]
-                else:
-                    self.log.warning("nft.iptables_list_failed", tool=tool, error=res.stderr.strip())
-            except (OSError, TimeoutError) as exc:
-                self.log.warning("nft.iptables_list_failed", tool=tool, error=str(exc))
-            self._iptables_cache = {k: v for k, v in self._iptables_cache.items() if k[0] == self._version}
-            self._iptables_cache[key] = lines
-        lines = self._iptables_cache[key]
-        if lines is None or rule.position >= len(lines):
+            self._iptables_cache[key] = self._list_iptables(generation, family, table)
+            while len(self._iptables_cache) > 4 * _SNAPSHOTS_KEPT:
+                self._iptables_cache.popitem(last=False)
+        chains = self._iptables_cache[key]
+        chain = rs.chain(family, table, rule.chain)
+        lines = chains.get(rule.chain) if chains is not None else None
+        if lines is None or chain is None or len(lines) != len(chain.rules) or rule.position >= len(lines):
             return None
         return lines[rule.position]
+
+    def _list_iptables(self, generation: int, family: str, table: str) -> dict[str, list[str]] | None:
+        tool = IPTABLES_FAMILIES[family]
+        if self._current_generation() != generation:
+            return None
+        try:
+            res = netns_mod.run_in(self.ns, [tool, "-t", table, "-S"], timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.log.warning("nft.iptables_list_failed", tool=tool, error=str(exc))
+            return None
+        if res.returncode != 0:
+            self.log.warning("nft.iptables_list_failed", tool=tool, error=res.stderr.strip())
+            return None
+        if self._current_generation() != generation:
+            return None
+        return split_iptables_rules(res.stdout)
 
 
 class NftCollector:
@@ -736,7 +973,8 @@ class NftCollector:
         self._lock = threading.Lock()  # _watches
         self._update_lock = threading.Lock()  # one update_namespaces at a time
         self._cond = threading.Condition()  # _verdicts
-        self._verdicts: OrderedDict[tuple[int, bytes], TraceVerdict] = OrderedDict()
+        self._verdicts: OrderedDict[tuple[int, bytes], deque[TraceVerdict]] = OrderedDict()
+        self._published = 0
         self._stopped = False
 
     # --- lifecycle -------------------------------------------------------------------
@@ -826,19 +1064,74 @@ class NftCollector:
             w = self._watches.get(netns_inode)
         return w.ruleset() if w else None
 
-    def wait_verdict(self, netns_inode: int, fingerprint: bytes, timeout: float) -> TraceVerdict | None:
-        """The verdict for a packet, waiting up to `timeout` seconds for its trace."""
+    def wait_verdict(
+        self, netns_inode: int, fingerprint: bytes, timeout: float, *, dropped_at: float | None = None
+    ) -> TraceVerdict | None:
+        """The verdict for one dropped packet, waiting up to `timeout` seconds for its trace.
+
+        The fingerprint (headers) finds candidates; the instance is told by
+        time. `dropped_at` is the drop's kernel time (CLOCK_MONOTONIC
+        seconds): its trace was emitted just before it, so a candidate read
+        more than `MAX_TRACE_AGE` before the drop belongs to an earlier
+        packet with the same headers (whose drop nobody claimed), and one
+        queued after the drop belongs to a later one. Each verdict is given to
+        one drop only. Without `dropped_at` (tests, tools) the oldest
+        unclaimed candidate is taken. Returns early with None once every
+        trace emitted before the drop has been read and none matched.
+        """
         key = (netns_inode, fingerprint)
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                v = self._verdicts.get(key)
-                if v is not None and now - v.time <= self.verdict_ttl:
+        with self._lock:
+            watch = self._watches.get(netns_inode)
+        while True:
+            with self._cond:
+                v = self._claim(key, dropped_at)
+                if v is not None:
                     return v
-                if now >= deadline or self._stopped:
+                now = time.monotonic()
+                if now >= deadline or self._stopped or watch is None:
                     return None
-                self._cond.wait(deadline - now)
+                if dropped_at is not None and watch.all_published_before(dropped_at):
+                    return None
+            watch.wake()
+            with self._cond:
+                if self._claim_ready(key, dropped_at):
+                    continue
+                self._cond.wait(min(deadline - now, GENERATION_GRACE))
+
+    def _claim_ready(self, key: tuple[int, bytes], dropped_at: float | None) -> bool:
+        queue = self._verdicts.get(key)
+        return bool(queue) and self._candidate(queue, dropped_at) is not None
+
+    def _candidate(self, queue: deque[TraceVerdict], dropped_at: float | None) -> int | None:
+        if dropped_at is None:
+            return 0 if queue else None
+        for i, v in enumerate(queue):
+            if v.time < dropped_at - MAX_TRACE_AGE:
+                continue  # an earlier packet's: its drop was never claimed
+            if v.queued_after > dropped_at:
+                return None  # this and the rest were emitted after the drop
+            return i
+        return None
+
+    def _claim(self, key: tuple[int, bytes], dropped_at: float | None) -> TraceVerdict | None:
+        """Takes the drop's verdict out of the queue (with the stale ones before it)."""
+        queue = self._verdicts.get(key)
+        if not queue:
+            return None
+        i = self._candidate(queue, dropped_at)
+        if i is None:
+            return None
+        for _ in range(i):
+            queue.popleft()
+        v = queue.popleft()
+        if not queue:
+            del self._verdicts[key]
+        return v
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _publish(self, verdict: TraceVerdict) -> None:
         if verdict.fingerprint is None:
@@ -854,16 +1147,26 @@ class NftCollector:
         with self._cond:
             if verdict.fingerprint is not None:
                 key = (verdict.netns_inode, verdict.fingerprint)
-                self._verdicts.pop(key, None)
-                self._verdicts[key] = verdict
-            while self._verdicts:
-                oldest = next(iter(self._verdicts.values()))
-                if verdict.time - oldest.time <= self.verdict_ttl:
-                    break
-                self._verdicts.popitem(last=False)
+                self._verdicts.setdefault(key, deque()).append(verdict)
+                self._verdicts.move_to_end(key)
+                self._published += 1
+            if self._published >= 1024 or len(self._verdicts) > _MAX_VERDICT_KEYS:
+                self._expire(verdict.time)
             self._cond.notify_all()
         if self.on_verdict is not None:
             try:
                 self.on_verdict(verdict)
             except Exception as exc:
                 self.log.warning("nft.on_verdict_failed", error=repr(exc))
+
+    def _expire(self, now: float) -> None:
+        """Forgets verdicts no drop claimed within verdict_ttl (their drops were filtered or lost)."""
+        self._published = 0
+        for key in list(self._verdicts):
+            queue = self._verdicts[key]
+            while queue and now - queue[0].time > self.verdict_ttl:
+                queue.popleft()
+            if not queue:
+                del self._verdicts[key]
+        while len(self._verdicts) > _MAX_VERDICT_KEYS:
+            self._verdicts.popitem(last=False)
