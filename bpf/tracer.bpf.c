@@ -326,14 +326,18 @@ static __always_inline void read_conntrack(struct drop_event *e, struct sk_buff 
  * - A queued fragment that starts a run of contiguous fragments is a node of
  *   the queue's rb-tree (fragrun_create); skb->rbnode shares storage with
  *   skb->next, skb->prev and skb->dev, so while it is (or was) linked, next is
- *   __rb_parent_color (never 0: a parent pointer, or the root's black colour
- *   bit) and dev is rb_left: another skb of the queue, or NULL. rb_erase()
+ *   __rb_parent_color (never 0 and never the skb itself: a parent pointer, or
+ *   the root's black colour bit) and dev is rb_left: another skb of the queue, or NULL. rb_erase()
  *   and rb_replace_node() leave the removed node's fields as they were, so
  *   inet_frag_rbtree_purge() frees these with that rb_left in dev.
- * - A fragment appended to a run (fragrun_append_to_last) is only chained
- *   through FRAG_CB(skb)->next_frag; it keeps skb->next == NULL and the
- *   skb->dev it arrived with, which holds no reference: a device deleted
- *   since would leave it dangling.
+ * - Every queued fragment goes through fragcb_clear(), whose RB_CLEAR_NODE()
+ *   points __rb_parent_color (skb->next) at the skb itself and leaves
+ *   rb_left (skb->dev) alone. A fragment appended to a run
+ *   (fragrun_append_to_last) is then only chained through
+ *   FRAG_CB(skb)->next_frag: it keeps skb->next == skb and the skb->dev it
+ *   arrived with, which holds no reference (a device deleted since would
+ *   leave it dangling). A run member that replaces a pulled head in the tree
+ *   (rb_replace_node) becomes a node like the others.
  * - On expiry (ip_expire; ip6frag_expire_frag_queue, from ip6_frag_expire and
  *   nf_ct_frag6_expire), when the first fragment has arrived, the head (the
  *   fragment at offset 0) is taken out with inet_frag_pull_head(), which
@@ -346,13 +350,30 @@ static __always_inline void read_conntrack(struct drop_event *e, struct sk_buff 
  *   freed by that CPU in between (timer softirqs do not nest). Only when
  *   another CPU held a reference at that moment does that CPU free them.
  * - ip_frag_reinit() (IPv4, FRAG_TOO_FAR) purges the tree the same way, and
- *   then the new fragment, which has a real dev, is freed with the same reason.
+ *   then the new fragment, which never reached the tree, is freed with the
+ *   same reason.
+ * - The defrag offset lives in FRAG_CB() here; older kernels (before
+ *   "inet: inet_defrag: prevent sk release while still in use", 2024) kept
+ *   it in a union with skb->sk. CO-RE tells which (skb_sk_shared()).
  *
  * So a drop with one of these reasons uses skb->dev only when skb->next is
- * NULL (never linked into the tree) and, unless it is an expiring head,
- * the device still has the ifindex the skb arrived on (skb_iif). Fragments
- * that follow a head on the same CPU take the head's device and namespace.
+ * NULL (a pulled head; the FRAG_TOO_FAR newcomer when nothing left a stale
+ * pointer there) or the skb itself (never linked into the tree), and, unless
+ * it is an expiring head, while the device still has the ifindex the skb
+ * arrived on (skb_iif). Fragments that follow a head on the same CPU take the
+ * head's device and namespace; the others get none rather than a wrong one.
  */
+
+/* sk_buff of the older kernels whose ip_defrag_offset is in a union with sk:
+ * a queued skb's sk is then not a socket. */
+struct sk_buff___defrag_in_sk {
+	int ip_defrag_offset;
+} __attribute__((preserve_access_index));
+
+static __always_inline bool skb_sk_shared(struct sk_buff *skb)
+{
+	return bpf_core_field_exists(((struct sk_buff___defrag_in_sk *)skb)->ip_defrag_offset);
+}
 
 /* A head recorded this long ago is from another timer callback. The whole
  * callback takes microseconds; the window only has to outlast a slow
@@ -430,9 +451,9 @@ static __always_inline void reasm_device(struct drop_event *e, struct sk_buff *s
 {
 	struct reasm_head key = {}, *last;
 	struct net_device *dev;
-	bool head = false;
+	bool head = false, linked;
 	__u32 zero = 0;
-	__u64 now;
+	__u64 now, next;
 
 	if (!e->l3_off_valid || !(e->frag_flags & TRACER_FRAG_IS_FRAGMENT)) {
 		e->frag_flags |= TRACER_FRAG_DEV_UNKNOWN;
@@ -443,7 +464,9 @@ static __always_inline void reasm_device(struct drop_event *e, struct sk_buff *s
 	if (!last)
 		return;
 	now = bpf_ktime_get_ns();
-	if (kind == REASM_TIMEOUT && !e->frag_off && !BPF_CORE_READ(skb, next)) {
+	next = (__u64)BPF_CORE_READ(skb, next);
+	linked = next && next != (__u64)skb;    /* an rb-tree node, now or before */
+	if (kind == REASM_TIMEOUT && !e->frag_off && !next) {
 		head = true;            /* pulled by inet_frag_pull_head(), dev set under RCU */
 	} else if (kind == REASM_TIMEOUT && now - last->ts_ns < REASM_HEAD_WINDOW_NS && reasm_same(last, &key)) {
 		e->netns_ino = last->netns_ino;
@@ -452,13 +475,14 @@ static __always_inline void reasm_device(struct drop_event *e, struct sk_buff *s
 		e->frag_flags |= TRACER_FRAG_NS_FROM_HEAD;
 		return;
 	}
-	dev = BPF_CORE_READ(skb, next) ? NULL : BPF_CORE_READ(skb, dev);
+	dev = linked ? NULL : BPF_CORE_READ(skb, dev);
 	if (dev && !head && BPF_CORE_READ(dev, ifindex) != BPF_CORE_READ(skb, skb_iif))
 		dev = NULL;
 	if (!dev) {
-		/* skb->sk is not shared with the tree; a queued skb of a local
+		/* skb->sk is not part of the rbnode: a queued skb of a local
 		 * sender (defrag on output) still names its namespace. */
-		e->netns_ino = skb_netns(skb, NULL);
+		if (!skb_sk_shared(skb))
+			e->netns_ino = skb_netns(skb, NULL);
 		e->frag_flags |= TRACER_FRAG_DEV_UNKNOWN;
 		return;
 	}

@@ -50,6 +50,14 @@ class _Parser(argparse.ArgumentParser):
         say(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
         sys.exit(EXIT_USAGE)
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # argparse (3.11) deletes a "--" value given as `--flag=--`, leaving the
+        # flag an empty list or unset; no flag takes "--", so say so here.
+        for arg in sys.argv[1:] if args is None else args:
+            if isinstance(arg, str) and arg.startswith("--") and arg.endswith("=--"):
+                self.error(f"argument {arg[:-3]}: '--' is not a value")
+        return super().parse_known_args(args, namespace)
+
 
 def _items(flag: str, values: list[str] | None) -> list[str]:
     """`--port 80 --port 443,8443` -> ['80', '443', '8443']; an empty item is an error,
@@ -87,7 +95,8 @@ def _positive(kind, maximum: float | None = None) -> Callable[[str], int | float
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at most {maximum:g}")
+            limit = int(maximum) if float(maximum).is_integer() else maximum
+            raise argparse.ArgumentTypeError(f"{text!r} must be at most {limit}")
         return value
     return parse
 

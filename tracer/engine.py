@@ -75,13 +75,25 @@ class Engine:
         self.ready = threading.Event()
         self._queue_lost = 0  # events lost to a full queue since the last warning
         self._queue_lost_logged = 0.0
+        self._netns_inode: int | None = None
 
     # ---------------------------------------------------------- set-up
 
     def _reason_numbers(self) -> list[int]:
         return [self._reasons.value(r) for r in self.options.filter.reasons]
 
+    #: What the in-kernel netns filter is set to while a named namespace does not exist:
+    #: no namespace has this inode, so nothing matches until it appears.
+    NO_NETNS = 0xFFFFFFFF
+
     def _netns_filter(self) -> int | None:
+        """The inode the watch is limited to now: None for all namespaces.
+
+        A name is followed: resolved afresh at every namespace scan, so a
+        namespace deleted and made again under the same name is watched
+        again, and while the name is missing nothing is (not whatever
+        namespace reuses the old inode). A number must be a live namespace.
+        """
         want = self.options.filter.netns
         if want is None:
             return None
@@ -90,20 +102,39 @@ class Engine:
         try:
             return netnsmod.by_name(want).inode
         except OSError:
-            raise ValueError(f"--netns {want!r}: no such network namespace "
-                             "(see `ip netns list`, or give its inode number)") from None
+            return self.NO_NETNS
+
+    def _check_netns(self) -> None:
+        """Refuses an inode that is no live namespace; warns about a name that does not exist yet."""
+        want = self.options.filter.netns
+        if want is None:
+            return
+        if want.isdigit():
+            if int(want) not in self._namespaces:
+                raise ValueError(f"--netns {want}: no live network namespace has inode {want} "
+                                 "(see `lsns -t net`, or give an `ip netns` name)")
+        elif self._netns_filter() == self.NO_NETNS:
+            log.warning("netns not found; waiting for it", netns=want,
+                        hint="watching starts when `ip netns add` creates it")
+
+    def _apply_filter(self, netns_inode: int | None) -> None:
+        """Loads the watch filter into the BPF map (also to follow a renamed namespace's inode)."""
+        assert self.tracer is not None
+        cfg = bpf_filter.build(
+            self.tracer.new_filter(), self.options.filter, reasons=self._user_reasons,
+            netns_inode=netns_inode, consumed_reason=self._reasons.by_name.get("SKB_CONSUMED"))
+        self.tracer.set_filter(cfg)
+        self._netns_inode = netns_inode
 
     def start(self) -> None:
         """Attaches everything; raises with a clear message when it cannot."""
         opts = self.options
+        self._namespaces = self._scan()
+        self._check_netns()
         netns_inode = self._netns_filter()
         self.tracer = LoadedTracer(opts.object_path, nf_mode=opts.nf_mode)
-        cfg = bpf_filter.build(
-            self.tracer.new_filter(), opts.filter, reasons=self._user_reasons,
-            netns_inode=netns_inode, consumed_reason=self._reasons.by_name.get("SKB_CONSUMED"))
-        self.tracer.set_filter(cfg)
+        self._apply_filter(netns_inode)
         self._decoder = DropDecoder(self.tracer.Event, self._reasons)
-        self._namespaces = self._scan()
         from .collectors.iptables import LegacyCollector
 
         watched = self._watched(self._namespaces.values(), netns_inode)
@@ -181,9 +212,13 @@ class Engine:
             self._rb.poll(100)
 
     def _scan_loop(self) -> None:
-        netns_inode = self._netns_filter_safe()
         while not self._stop.wait(self.options.scan_interval):
             found = self._scan()
+            netns_inode = self._netns_filter()
+            if netns_inode != self._netns_inode:
+                log.info("netns followed", netns=self.options.filter.netns,
+                         inode=None if netns_inode == self.NO_NETNS else netns_inode)
+                self._apply_filter(netns_inode)
             if found.keys() != self._namespaces.keys():
                 self._namespaces = found
                 watched = self._watched(found.values(), netns_inode)
@@ -197,13 +232,7 @@ class Engine:
         """A namespace's legacy tables became traceable: let nftables mark it."""
         nft = self.nft
         if nft is not None:
-            nft.update_namespaces(self._watched(self._namespaces.values(), self._netns_filter_safe()))
-
-    def _netns_filter_safe(self) -> int | None:
-        try:
-            return self._netns_filter()
-        except ValueError:
-            return None
+            nft.update_namespaces(self._watched(self._namespaces.values(), self._netns_inode))
 
     # ---------------------------------------------------------- events
 

@@ -618,3 +618,34 @@ class _NftNetlink:
 
     def close(self) -> None:
         self.sock.close()
+
+
+#: Notification types that change what a rule's text or place can be (sets and their
+#: elements do not: a rule shows a named set by name).
+NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 2, 3, 5, 6, 8
+_NAME_ATTR = {NFT_MSG_NEWTABLE: 1, NFT_MSG_DELTABLE: 1, NFT_MSG_NEWCHAIN: 1, NFT_MSG_DELCHAIN: 1,
+              NFT_MSG_NEWRULE: 1, NFT_MSG_DELRULE: 1}  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE}
+NFTA_RULE_HANDLE = 3
+
+
+def change_of(sub: int, msg: bytes) -> tuple[str, str, str, int | None] | None:
+    """What one ruleset notification touches: (kind, family, table, rule handle).
+
+    kind is `table` for a table created or deleted, `chain` for a chain
+    created, renamed or deleted (a rename changes the text of rules that
+    jump to it), `rule` for a rule added, replaced or deleted. None for
+    messages that change no rule's text.
+    """
+    if sub not in _NAME_ATTR or nfgen_family(msg) not in FAMILIES:
+        return None
+    table, handle = None, None
+    for atype, start, end in attributes(msg, NFGEN_ATTRS):
+        if atype == _NAME_ATTR[sub]:
+            table = msg[start:end].split(b"\0", 1)[0].decode(errors="surrogateescape")
+        elif sub in (NFT_MSG_NEWRULE, NFT_MSG_DELRULE) and atype == NFTA_RULE_HANDLE and end - start >= 8:
+            handle = int.from_bytes(msg[start : start + 8], "big")
+    if table is None:
+        return None
+    kind = "table" if sub in (NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE) else "chain" if sub in (
+        NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN) else "rule"
+    return kind, FAMILIES[nfgen_family(msg)], table, handle

@@ -162,6 +162,7 @@ class NetlinkReader:
         on_drained: Callable[[float], None],
         log: Any,
         event_prefix: str,
+        poll_timeout: Callable[[], float] | None = None,
     ) -> None:
         self.sock = sock
         self.log = log
@@ -169,6 +170,7 @@ class NetlinkReader:
         self._on_lost = on_lost
         self._on_drained = on_drained
         self._prefix = event_prefix
+        self._poll_timeout = poll_timeout  # seconds until the owner wants a drain without data
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -210,7 +212,8 @@ class NetlinkReader:
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not self._stopping.is_set():
-            poller.poll(1000)
+            wait = 1.0 if self._poll_timeout is None else min(1.0, max(0.0, self._poll_timeout()))
+            poller.poll(int(wait * 1000) + (wait > 0))
             with contextlib.suppress(OSError):
                 os.read(self._wake_r, 4096)
             if not self._drain():

@@ -107,7 +107,10 @@ class FdWriter:
                  max_bytes: int = QUEUE_BYTES, on_error: Callable[[str], None] | None = None,
                  on_drop: Callable[[int, int], None] | None = None) -> None:
         mode = os.fstat(fd).st_mode  # a closed descriptor fails here, not in the thread
-        self.fd, self.name = fd, name
+        # The thread writes to its own duplicate, closed when it ends: a write it
+        # finishes after close() gave up can never land in a descriptor number the
+        # caller has closed and reused meanwhile.
+        self.fd, self.name = os.dup(fd), name
         self._chunk = PIPE_BUF if stat.S_ISFIFO(mode) else 64 << 10
         self._max_items, self._max_bytes = max_items, max_bytes
         self._on_error, self._on_drop = on_error, on_drop
@@ -165,6 +168,9 @@ class FdWriter:
             self._cond.notify_all()
         while self._thread.is_alive() and time.monotonic() < self._deadline:
             self._thread.join(min(0.05, max(0.0, self._deadline - time.monotonic())))
+        # Waiting in poll(), it notices within _POLL_MS that it has to give up (and
+        # closes its descriptor); stuck in a write to a terminal or socket, it may not.
+        self._thread.join(2 * _POLL_MS / 1000)
         _writers.discard(self)
         return self.report()
 
@@ -178,6 +184,12 @@ class FdWriter:
         return time.monotonic() >= self._deadline
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            os.close(self.fd)
+
+    def _loop(self) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
         while True:
@@ -212,7 +224,7 @@ class FdWriter:
                 ready = poller.poll(_POLL_MS)
             except OSError as exc:
                 return self._fail(exc.strerror or str(exc))
-            if not ready:
+            if not ready or self._given_up():
                 continue
             revents = ready[0][1]
             if revents & (select.POLLERR | select.POLLHUP | select.POLLNVAL) and not revents & select.POLLOUT:

@@ -13,9 +13,20 @@ default logging parameters send it, with the packet copied from its network
 header. The last TRACE message of a dropped packet names table, chain and
 rule number; `iptables-legacy-save` in the namespace turns that into the rule.
 
+Several tracers at once: only one socket can bind group 0 in a namespace,
+so the one that has it (the holder) relays every message it reads to the
+others over a unix socket under /run/tracer, with its drain and loss
+markers, and they read them as if from their own socket
+(`legacy_relay`). When the holder stops, one of them binds group 0 and
+serves the rest. A group held by some other program is named in the
+warning (pid and command), and retried on every poll.
+
 The nf_log binding is host state, so it is journalled under /run/tracer
-before it is changed and put back on stop; a tracer that starts after a
-crash puts back what the crashed one left. Legacy rules are only ever read.
+before it is changed and put back on stop, but only by the last running
+tracer that uses it (BindingJournal); a tracer that starts after a crash
+puts back what the crashed one left. Legacy rules are only ever read: the
+listing tool runs in the namespace with no name in its argv, and what it
+prints is checked against the kernel's own chain layout.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +47,7 @@ import subprocess
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -323,6 +335,11 @@ class XtTable:
     name: str
     chains: dict[str, XtChain]
 
+    @functools.cached_property
+    def spaced(self) -> tuple[str, ...]:
+        """spaced_names of this table's chains, worked out once."""
+        return spaced_names(self.chains)
+
     def rule(self, chain: str, number: int) -> str | None:
         """The `-A` line of rule `number` (1-based) in `chain`."""
         c = self.chains.get(chain)
@@ -332,7 +349,7 @@ class XtTable:
 
     def verdict_of(self, line: str) -> str | None:
         """`drop`/`reject` when this rule ends a packet, None when it lets it go on."""
-        target, _ = rule_target(line)
+        target, _ = rule_target(line, self.spaced)
         if target is None or target in NON_DROPPING_TARGETS or target in self.chains:
             return None
         return "reject" if target == "REJECT" else "drop"
@@ -354,7 +371,7 @@ class XtTable:
             for line in c.rules:
                 if self.verdict_of(line) is not None:
                     return True
-                target, _ = rule_target(line)
+                target, _ = rule_target(line, self.spaced)
                 if target in self.chains and target not in seen:
                     seen.add(target)
                     todo.append(target)
@@ -365,14 +382,25 @@ class XtTable:
         return any(self.can_drop_from(c.name) for c in self.chains.values() if c.policy is not None)
 
 
-def split_words(line: str) -> list[str]:
+#: Options iptables-save follows with a chain or target name, printed bare whatever it holds.
+_NAME_OPTIONS = frozenset({"-A", "-j", "-g", "--jump", "--goto"})
+
+
+def spaced_names(chains: Iterable[str]) -> tuple[str, ...]:
+    """The chain names a space-split would cut, longest first: what split_words needs to know."""
+    return tuple(sorted((c for c in chains if " " in c), key=len, reverse=True))
+
+
+def split_words(line: str, spaced: Sequence[str] = ()) -> list[str]:
     """The words of an iptables-save line, unquoted as xtables quotes them.
 
     xtables_save_string() puts a value with anything but letters, digits,
     `_` and `-` in double quotes and escapes `"`, `\\` and `'` inside with a
     backslash; nothing else is special (shlex would also take single
-    quotes, which xtables prints bare, e.g. in a chain name). A quote only
-    opens at the start of a word.
+    quotes, which xtables prints bare). A quote only opens at the start of
+    a word. The chain after `-A` and the target after `-j`/`-g` are printed
+    bare, so a name like `"q` is one word there; `spaced` (spaced_names of
+    the known chains) lets a name with spaces be one word too.
     """
     words: list[str] = []
     cur: list[str] = []
@@ -393,6 +421,14 @@ def split_words(line: str) -> list[str]:
             if in_word:
                 words.append("".join(cur))
                 cur, in_word = [], False
+        elif not in_word and words and words[-1] in _NAME_OPTIONS:
+            rest = line[i:]
+            name = next((c for c in spaced if rest == c or rest.startswith(c + " ")), None)
+            if name is None:
+                name = rest.split(" ", 1)[0]
+            words.append(name)
+            i += len(name)
+            continue
         elif ch == '"' and not in_word:
             quoted = in_word = True
         else:
@@ -429,18 +465,18 @@ def _quote_open(text: str, skip: int = 0) -> bool:
     return quoted
 
 
-def rule_target(line: str) -> tuple[str | None, bool]:
+def rule_target(line: str, spaced: Sequence[str] = ()) -> tuple[str | None, bool]:
     """The target of an `-A` line (`-j` or `-g`) and whether it is a goto."""
-    words = split_words(line)
+    words = split_words(line, spaced)
     for i, word in enumerate(words[:-1]):
         if word in ("-j", "--jump", "-g", "--goto"):
             return words[i + 1], word in ("-g", "--goto")
     return None, False
 
 
-def rule_comment(line: str) -> str | None:
+def rule_comment(line: str, spaced: Sequence[str] = ()) -> str | None:
     """The `-m comment --comment` text of a rule, if it has one (exactly, control characters too)."""
-    words = split_words(line)
+    words = split_words(line, spaced)
     for i, word in enumerate(words[:-1]):
         if word == "--comment":
             return words[i + 1]
@@ -499,18 +535,22 @@ def _starts_statement(line: str) -> bool:
     return line.startswith(("*", ":", "-A ", "#")) or line == "COMMIT" or line == ""
 
 
-def _logical_lines(text: str, chain_names: _ChainNames) -> list[str]:
+def _logical_lines(text: str, chain_names: _ChainNames, quotes: bool) -> list[str]:
     """Lines of an iptables-save listing, with the line breaks inside a name or comment mended.
 
     The tool prints names and comments as they are, line breaks included.
-    A physical line continues the previous one when a quoted value is
-    still open there, or when it starts no statement of the format (a line
-    break in a name printed without quotes). Only "\\n" breaks lines: a CR
-    or any other control character is part of the text.
+    A physical line continues the previous one when it starts no statement
+    of the format (a line break in a name printed without quotes) or, with
+    `quotes`, when a quoted value is still open there (a line break in a
+    comment, which may be followed by what looks like a rule). Only "\\n"
+    breaks lines: a CR or any other control character is part of the text.
     """
     out: list[str] = []
     for line in text.split("\n"):
-        if out and out[-1].startswith("-A ") and (_rule_quote_open(out[-1], chain_names) or not _starts_statement(line)):
+        prev = out[-1] if out else ""
+        if prev.startswith(("-A ", ":")) and (
+            not _starts_statement(line) or (quotes and prev.startswith("-A ") and _rule_quote_open(prev, chain_names))
+        ):
             out[-1] += "\n" + line
         else:
             out.append(line)
@@ -537,13 +577,33 @@ def _rule_quote_open(line: str, chain_names: _ChainNames) -> bool:
 def parse_save(text: str, family: str, layouts: dict[str, TableLayout] | None = None) -> dict[str, XtTable]:
     """Tables of `iptables-legacy-save` output (its `-A` lines are those of `iptables -S`).
 
-    Names and comments are hostile: a chain may be called `-Z` or hold
-    spaces and quotes, a comment may hold line breaks that look like rules.
-    With `layouts` (the kernel's own chain names and sizes, table_layout),
-    chain names are matched exactly, tables the kernel does not have are
-    ignored, and a chain whose listed rules do not add up to what the
-    kernel has is marked untrusted, so it never lends a wrong rule.
+    Names and comments are hostile: a chain may be called `-Z` or `"q` or
+    hold spaces, a comment may hold line breaks followed by what looks like
+    a rule or a COMMIT. With `layouts` (the kernel's own chain names and
+    sizes, table_layout), chain names are matched exactly, tables the
+    kernel does not have are ignored, and the listing is read twice: with
+    line breaks inside quoted values mended, and line by line (a bare word
+    that starts with a quote, say an interface name, would otherwise open
+    a "quote" that swallows the rules after it). Each table is taken from
+    the reading that matches the kernel's chains best, and a chain whose
+    rules still do not add up is marked untrusted, so it never lends a
+    wrong rule. Without layouts the listing is read line by line.
     """
+    if layouts is None:
+        return _parse_save(text, family, None, quotes=False)
+    quoted = _parse_save(text, family, layouts, quotes=True)
+    if all(c.trusted for t in quoted.values() for c in t.chains.values()) and quoted.keys() == layouts.keys():
+        return quoted
+    plain = _parse_save(text, family, layouts, quotes=False)
+    best: dict[str, XtTable] = {}
+    for name in layouts:
+        candidates = [t for t in (quoted.get(name), plain.get(name)) if t is not None]
+        if candidates:
+            best[name] = min(candidates, key=lambda t: sum(not c.trusted for c in t.chains.values()))
+    return best
+
+
+def _parse_save(text: str, family: str, layouts: dict[str, TableLayout] | None, *, quotes: bool) -> dict[str, XtTable]:
     tables: dict[str, XtTable] = {}
     known = _ChainNames(c for layout in (layouts or {}).values() for c in layout.chains)
     # The declared names first, so that `-A` lines and their quotes can be read around them.
@@ -555,7 +615,7 @@ def parse_save(text: str, family: str, layouts: dict[str, TableLayout] | None = 
     name: str | None = None
     policies: dict[str, str | None] = {}
     rules: dict[str, list[str]] = {}
-    for line in _logical_lines(text, names):
+    for line in _logical_lines(text, names, quotes):
         if line.startswith("*"):
             name, policies, rules = line[1:].strip(), {}, {}
         elif name is None:
@@ -1354,39 +1414,53 @@ class _LegacyNetns:
     # --- tables -----------------------------------------------------------------------------
 
     def tables(self, family: str) -> dict[str, XtTable]:
-        """The namespace's legacy tables of a family, listed again only when they changed."""
+        """The namespace's legacy tables of a family, listed again only when they changed.
+
+        The listing tool runs inside the namespace with no name of the
+        namespace's in its argv (nsenter --net=PATH -- iptables-legacy-save);
+        its output, hostile names and all, is checked against the kernel's
+        own chain layout (parse_save).
+        """
         fam = FAMILIES[family]
         names = loaded_tables(self.ns).get(family, ())
         if not names:
             return {}
         with self.lock:
-            generation = self._generation(fam, names)
+            layouts = self._layouts(fam, names)
+            generation = self._generation_of(layouts)
             cached = self._cache.get(family)
             if cached is not None and generation is not None and cached[0] == generation:
                 return cached[1]
             try:
-                res = netns_mod.run_in(self.ns, [fam.save], timeout=10)
+                res = netns_mod.run_in(self.ns, [fam.save], timeout=10, text=False)
             except subprocess.TimeoutExpired:
                 self.log.warning("legacy.list_failed", tool=fam.save, error="timed out")
                 return cached[1] if cached else {}
             if res.returncode != 0:
-                self.log.warning("legacy.list_failed", tool=fam.save, error=res.stderr.strip())
+                error = printable(res.stderr.decode(errors="replace").strip())
+                self.log.warning("legacy.list_failed", tool=fam.save, error=error)
                 return cached[1] if cached else {}
-            tables = parse_save(res.stdout, family)
+            tables = parse_save(res.stdout.decode(errors="replace"), family, layouts)
+            if generation is not None and self._generation_of(self._layouts(fam, names)) != generation:
+                generation = None  # changed while listed: list again next time
             self._cache[family] = (generation, tables)
             return tables
 
-    def _generation(self, fam: _Family, names: tuple[str, ...]) -> tuple[tuple[str, bytes], ...] | None:
+    @staticmethod
+    def _generation_of(layouts: dict[str, TableLayout] | None) -> tuple[tuple[str, bytes], ...] | None:
+        return None if layouts is None else tuple((name, layout.digest) for name, layout in layouts.items())
+
+    def _layouts(self, fam: _Family, names: tuple[str, ...]) -> dict[str, TableLayout] | None:
         try:
             sock = self._probe.get(fam.name)
             if sock is None:
                 with netns_mod.entered(self.ns):
                     sock = socket.socket(fam.sock_family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
                 self._probe[fam.name] = sock
-            return tuple((name, table_generation(sock, fam, name)) for name in names)
+            return {name: table_layout(sock, fam, name) for name in names}
         except OSError as exc:
             self.log.debug("legacy.generation_unavailable", error=str(exc))
-            return None  # then every lookup lists again
+            return None  # then every lookup lists again, unchecked
 
     def can_drop(self) -> bool:
         return any(t.can_drop for family in FAMILIES for t in self.tables(family).values())
@@ -1744,10 +1818,10 @@ class LegacyCollector:
     def _resolve(self, n: _LegacyNetns, last: _Trace, fingerprint: bytes) -> LegacyVerdict | None:
         point = last.point
         table = n.tables(last.family).get(point.table)
-        if table is None or point.kind == "return":
+        if table is None:
             return None
         chain = table.chains.get(point.chain)
-        if chain is None:
+        if chain is None or not chain.trusted:
             return None
         base = HOOK_CHAINS.get(last.hook or "")
         common: dict[str, Any] = {
@@ -1760,12 +1834,15 @@ class LegacyCollector:
             "hook": last.hook,
             "fingerprint": fingerprint,
         }
-        if point.kind == "policy":
-            if chain.policy != "DROP":
+        if point.kind != "rule" and point.number > len(chain.rules):
+            # The chain's end: its policy, or (user chain) the return to its caller.
+            if point.kind == "return" or point.number != len(chain.rules) + 1 or chain.policy != "DROP":
                 return None
             return LegacyVerdict(
                 **common, rule_number=None, text=None, iptables=None, comment=None, policy=True, verdict="drop"
             )
+        # A `policy`/`return` trace with a rule's number: the kernel traces an unconditional
+        # rule with a plain verdict (`-A INPUT -j DROP`) as if it were the chain's end.
         line = table.rule(point.chain, point.number)
         verdict = table.verdict_of(line) if line is not None else None
         if line is None or verdict is None:
@@ -1778,7 +1855,7 @@ class LegacyCollector:
             rule_number=point.number,
             text=line.split(" ", 2)[2] if line.count(" ") >= 2 else None,
             iptables=line,
-            comment=rule_comment(line),
+            comment=rule_comment(line, table.spaced),
             policy=False,
             verdict=verdict,
         )

@@ -585,7 +585,7 @@ class RelayServer:
             sub.frames.append(hello)
             sub.queued = len(hello)
             self._subs.append(sub)
-        self.log.info("legacy.relay_subscriber", pid=pid)
+        self.log.debug("legacy.relay_subscriber", pid=pid)  # the subscriber logs it at info
 
     def _read_requests(self, sub: _Subscriber) -> tuple[bool, bool]:
         """(connection still up, a drain was asked for)."""
@@ -635,7 +635,7 @@ class RelayServer:
         if sub in self._subs:
             self._subs.remove(sub)
         sub.sock.close()
-        (self.log.warning if warn else self.log.info)("legacy.relay_subscriber_gone", pid=sub.pid, reason=reason)
+        (self.log.warning if warn else self.log.debug)("legacy.relay_subscriber_gone", pid=sub.pid, reason=reason)
 
 
 # --- the subscriber's side -----------------------------------------------------------------------

@@ -59,6 +59,7 @@ from tracer.nftables import (
     Rule,
     Ruleset,
     Table,
+    change_of,
     generation_of,
 )
 
@@ -414,6 +415,14 @@ GENERATION_GRACE = 0.005
 #: Generations whose snapshot is kept for traces still being resolved.
 _SNAPSHOTS_KEPT = 16
 _DRAINS_KEPT = 256
+#: Generations whose changes are remembered (what each commit touched).
+_CHANGES_KEPT = 4096
+#: How long a verdict may wait for a snapshot that can give its rule's text.
+_MAX_PENDING = 0.1
+#: Listings taken for waiting verdicts are at least this far apart (each costs milliseconds).
+_LIST_EVERY = 0.02
+#: A marked namespace's newest snapshot (backend, conntrack use) is refreshed at most this often.
+_LATEST_EVERY = 1.0
 
 
 @dataclass
@@ -491,6 +500,10 @@ class _NetnsWatch:
         self._latest: Ruleset | None = None
         self._generation: int | None = None  # the generation in force, as the socket announced it
         self._want_snapshot = True
+        self._latest_at = 0.0
+        self._listed_for_pending = 0.0
+        self._touched: set[tuple[str, str, str, int | None]] = set()  # changes of the commit being announced
+        self._changes: OrderedDict[int, frozenset[tuple[str, str, str, int | None]]] = OrderedDict()
         self._pending: list[_Pending] = []
         self._drains: deque[float] = deque(maxlen=_DRAINS_KEPT)  # starts of receives that found the queue empty
         self._resolved_upto = 0.0  # every verdict read at or before this time has been published
@@ -522,14 +535,14 @@ class _NetnsWatch:
             on_drained=self._drained,
             log=self.log,
             event_prefix="nft",
+            poll_timeout=self._until_due,
         )
-        with self._lock:
+        self._generation = self._current_generation()
+        self._snapshot()
+        rs = self._latest
+        if rs is not None and _remove_stale(self._ctx, rs, self.log):
             self._generation = self._current_generation()
             self._snapshot()
-            rs = self._latest
-            if rs is not None and _remove_stale(self._ctx, rs, self.log):
-                self._generation = self._current_generation()
-                self._snapshot()
         self._reader.start()
         self._mark_if_needed()
 
@@ -628,8 +641,9 @@ class _NetnsWatch:
                 rs = self._ctx.ruleset()
             except (NftError, OSError, ValueError) as exc:
                 self.log.warning("nft.ruleset_list_failed", error=str(exc))
-                return
-            self._latest = rs
+                continue  # a listing cut short by a concurrent change: try again
+            with self._lock:
+                self._latest, self._latest_at = rs, time.monotonic()
             if rs.generation is None:
                 continue
             self._snapshots[rs.generation] = rs
@@ -659,14 +673,14 @@ class _NetnsWatch:
         Warnings are rate-limited: under a flood this happens many times a
         second.
         """
-        with self._lock:
-            self._traces.clear()
-            self._discarding = True
-            self._generation = None
-            self._want_snapshot = True
-            for p in self._pending:
-                if p.crossed is None:
-                    p.crossed = -1
+        self._traces.clear()
+        self._discarding = True
+        self._generation = None  # generations announced in what was lost have no change record
+        self._touched.clear()
+        self._want_snapshot = True
+        for p in self._pending:
+            if p.crossed is None:
+                p.crossed = -1
         self._socket_errors += 1
         now = time.monotonic()
         if now - self._last_error_log >= 5.0:
@@ -680,33 +694,64 @@ class _NetnsWatch:
             self._last_error_log, self._socket_errors = now, 0
 
     def _drained(self, started: float) -> None:
-        """The queue was empty at `started`: snapshot the generation in force, publish what is due."""
+        """The queue was empty at `started`: publish the verdicts that are due.
+
+        A verdict is due once no generation can be announced after it that it
+        might belong to (GENERATION_GRACE). Its rule comes from a snapshot the
+        change log proves equal for that rule; when none is at hand, one
+        listing is taken now, and a verdict that still has none after
+        _MAX_PENDING goes out without text.
+        """
         published: list[TraceVerdict] = []
+        self._discarding = False
+        if self._generation is None:
+            self._generation = self._current_generation()
+        now = time.monotonic()
+        stale_latest = self.marked is not None and now - self._latest_at >= _LATEST_EVERY
+        snapped = self._want_snapshot and (self.marked is None or stale_latest)
+        if snapped:
+            self._snapshot()
+        due = started - GENERATION_GRACE
+        ready = [p for p in self._pending if p.read_at <= due]
+        if self._may_list_for_pending(now) and any(
+            self._snapshot_for(p) is None for p in ready if p.handle is not None
+        ):
+            self._listed_for_pending = now
+            self._snapshot()
+        keep: list[_Pending] = []
+        for p in self._pending:
+            if p.read_at > due:
+                keep.append(p)
+            elif p.handle is None or self._snapshot_for(p) is not None or now - p.read_at >= _MAX_PENDING:
+                published.append(self._resolve(p))
+            else:
+                keep.append(p)
+        self._pending = keep
+        waiting = [p.read_at for p in keep]
         with self._lock:
-            self._discarding = False
-            if self._generation is None:
-                self._generation = self._current_generation()
-                self._want_snapshot = True
-            snapped = self._want_snapshot
-            if snapped:
-                self._snapshot()
             self._drains.append(started)
-            due = started - GENERATION_GRACE
-            keep: list[_Pending] = []
-            for p in self._pending:
-                if p.read_at <= due:
-                    published.append(self._resolve(p))
-                else:
-                    keep.append(p)
-            self._pending = keep
-            self._resolved_upto = max(self._resolved_upto, due)
-            unmarked = snapped and self.marked is None and not self._want_snapshot
+            # Nothing waits: everything read by `started` is out. Else up to the first that waits.
+            self._resolved_upto = max(self._resolved_upto, min(waiting) - 1e-6 if waiting else started)
+        unmarked = snapped and self.marked is None and not self._want_snapshot
         if unmarked:
             self._mark_if_needed()  # base chains may have appeared
         for v in published:
             self.collector._publish(v)
-        if published or self._pending:
-            self.collector._notify()
+        self.collector._notify()  # waiters judge by drains too (all_published_before)
+
+    def _until_due(self) -> float:
+        """Seconds until a waiting verdict is due: the reader drains then even without data."""
+        if not self._pending:
+            return 1.0
+        first = min(p.read_at for p in self._pending) + GENERATION_GRACE
+        return max(0.0, min(first, time.monotonic() + _LIST_EVERY) - time.monotonic())
+
+    def _may_list_for_pending(self, now: float) -> bool:
+        """A listing for waiting verdicts helps only when a generation was announced since the
+        newest snapshot, and costs milliseconds: at most _LIST_EVERY apart."""
+        newest = next(reversed(self._snapshots), None)
+        announced_later = self._generation is not None and (newest is None or self._generation > newest)
+        return announced_later and now - self._listed_for_pending >= _LIST_EVERY
 
     def all_published_before(self, t: float) -> bool:
         """Whether every drop verdict the kernel emitted before monotonic time `t` is published.
@@ -730,16 +775,24 @@ class _NetnsWatch:
                 self._on_trace(parse_trace_message(msg))
         elif sub == nftsocket.NFT_MSG_NEWGEN:
             self._new_generation(generation_of(msg))
+        else:
+            change = change_of(sub, msg)
+            if change is not None:
+                self._touched.add(change)
 
     def _new_generation(self, gen: int | None) -> None:
-        with self._lock:
-            if gen is None or (self._generation is not None and gen <= self._generation):
-                return
-            for p in self._pending:
-                if p.crossed is None:
-                    p.crossed = gen
-            self._generation = gen
-            self._want_snapshot = True
+        if gen is None or (self._generation is not None and gen <= self._generation):
+            return
+        for p in self._pending:
+            if p.crossed is None:
+                p.crossed = gen
+        if self._generation is not None and gen == self._generation + 1:
+            self._changes[gen] = frozenset(self._touched)
+            while len(self._changes) > _CHANGES_KEPT:
+                self._changes.popitem(last=False)
+        self._touched = set()
+        self._generation = gen
+        self._want_snapshot = True
 
     # --- traces ------------------------------------------------------------------------
 
@@ -792,41 +845,75 @@ class _NetnsWatch:
             return
         if code != 0:  # only NF_DROP matters here; reject also ends in NF_DROP
             return
-        with self._lock:
-            self._pending.append(
-                _Pending(
-                    trace_id=trace_id,
-                    family=family,
-                    table=table,
-                    chain=chain,
-                    handle=handle,
-                    nfproto=get("NFTA_TRACE_NFPROTO"),
-                    path=list(state.path),
-                    network_header=state.network_header,
-                    transport_header=state.transport_header,
-                    iif=state.iif,
-                    oif=state.oif,
-                    mark=state.mark,
-                    ct=dict(state.ct),
-                    read_at=now,
-                    queued_after=self._drains[-1] if self._drains else 0.0,
-                    generation=self._generation,
-                )
+        self._pending.append(
+            _Pending(
+                trace_id=trace_id,
+                family=family,
+                table=table,
+                chain=chain,
+                handle=handle,
+                nfproto=get("NFTA_TRACE_NFPROTO"),
+                path=list(state.path),
+                network_header=state.network_header,
+                transport_header=state.transport_header,
+                iif=state.iif,
+                oif=state.oif,
+                mark=state.mark,
+                ct=dict(state.ct),
+                read_at=now,
+                queued_after=self._drains[-1] if self._drains else 0.0,
+                generation=self._generation,
             )
+        )
+
+    @staticmethod
+    def _touches(changes: frozenset[tuple[str, str, str, int | None]], p: _Pending) -> bool:
+        """Whether one commit's changes can have changed the text or place of p's rule."""
+        for kind, family, table, handle in changes:
+            if (family, table) == (p.family, p.table) and (kind != "rule" or handle == p.handle):
+                return True
+        return False
+
+    def _unchanged_between(self, a: int, b: int, p: _Pending) -> bool:
+        """Whether p's rule is the same in generations a and b, by the change log."""
+        lo, hi = min(a, b), max(a, b)
+        for gen in range(lo + 1, hi + 1):
+            changes = self._changes.get(gen)
+            if changes is None or self._touches(changes, p):
+                return False
+        return True
+
+    def _snapshot_for(self, p: _Pending) -> Ruleset | None:
+        """A snapshot that certainly shows p's rule as it was when the packet met it.
+
+        The generation the trace came in is known by the socket's order; a
+        snapshot of another generation serves when no commit in between
+        touched the rule, its chains or its table. A trace read just before a
+        generation announcement (`crossed`) may belong to that generation:
+        it is served only when that commit did not touch the rule either.
+        """
+        if p.generation is None:
+            return None
+        if p.crossed is not None:
+            changes = self._changes.get(p.crossed) if p.crossed >= 0 else None
+            if changes is None or self._touches(changes, p):
+                return None
+        exact = self._snapshots.get(p.generation)
+        if exact is not None:
+            return exact
+        for gen in reversed(self._snapshots):
+            if self._unchanged_between(gen, p.generation, p):
+                return self._snapshots[gen]
+        return None
 
     def _rule_of(self, p: _Pending) -> tuple[Ruleset | None, Rule | None]:
-        """The snapshot of the trace's generation, and its rule when that is certain."""
-        rs = self._snapshots.get(p.generation) if p.generation is not None else None
+        """The snapshot to read p against, and its rule when that is certain."""
+        rs = self._snapshot_for(p)
         if p.handle is None or rs is None:
             return rs, None
         rule = rs.rule(p.family, p.table, p.handle)
         if rule is None or rule.chain != p.chain:
             return rs, None
-        if p.crossed is not None:
-            later = self._latest if p.crossed == -1 else self._snapshots.get(p.crossed)
-            if later is None or not rs.same_rule(later, p.family, p.table, p.handle):
-                self.log.debug("nft.rule_ambiguous", handle=p.handle, generation=p.generation, next=p.crossed)
-                return rs, None
         return rs, rule
 
     def _resolve(self, p: _Pending) -> TraceVerdict:
@@ -840,8 +927,8 @@ class _NetnsWatch:
         base = self._base_chain(view, p.path, p.family, p.table, p.chain)
         backend = view.backend(p.family, p.table) if view else "nftables"
         iptables = None
-        if backend == "iptables-nft" and rule is not None and p.generation is not None:
-            iptables = self._iptables_line(p.generation, rs, rule)
+        if backend == "iptables-nft" and rule is not None and rs is not None and rs.generation is not None:
+            iptables = self._iptables_line(rs.generation, rs, rule)
         ct = p.ct
         return TraceVerdict(
             netns_inode=self.ns.inode,
@@ -1083,6 +1170,7 @@ class NftCollector:
         deadline = time.monotonic() + timeout
         with self._lock:
             watch = self._watches.get(netns_inode)
+        woken = False
         while True:
             with self._cond:
                 v = self._claim(key, dropped_at)
@@ -1093,15 +1181,11 @@ class NftCollector:
                     return None
                 if dropped_at is not None and watch.all_published_before(dropped_at):
                     return None
-            watch.wake()
-            with self._cond:
-                if self._claim_ready(key, dropped_at):
+                if woken:  # the reader notifies after every drain
+                    self._cond.wait(deadline - now)
                     continue
-                self._cond.wait(min(deadline - now, GENERATION_GRACE))
-
-    def _claim_ready(self, key: tuple[int, bytes], dropped_at: float | None) -> bool:
-        queue = self._verdicts.get(key)
-        return bool(queue) and self._candidate(queue, dropped_at) is not None
+            watch.wake()  # a drain after the drop proves what was emitted before it
+            woken = True
 
     def _candidate(self, queue: deque[TraceVerdict], dropped_at: float | None) -> int | None:
         if dropped_at is None:
