@@ -11,6 +11,10 @@ socket in a lab namespace sends them). Three defects are covered:
 - fragments freed from a reassembly queue on timeout (FRAG_REASM_TIMEOUT)
   carry the namespace they were queued in, so a `--netns` watch (filtered in
   BPF) sees them, although skb->dev is then no device.
+
+Every watch is limited to the lab's receiving namespace (`netns=`): other
+labs running at the same time use the same addresses, and the in-kernel
+netns filter is part of what is tested.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ table inet fw {{
     text = rule.replace("0x1fff", "8191")
     handle = rule_handles(lab, b)[text]
     frags = fragments(link, v6=False)
-    w = watch()
+    w = watch(netns=b.name)
     for f in frags[1:3]:  # two later fragments of one datagram: two drops, two keys
         assert lab.send_ip(a, f)
     lengths = {len(f) for f in frags[1:3]}
@@ -181,7 +185,7 @@ table inet fw {{
 """)
     handle = rule_handles(lab, b)["udp dport 7100 counter drop"]
     frags = fragments(link, v6=v6)
-    w = watch()
+    w = watch(netns=b.name)
     assert lab.send_ip(a, frags[0])
     ev = w.sink.wait_for(lambda e: ports(e) == (40000, 7100), 5.0)
     assert rule_of(ev) == {"handle": handle, "text": "udp dport 7100 counter drop", "comment": "first fragment"}
@@ -204,7 +208,7 @@ def _send_later_v6(lab, watch):
     lab.nft(b, V6_LATER_RULESET)  # no conntrack: IPv6 fragments reach the input hook unreassembled
     handle = rule_handles(lab, b)["frag frag-off != 0 counter drop"]
     frags = fragments(link, v6=True)
-    w = watch()
+    w = watch(netns=b.name)
     assert lab.send_ip(a, frags[1])
     ev = w.sink.wait_for(lambda e: e["drop"]["reason"] == "NETFILTER_DROP"
                          and e.get("packet", {}).get("length") == len(frags[1]), 5.0)
@@ -257,7 +261,7 @@ def test_transport_after_many_extension_headers(lab, watch, proto, count):
     text = f"{proto} dport {port} counter drop"
     handle = rule_handles(lab, b)[text]
     l4 = UDP(sport=5000, dport=port) if proto == "udp" else TCP(sport=5000, dport=port, flags="S")
-    w = watch()
+    w = watch(netns=b.name)
     assert lab.send_ip(a, with_dest_options(link, count, l4))
     ev = w.sink.wait_for(lambda e: ports(e) == (5000, port), 5.0)
     assert ev["network"]["transport"] == proto
@@ -273,7 +277,7 @@ def test_chain_longer_than_the_walk_invents_no_ports(lab, watch):
     link = lab.link(a, b)
     lab.nft(b, OPTIONS_RULESET)
     data = with_dest_options(link, IPV6_MAX_EXT_HEADERS + 1, UDP(sport=5000, dport=7001))
-    w = watch()
+    w = watch(netns=b.name)
     assert lab.send_ip(a, data)
     ev = w.sink.wait_for(lambda e: e.get("packet", {}).get("length") == len(data), 5.0)
     assert ev["network"]["transport"] == "60" and ports(ev) == (None, None)
@@ -282,7 +286,18 @@ def test_chain_longer_than_the_walk_invents_no_ports(lab, watch):
 
 # ------------------------------------------------------------ reassembly timeouts
 
-_FRAG_SYSCTLS = ("net/ipv4/ipfrag_time", "net/ipv6/ip6frag_time")
+_FRAG_SYSCTLS = ("net/ipv4/ipfrag_time", "net/ipv6/ip6frag_time", "net/netfilter/nf_conntrack_frag6_timeout")
+
+#: Conntrack in b: fragments are then queued by nf_defrag at prerouting
+#: (IPv6: its own queue and timeout, expired by nf_ct_frag6_expire).
+CONNTRACK_RULESET = """
+table inet track {
+    chain pre {
+        type filter hook prerouting priority filter;
+        ct state invalid counter drop
+    }
+}
+"""
 
 
 def _root_sysctls() -> dict[str, str]:
@@ -292,9 +307,9 @@ def _root_sysctls() -> dict[str, str]:
 
 def _short_reassembly_timeout(lab, ns) -> None:
     """1 s reassembly timeouts inside a lab namespace only (the sysctls are per namespace)."""
-    lab.run(ns, ["sysctl", "-q", "-w", "net.ipv4.ipfrag_time=1", "net.ipv6.ip6frag_time=1"])
-    got = lab.run(ns, ["sysctl", "-n", "net.ipv4.ipfrag_time", "net.ipv6.ip6frag_time"]).stdout.split()
-    assert got == ["1", "1"]
+    names = [k.replace("/", ".") for k in _FRAG_SYSCTLS]
+    lab.run(ns, ["sysctl", "-q", "-w", *(f"{n}=1" for n in names)])
+    assert lab.run(ns, ["sysctl", "-n", *names]).stdout.split() == ["1"] * len(names)
 
 
 @pytest.fixture
@@ -309,12 +324,15 @@ def reasm_lab(lab):
     assert _root_sysctls() == before
 
 
+@pytest.mark.parametrize("defrag", ["local", "conntrack"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.root
 @pytest.mark.bpf
-def test_reassembly_timeout_drops_carry_the_namespace(lab, watch, reasm_lab, v6):
+def test_reassembly_timeout_drops_carry_the_namespace(lab, watch, reasm_lab, v6, defrag):
     """Heads and the fragments purged after them pass an in-kernel --netns filter, named."""
     a, b, link = reasm_lab
+    if defrag == "conntrack":
+        lab.nft(b, CONNTRACK_RULESET)
     alone = fragments(link, v6, size=96)[:1]                       # a first fragment alone
     reversed_ = list(reversed(fragments(link, v6, size=112)[:-1]))  # last missing, out of order: rb-tree nodes
     gap = fragments(link, v6, size=128)
@@ -331,7 +349,9 @@ def test_reassembly_timeout_drops_carry_the_namespace(lab, watch, reasm_lab, v6)
         assert ev["observer"]["ingress"]["interface"]["name"] == link.b_ifname
     heads = [e for e in got if ports(e) != (None, None)]
     assert len(heads) == 3 and all(ports(e) == (40000, 7100) for e in heads)
-    assert {e["drop"]["location"].split("+")[0] for e in heads} <= {"ip_expire", "ip6_frag_expire"}
+    expire = {("local", False): "ip_expire", ("conntrack", False): "ip_expire",
+              ("local", True): "ip6_frag_expire", ("conntrack", True): "nf_ct_frag6_expire"}[defrag, v6]
+    assert {e["drop"]["location"].split("+")[0] for e in heads} == {expire}
 
 
 @pytest.mark.parametrize("order", ["in-order", "reversed"])
@@ -352,7 +372,7 @@ def test_reassembly_drops_without_a_head_never_name_another_namespace(lab, reasm
     if order == "reversed":
         frags.reverse()
     sizes = {len(f) for f in frags}
-    w = Watch(netns_prefix=None, reasons=(REASM,))
+    w = Watch(netns_prefix=None, reasons=(REASM,), nftrace=False)
     try:
         for f in frags:
             assert lab.send_ip(a, f)

@@ -12,8 +12,6 @@ import gzip
 import os
 import platform
 import re
-import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -178,23 +176,27 @@ def _check_bpf(r: Report) -> None:
           "iptables-legacy drops, run on a kernel that allows fentry or kprobes")
 
 
-def _run(argv: list[str]) -> str:
-    if not shutil.which(argv[0]):
-        return ""
+def _root_ruleset():
+    """The initial namespace's ruleset through libnftables in-process (no `nft` run, no text parsed)."""
+    from .nftables import NftContext, NftError
+
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+        with NftContext() as ctx:
+            return ctx.ruleset()
+    except (OSError, NftError, ValueError):
+        return None
 
 
 def _check_firewalls(r: Report) -> None:
-    tables = _run(["nft", "list", "tables"]).split("\n")
-    tables = [t.strip() for t in tables if t.startswith("table ")]
-    ours = [t for t in tables if "tracer_mark" in t]
-    theirs = [t for t in tables if t not in ours]
-    r.add("nftables", OK if shutil.which("nft") else WARN,
-          f"{len(theirs)} table(s): {', '.join(t.removeprefix('table ') for t in theirs) or 'none'}",
-          None if shutil.which("nft") else "apt-get install nftables (rule text needs libnftables)")
+    from .output import printable
+
+    rs = _root_ruleset()
+    tables = [] if rs is None else [f"{t.family} {t.name}" for t in rs.tables.values()]
+    ours = [t for t in tables if t.split(" ", 1)[1].startswith("tracer_mark")]
+    theirs = [printable(t) for t in tables if t not in ours]
+    r.add("nftables", OK if rs is not None else WARN,
+          f"{len(theirs)} table(s): {', '.join(theirs) or 'none'}",
+          None if rs is not None else "apt-get install nftables libnftables1 (rule text needs libnftables)")
     legacy = []
     for family, names in (("ip", "/proc/net/ip_tables_names"), ("ip6", "/proc/net/ip6_tables_names")):
         try:
@@ -208,13 +210,13 @@ def _check_firewalls(r: Report) -> None:
               "consider iptables-nft (update-alternatives --set iptables /usr/sbin/iptables-nft)")
     else:
         r.add("iptables_legacy", OK, "no legacy tables")
-    nat = _run(["nft", "list", "ruleset"])
+    names = " ".join([t.name for t in rs.tables.values()] + [c.name for c in rs.chains.values()]) if rs else ""
     extras = [name for name, marker in (("docker", "DOCKER"), ("kubernetes", "KUBE-"),
-                                        ("firewalld", "firewalld")) if marker in nat]
+                                        ("firewalld", "firewalld")) if marker in names]
     if extras:
         r.add("managers", INFO, f"rules managed by: {', '.join(extras)}")
     if ours:
-        r.add("leftovers", WARN, f"tracer marking table present: {', '.join(ours)}",
+        r.add("leftovers", WARN, f"tracer marking table present: {', '.join(printable(t) for t in ours)}",
               "another tracer is running, or one crashed; it is removed at the next start")
 
 

@@ -76,6 +76,8 @@ class Engine:
         self._queue_lost = 0  # events lost to a full queue since the last warning
         self._queue_lost_logged = 0.0
         self._netns_inode: int | None = None
+        self._bad_records = 0
+        self._bad_logged = 0.0
 
     # ---------------------------------------------------------- set-up
 
@@ -192,7 +194,15 @@ class Engine:
     # ---------------------------------------------------------- threads
 
     def _on_record(self, raw: bytes) -> None:
-        drop = self._decoder.decode(raw)
+        try:
+            drop = self._decoder.decode(raw)
+        except ValueError as exc:  # the decoder's own error: a record it cannot read
+            self._bad_records += 1
+            now = time.monotonic()
+            if now - self._bad_logged >= 1.0:
+                log.warning("unreadable drop records skipped", count=self._bad_records, error=str(exc))
+                self._bad_records, self._bad_logged = 0, now
+            return
         try:
             self._queue.put_nowait(drop)
         except queue.Full:

@@ -590,7 +590,10 @@ class _NftNetlink:
         self.sock.send(request(seq))
         replies: list[bytes] = []
         while True:
-            for mtype, mseq, msg in split_messages(self.sock.recv(1 << 16)):
+            data, (sender, _groups) = self.sock.recvfrom(1 << 16)
+            if sender != 0:
+                continue  # only the kernel answers; a namespace's owner can send here too
+            for mtype, mseq, msg in split_messages(data):
                 if mseq != seq:
                     continue  # a late answer to an earlier request that timed out
                 if mtype == _NLMSG_ERROR:

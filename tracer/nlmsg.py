@@ -212,7 +212,8 @@ class NetlinkReader:
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not self._stopping.is_set():
-            wait = 1.0 if self._poll_timeout is None else min(1.0, max(0.0, self._poll_timeout()))
+            wait = 1.0 if self._poll_timeout is None else self._guarded(self._poll_timeout, 1.0)
+            wait = min(1.0, max(0.0, wait))
             poller.poll(int(wait * 1000) + (wait > 0))
             with contextlib.suppress(OSError):
                 os.read(self._wake_r, 4096)
@@ -226,11 +227,11 @@ class NetlinkReader:
             try:
                 data, sender = self.sock.recvfrom(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                self._on_drained(started)
+                self._guarded(lambda: self._on_drained(started), None)
                 return True
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    self._on_lost(exc)
+                    self._guarded(lambda: self._on_lost(exc), None)
                     continue
                 if not self._stopping.is_set():
                     self.log.warning(f"{self._prefix}.trace_socket_failed", error=str(exc))
@@ -258,6 +259,15 @@ class NetlinkReader:
                 since_last_warning=self._foreign_unlogged,
             )
             self._last_foreign_log, self._foreign_unlogged = now, 0
+
+    def _guarded(self, call: Callable[[], Any], default: Any) -> Any:
+        """Runs one of the owner's callbacks; a bug there is logged like a bad message, and the
+        reader goes on: a thread that died would stop attribution in the namespace for good."""
+        try:
+            return call()
+        except Exception as exc:
+            self._bad_message(exc, -1)
+            return default
 
     def _bad_message(self, exc: Exception, mtype: int) -> None:
         self._bad += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,9 +138,24 @@ def interfaces(ns: netnsmod.Netns) -> set[str]:
         return set()
 
 
+def _has_iface(iface: str, namespaces: list[netnsmod.Netns]) -> bool:
+    """Looked up from a helper thread: /proc/PID/ns/net shows the main thread's
+    namespace, and whoever lists a namespace's processes (`ip netns pids`, to
+    kill them before deleting it) must never find this process there."""
+    found: list[bool] = []
+
+    def scan() -> None:
+        found.append(any(iface in interfaces(ns) for ns in namespaces))
+
+    worker = threading.Thread(target=scan, name="iface-check", daemon=True)
+    worker.start()
+    worker.join(10)
+    return bool(found and found[0]) or worker.is_alive()
+
+
 def check_iface(iface: str, namespaces: Iterable[netnsmod.Netns]) -> str | None:
     """A warning when no watched namespace has the interface now (it may appear later)."""
-    if any(iface in interfaces(ns) for ns in namespaces):
+    if _has_iface(iface, list(namespaces)):
         return None
     return (f"--iface {iface!r}: no interface by that name in any watched network namespace now; "
             "its drops show if it appears")

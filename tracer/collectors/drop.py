@@ -303,6 +303,13 @@ class DropDecoder:
         return found
 
     def decode(self, raw: bytes) -> KernelDrop:
+        """One ring-buffer record as a KernelDrop.
+
+        Raises ValueError (from ctypes) for a record shorter than
+        `struct drop_event`; any record of that size or longer decodes,
+        whatever its fields hold (unknown reasons are `UNKNOWN_<n>`, names
+        are decoded with replacement characters).
+        """
         rec = self.Event.from_buffer_copy(raw)
         where = self._where(raw, rec)
         nf = skbmod.nf_context(rec.nf)

@@ -229,7 +229,8 @@ def parse_packet_message(msg: bytes) -> LoggedPacket:
     Same layout as `nfulnl_packet_msg`, read by hand: pyroute2 takes about
     70 us per message, and every marked packet makes one message per rule
     it matches in every legacy table, so the reader must keep up with
-    thousands per second.
+    thousands per second. Never raises: what is missing or truncated is
+    left at None / "" / b"".
     """
     hook: int | None = None
     prefix, payload = "", b""
@@ -293,7 +294,8 @@ def payload_fingerprint(payload: bytes) -> bytes | None:
     """`packet.fingerprint` of a packet copied from its network header.
 
     Mirrors what the BPF side reads: no transport bytes for a non-first
-    fragment or when fewer than four are there.
+    fragment or when fewer than four are there. Never raises; None for
+    what is not an IPv4 or IPv6 packet.
     """
     if not payload:
         return None

@@ -675,7 +675,6 @@ class RelayClient:
         self._reader = FrameReader(
             {F_HELLO: _HELLO.size, F_MESSAGE: MAX_PAYLOAD, F_DRAINED: _DRAINED.size, F_LOST: _MAX_LOST_TEXT}
         )
-        self._early: list[tuple[int, bytes]] = []  # frames that arrived with the HELLO
         self._last_marker = 0.0
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -711,22 +710,22 @@ class RelayClient:
         return pid
 
     def _read_hello(self, sock: socket.socket, deadline: float) -> bytes:
-        while True:
+        """Reads exactly the HELLO frame; what follows is the reading thread's."""
+        want = FRAME_HEADER.size + _HELLO.size
+        data = b""
+        while len(data) < want:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RelayError(errno.ETIMEDOUT, "relay holder did not say hello")
             sock.settimeout(left)
-            data = sock.recv(4096)
-            if not data:
+            chunk = sock.recv(want - len(data))
+            if not chunk:
                 raise ConnectionResetError(errno.ECONNRESET, "relay holder closed the connection")
-            frames = self._reader.feed(data)
-            if frames:
-                kind, payload = frames[0]
-                if kind != F_HELLO or len(payload) != _HELLO.size:
-                    raise RelayError(errno.EPROTO, "relay did not start with HELLO")
-                # Frames that came along with the HELLO are handled by the thread.
-                self._early = frames[1:]
-                return payload
+            data += chunk
+        length, kind = FRAME_HEADER.unpack_from(data)
+        if kind != F_HELLO or length != _HELLO.size:
+            raise RelayError(errno.EPROTO, "relay did not start with HELLO")
+        return data[FRAME_HEADER.size :]
 
     def wake(self) -> None:
         """Asks the holder to drain now (it answers with a DRAINED marker)."""
@@ -753,7 +752,6 @@ class RelayClient:
     def _run(self) -> None:
         reason = "holder closed the connection"
         try:
-            self._dispatch(self._early)
             reason = self._read_loop()
         except RelayError as exc:
             reason = f"protocol error: {exc.strerror or exc}"
