@@ -321,15 +321,17 @@ static __always_inline void read_conntrack(struct drop_event *e, struct sk_buff 
 
 /* Fragments freed from an IPv4/IPv6 reassembly queue cannot be trusted for
  * skb->dev. What the kernel does (net/ipv4/inet_fragment.c, ip_fragment.c,
- * net/ipv6/reassembly.c, include/net/ipv6_frag.h, checked on 6.18):
+ * net/ipv6/reassembly.c, include/net/ipv6_frag.h; the skb->next and skb->dev
+ * values below were observed on 6.18, tests/test_fragments.py checks them):
  *
  * - A queued fragment that starts a run of contiguous fragments is a node of
  *   the queue's rb-tree (fragrun_create); skb->rbnode shares storage with
- *   skb->next, skb->prev and skb->dev, so while it is (or was) linked, next is
- *   __rb_parent_color (never 0 and never the skb itself: a parent pointer, or
- *   the root's black colour bit) and dev is rb_left: another skb of the queue, or NULL. rb_erase()
- *   and rb_replace_node() leave the removed node's fields as they were, so
- *   inet_frag_rbtree_purge() frees these with that rb_left in dev.
+ *   skb->next, skb->prev and skb->dev, so while it is (or was) linked, next
+ *   is __rb_parent_color (never 0 and never the skb itself: a parent pointer,
+ *   or the root's black colour bit) and dev is rb_left: another skb of the
+ *   queue, or NULL. rb_erase() and rb_replace_node() leave the removed
+ *   node's fields as they were, so inet_frag_rbtree_purge() frees these with
+ *   that rb_left in dev.
  * - Every queued fragment goes through fragcb_clear(), whose RB_CLEAR_NODE()
  *   points __rb_parent_color (skb->next) at the skb itself and leaves
  *   rb_left (skb->dev) alone. A fragment appended to a run

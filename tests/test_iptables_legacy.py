@@ -645,7 +645,7 @@ def rule_comment_of(line: str) -> str | None:
 
 
 @pytest.fixture
-def hostile(lab: Lab) -> tuple[Netns, Netns, Link, Path]:
+def hostile(lab: Lab) -> Iterator[tuple[Netns, Netns, Link, Path]]:
     """A server whose legacy chains have hostile names, and a rule with a comment full of line breaks."""
     client, server = lab.add_ns("client"), lab.add_ns("server")
     link = lab.link(client, server)
@@ -1109,11 +1109,11 @@ class CliWatch:
         return self.wait(self.logs, lambda e: e.get("event") == "legacy.tracing" and e.get("netns") == ns.name
                          and role in (None, e.get("role")) and self.logs.index(e) >= after)  # fmt: skip
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
-            assert self.proc.wait(15) == 0, self.logs
+            assert self.proc.wait(15) == (0 if sig == signal.SIGTERM else -sig), self.logs
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -1122,9 +1122,11 @@ class CliWatch:
 
 @pytest.mark.root
 @pytest.mark.bpf
-def test_two_cli_watches_then_a_third(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_two_cli_watches_then_a_third(lab: Lab, fw: tuple[Netns, Netns, Link], sig: signal.Signals) -> None:
     """Real `tracer watch` processes: the second shares the first's group 0, takes it over when
-    the first gets SIGTERM, and serves a third; all stopped, the host is as before."""
+    the first stops (or is killed: its socket file and journal stay behind), and serves a third;
+    all stopped, the host is as before."""
     client, server, link = fw
     before = (read_nf_log(server, IPV4), read_nf_log(server, IPV6))
     args = ("--netns", server.name or "", "--port", "443")
@@ -1144,7 +1146,7 @@ def test_two_cli_watches_then_a_third(lab: Lab, fw: tuple[Netns, Netns, Link]) -
             assert (nf["backend"], nf["table"], nf["rule"]) == ("iptables-legacy", "filter", LEGACY_443)
 
         mark = len(two.logs)
-        one.stop()
+        one.stop(sig)
         if ours:
             two.tracing(server, after=mark)  # bound group 0 itself, or subscribed to whoever did
         syn_from(lab, link, client, 7002, 443)

@@ -61,6 +61,10 @@ class NftError(RuntimeError):
 
 _lib_lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+#: libnftables keeps process-wide state (its JSON printer and symbol tables among it): two
+#: contexts run from two threads at once corrupted the heap (truncated JSON listings, then
+#: "corrupted double-linked list" aborts). One command at a time in the whole process.
+_call_lock = threading.Lock()
 
 
 def _library() -> ctypes.CDLL:
@@ -141,7 +145,7 @@ class NftContext:
 
     def run(self, command: str, flags: Output = NO_FLAGS) -> Result:
         """Runs nft commands (one or more lines) with the given output flags."""
-        with self._lock:
+        with self._lock, _call_lock:
             if self._ctx is None:
                 raise ValueError("NftContext is closed")
             self._lib.nft_ctx_output_set_flags(self._ctx, int(flags))
@@ -174,24 +178,44 @@ class NftContext:
         None).
         """
         before = self.generation()
-        doc = self.cmd("list ruleset", Output.JSON | _LIST_FLAGS)
-        text = self.cmd("list ruleset", _LIST_FLAGS)
         with self._lock:
             if self._nl is None:
                 raise ValueError("NftContext is closed")
             tables = self._nl.tables()
-        after = self.generation()
         try:
-            items = orjson.loads(doc).get("nftables", []) if doc.strip() else []
+            items = self._json_tables(tables)
+            text = self.cmd("list ruleset", _LIST_FLAGS)
+            after = self.generation()
             return parse_ruleset(items, text, before if before == after else None, tables)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
             # A listing cut short (the ruleset changed under libnftables) or a layout this
             # code does not know: a failed listing, which callers retry or report.
             raise NftError("list ruleset", f"unusable JSON listing: {exc}") from exc
 
+    def _json_tables(self, tables: dict[tuple[str, str], tuple[tuple[str, ...], int]]) -> list[dict[str, Any]]:
+        """The JSON listing, table by table, leaving out owner-flagged tables' contents.
+
+        nft 1.0.6 prints an owner table's flags in JSON by indexing past the end
+        of its flag-name array: garbage in the listing, a truncated document, or
+        an abort of the whole process. Its text printer is right, and the
+        tables that carry the flag here are the tracers' own marking tables;
+        their entry comes from netlink alone. Each table is asked for in a JSON
+        command, so its name, whatever bytes it holds, is never nft syntax.
+        """
+        items: list[dict[str, Any]] = []
+        for (family, name), (flags, handle) in tables.items():
+            if "owner" in flags:
+                items.append({"table": {"family": family, "name": name, "handle": handle, "flags": list(flags)}})
+                continue
+            command = orjson.dumps({"nftables": [{"list": {"table": {"family": family, "name": name}}}]}).decode()
+            out = self.cmd(command, Output.JSON | _LIST_FLAGS)
+            if out.strip():
+                items += [i for i in orjson.loads(out).get("nftables", []) if "metainfo" not in i]
+        return items
+
     def close(self) -> None:
         """Frees the context, closing its socket (and so deleting tables it owns)."""
-        with self._lock:
+        with self._lock, _call_lock:
             if self._ctx is not None:
                 self._lib.nft_ctx_free(self._ctx)
                 self._ctx = None

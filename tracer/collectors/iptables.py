@@ -69,6 +69,7 @@ from tracer.collectors.legacy_relay import (
     netns_cookie,
     printable,
     relay_path,
+    remove_if_stale,
 )
 from tracer.filters import WatchFilter
 from tracer.netns import Netns
@@ -1134,13 +1135,20 @@ class _TraceSocket:
                 if exc.errno != errno.EPERM:
                     raise
             else:
-                self._start_holder(sock, cookie)
+                try:
+                    self._start_holder(sock, cookie)
+                except BaseException:
+                    sock.close()
+                    raise
                 return "holder"
             try:
                 self._subscribe(cookie)
                 return "subscriber"
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 why = f"no tracer relays it ({exc.strerror or exc})"
+                if isinstance(exc, ConnectionRefusedError):  # a killed holder's file
+                    path = relay_path(self.owner.collector.state_dir, self.owner.ns.inode)
+                    remove_if_stale(self.owner.collector.state_dir, path, self.log)
             except OSError as exc:
                 why = f"its relay failed: {exc}"
                 break

@@ -176,31 +176,43 @@ def cleanup_stale_sockets(state_dir: Path, log: Any) -> int:
     place, so a refused connection means the file is really dead. Returns
     how many files were removed.
     """
-    removed = 0
     try:
         check_state_dir(state_dir)
     except OSError:
         return 0
     with file_lock(state_dir / RELAY_LOCK):
-        for path in sorted(state_dir.glob(SOCKET_GLOB)) + sorted(state_dir.glob(f"{_TMP_PREFIX}*.tmp")):
-            if path.name.startswith(_TMP_PREFIX):
-                parts = path.name.split(".")
-                pid = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
-                if pid and _pid_alive(pid):
-                    continue
-            else:
-                try:
-                    _connect(path, 0.5).close()
-                    continue  # a live holder
-                except ConnectionRefusedError:
-                    pass
-                except OSError:
-                    continue  # busy, vanished or odd: not ours to judge
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-                log.info("legacy.relay_stale_socket_removed", path=str(path))
-    return removed
+        paths = sorted(state_dir.glob(SOCKET_GLOB)) + sorted(state_dir.glob(f"{_TMP_PREFIX}*.tmp"))
+        return sum(_remove_if_stale(path, log) for path in paths)
+
+
+def remove_if_stale(state_dir: Path, path: Path, log: Any) -> bool:
+    """Removes one socket file if nobody listens on it (cleanup_stale_sockets for one path)."""
+    with contextlib.suppress(OSError), file_lock(state_dir / RELAY_LOCK):
+        return _remove_if_stale(path, log)
+    return False
+
+
+def _remove_if_stale(path: Path, log: Any) -> bool:
+    """With the relay lock held: a socket nobody accepts on, or a dead holder's half-made one."""
+    if path.name.startswith(_TMP_PREFIX):
+        parts = path.name.split(".")
+        pid = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+        if pid and _pid_alive(pid):
+            return False
+    else:
+        try:
+            _connect(path, 0.5).close()
+            return False  # a live holder
+        except ConnectionRefusedError:
+            pass
+        except OSError:
+            return False  # busy, vanished or odd: not ours to judge
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    log.info("legacy.relay_stale_socket_removed", path=str(path))
+    return True
 
 
 # --- framing --------------------------------------------------------------------------------
@@ -448,6 +460,8 @@ class RelayServer:
     # --- called by the group-0 reader thread -------------------------------------------------
 
     def message(self, msg: bytes) -> None:
+        if not self._subs:  # the usual case: one tracer; no copy then (a racy read is harmless)
+            return
         data = frame(F_MESSAGE, msg)
         with self._lock:
             wake = False
@@ -457,6 +471,8 @@ class RelayServer:
             self._wake()
 
     def drained(self, started: float) -> None:
+        if not self._subs:
+            return
         data = frame(F_DRAINED, _DRAINED.pack(started))
         with self._lock:
             for sub in self._subs:
@@ -466,6 +482,8 @@ class RelayServer:
             self._wake()
 
     def lost(self, reason: str) -> None:
+        if not self._subs:
+            return
         data = frame(F_LOST, reason.encode(errors="replace")[:_MAX_LOST_TEXT])
         with self._lock:
             for sub in self._subs:
@@ -514,7 +532,11 @@ class RelayServer:
             while not self._stopping.is_set():
                 self._serve_once()
         except Exception as exc:  # never let the relay take the tracer down
-            self.log.warning("legacy.relay_failed", error=repr(exc))
+            self.log.warning("legacy.relay_failed", error=repr(exc), consequence="subscribers are let go")
+            with self._lock:
+                subs, self._subs = self._subs, []
+            for sub in subs:
+                sub.sock.close()  # they see EOF, and no longer wait for markers that cannot come
 
     def _serve_once(self) -> None:
         listener = self._listener
@@ -680,7 +702,7 @@ class RelayClient:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name=f"legacy-trace-sub-{netns_inode}", daemon=True)
 
-    def connect(self, timeout: float = 1.0) -> int:
+    def connect(self, timeout: float = 0.5) -> int:
         """Connects, checks who answers, reads its HELLO and starts reading; returns the holder's pid.
 
         Raises FileNotFoundError / ConnectionRefusedError when nobody serves

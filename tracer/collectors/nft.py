@@ -867,19 +867,22 @@ class _NetnsWatch:
         )
 
     @staticmethod
-    def _touches(changes: frozenset[tuple[str, str, str, int | None]], p: _Pending) -> bool:
-        """Whether one commit's changes can have changed the text or place of p's rule."""
-        for kind, family, table, handle in changes:
-            if (family, table) == (p.family, p.table) and (kind != "rule" or handle == p.handle):
+    def _touches(
+        changes: frozenset[tuple[str, str, str, int | None]], family: str, table: str, handle: int | None
+    ) -> bool:
+        """Whether one commit's changes can have changed a rule's text or place
+        (`handle` None: anything in the table)."""
+        for kind, fam, tab, h in changes:
+            if (fam, tab) == (family, table) and (handle is None or kind != "rule" or h == handle):
                 return True
         return False
 
-    def _unchanged_between(self, a: int, b: int, p: _Pending) -> bool:
-        """Whether p's rule is the same in generations a and b, by the change log."""
+    def _unchanged_between(self, a: int, b: int, family: str, table: str, handle: int | None) -> bool:
+        """Whether a rule (or a whole table) is the same in generations a and b, by the change log."""
         lo, hi = min(a, b), max(a, b)
         for gen in range(lo + 1, hi + 1):
             changes = self._changes.get(gen)
-            if changes is None or self._touches(changes, p):
+            if changes is None or self._touches(changes, family, table, handle):
                 return False
         return True
 
@@ -896,13 +899,13 @@ class _NetnsWatch:
             return None
         if p.crossed is not None:
             changes = self._changes.get(p.crossed) if p.crossed >= 0 else None
-            if changes is None or self._touches(changes, p):
+            if changes is None or self._touches(changes, p.family, p.table, p.handle):
                 return None
         exact = self._snapshots.get(p.generation)
         if exact is not None:
             return exact
         for gen in reversed(self._snapshots):
-            if self._unchanged_between(gen, p.generation, p):
+            if self._unchanged_between(gen, p.generation, p.family, p.table, p.handle):
                 return self._snapshots[gen]
         return None
 
@@ -996,7 +999,10 @@ class _NetnsWatch:
             return None
         key = (generation, family, table)
         if key not in self._iptables_cache:
-            self._iptables_cache[key] = self._list_iptables(generation, family, table)
+            listing = self._list_iptables(generation, family, table)
+            if listing is None:
+                return None  # not kept: a later verdict may find the table quiet again
+            self._iptables_cache[key] = listing
             while len(self._iptables_cache) > 4 * _SNAPSHOTS_KEPT:
                 self._iptables_cache.popitem(last=False)
         chains = self._iptables_cache[key]
@@ -1007,8 +1013,12 @@ class _NetnsWatch:
         return lines[rule.position]
 
     def _list_iptables(self, generation: int, family: str, table: str) -> dict[str, list[str]] | None:
+        """`iptables -S` of a table, if it provably shows the table as it was in `generation`:
+        the generation id is the same before and after it, and no commit since `generation`
+        touched the table (by the change log)."""
         tool = IPTABLES_FAMILIES[family]
-        if self._current_generation() != generation:
+        now = self._current_generation()
+        if now is None or not self._unchanged_between(generation, now, family, table, None):
             return None
         try:
             res = netns_mod.run_in(self.ns, [tool, "-t", table, "-S"], timeout=10)
@@ -1018,7 +1028,7 @@ class _NetnsWatch:
         if res.returncode != 0:
             self.log.warning("nft.iptables_list_failed", tool=tool, error=res.stderr.strip())
             return None
-        if self._current_generation() != generation:
+        if self._current_generation() != now:
             return None
         return split_iptables_rules(res.stdout)
 
