@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 
 from tests.support import tracer_cmd, wait_ready
 from tracer import cli
-from tracer import log as tracer_log
 from tracer.log import clean
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
@@ -123,8 +122,12 @@ def parse_watch(flag: str, value: str) -> argparse.Namespace:
 
 @pytest.fixture
 def restore_logging():
+    """main() points the logs at this test's captured stderr: put back what was there."""
+    import structlog
+
+    saved = structlog.get_config()
     yield
-    tracer_log.configure("info", json=False)
+    structlog.configure(**saved)
 
 
 @pytest.mark.parametrize("flag", WATCH_FLAGS)
@@ -290,7 +293,7 @@ def test_proto_by_number_or_system_name(net, proto):
 def test_netns_name_not_there_yet_is_waited_for(lab):
     """A name that does not exist yet: a warning, then the watch starts when it appears."""
     name = f"{lab.prefix}late"
-    proc = subprocess.Popen(tracer_cmd("watch", "--netns", name, "--count", "1", "--json"),
+    proc = subprocess.Popen(tracer_cmd("watch", "--netns", name, "--port", "5353", "--count", "1", "--json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)

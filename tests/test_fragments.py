@@ -20,7 +20,6 @@ netns filter is part of what is tested.
 from __future__ import annotations
 
 import secrets
-import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,6 @@ from scapy.packet import Raw
 
 from tests.support import Watch, rule_handles, wait_for
 from tracer.packet import IPV6_MAX_EXT_HEADERS, decode, fingerprint
-
-E2E = [pytest.mark.root, pytest.mark.bpf]
 
 REASM = "FRAG_REASM_TIMEOUT"
 
@@ -116,15 +113,11 @@ def test_later_ipv6_fragment_fingerprint_matches_the_trace_form():
 
 
 def test_first_fragment_keeps_its_ports():
-    first = fragments_of_scapy_v4()[0]
+    pkt = IP(src="198.18.0.1", dst="198.18.0.2", id=3) / UDP(sport=40000, dport=7100) / Raw(b"v" * 200)
+    first = bytes(fragment(pkt, fragsize=64)[0])
     h = decode(first[:40], first[20:40])
     assert (h.sport, h.dport) == (40000, 7100)
     assert fingerprint(first[:20], first[20:40]) == fingerprint(first[:40], first[20:40])
-
-
-def fragments_of_scapy_v4() -> list[bytes]:
-    pkt = IP(src="198.18.0.1", dst="198.18.0.2", id=3) / UDP(sport=40000, dport=7100) / Raw(b"v" * 200)
-    return [bytes(f) for f in fragment(pkt, fragsize=64)]
 
 
 # ------------------------------------------------------------ fragments dropped by a rule
@@ -224,10 +217,6 @@ def test_later_ipv6_fragment_has_no_ports(lab, watch):
     assert ev["netns"]["name"] == b.name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs tracer/collectors/nft.py to keep NFTA_TRACE_TRANSPORT_HEADER when a trace has no "
-    "NFTA_TRACE_NETWORK_HEADER (nftables' form for a non-first IPv6 fragment); packet.fingerprint "
-    "already keys that form like the BPF side"))
 @pytest.mark.root
 @pytest.mark.bpf
 def test_later_ipv6_fragment_keeps_its_rule(lab, watch):

@@ -414,6 +414,16 @@ def _stderr_timeout() -> float:
     return max(0.05, _Signals.latest + STDERR_GRACE - time.monotonic())
 
 
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught exception: one line for the user, the traceback at debug level."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    structlog.get_logger("tracer").debug("thread failed", thread=name,
+                                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    say(f"tracer: internal error in thread {name}: {args.exc_type.__name__}: {args.exc_value}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; every failure becomes a one-line message and an exit code."""
     parser = build_parser()
@@ -426,9 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         say(f"tracer: error: {exc}")
         return EXIT_USAGE
+    previous_hook, threading.excepthook = threading.excepthook, _thread_failed
     try:
         return _command(args)
     finally:
+        threading.excepthook = previous_hook
         logsetup.close(_stderr_timeout())
 
 

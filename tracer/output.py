@@ -186,6 +186,9 @@ class FdWriter:
     def _run(self) -> None:
         try:
             self._loop()
+        except Exception as exc:  # never a traceback from this thread: the output just stops
+            with self._cond:
+                self.error = f"writer failed: {type(exc).__name__}: {exc}"
         finally:
             os.close(self.fd)
 

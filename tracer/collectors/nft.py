@@ -820,13 +820,16 @@ class _NetnsWatch:
             self.log.warning("nft.malformed_trace", trace_id=trace_id, table=table, chain=chain)
             return
         state = self._trace_state(trace_id, now)
-        nh = get("NFTA_TRACE_NETWORK_HEADER")
-        if nh is not None:
-            # The first message of each hook invocation carries the packet.
-            th = get("NFTA_TRACE_TRANSPORT_HEADER") or b""
+        nh, th = get("NFTA_TRACE_NETWORK_HEADER"), get("NFTA_TRACE_TRANSPORT_HEADER")
+        if nh is not None or th is not None:
+            # The first message of each hook invocation carries the packet. A later IPv6
+            # fragment has no transport offset: the kernel then sends no network header,
+            # and the "transport" bytes are the start of the IPv6 header (packet.fingerprint
+            # knows that form).
+            nh, th = bytes(nh or b""), bytes(th or b"")
             if packet.fingerprint(nh, th) != packet.fingerprint(state.network_header, state.transport_header):
                 state.path.clear()  # another packet reusing the id
-            state.network_header, state.transport_header = bytes(nh), bytes(th)
+            state.network_header, state.transport_header = nh, th
             state.iif, state.oif = get("NFTA_TRACE_IIF"), get("NFTA_TRACE_OIF")
             state.ct = {k: get(f"NFTA_TRACE_CT_{k.upper()}") for k in ("state", "direction", "status", "id")}
         state.mark = get("NFTA_TRACE_MARK")
