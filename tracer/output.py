@@ -314,7 +314,22 @@ def _drain_at_exit() -> None:
         writer.close(1.0)
 
 
-class NdjsonSink:
+class _SinkBase:
+    """What both sinks do alike: hand flushing, hurrying and closing to their output."""
+
+    output: Output
+
+    def flush(self) -> None:
+        self.output.flush()
+
+    def hurry(self, seconds: float) -> None:
+        self.output.hurry(seconds)
+
+    def close(self, timeout: float = 2.0) -> Delivery:
+        return self.output.close(timeout)
+
+
+class NdjsonSink(_SinkBase):
     """One ECS JSON object per line, each handed to the output as it comes: a
     SIEM pipe or a person running `| jq` sees a drop when it happens, not
     when a buffer fills."""
@@ -326,14 +341,6 @@ class NdjsonSink:
     def write(self, event: dict) -> None:
         self.output.put(orjson.dumps(event) + b"\n")
 
-    def flush(self) -> None:
-        self.output.flush()
-
-    def hurry(self, seconds: float) -> None:
-        self.output.hurry(seconds)
-
-    def close(self, timeout: float = 2.0) -> Delivery:
-        return self.output.close(timeout)
 
 
 def _endpoint(side: dict | None) -> str:
@@ -423,7 +430,7 @@ def one_line(event: dict) -> str:
     return "  ".join(parts)
 
 
-class TerminalSink:
+class TerminalSink(_SinkBase):
     """One line per drop (and its stack with --stack), as one item per event."""
 
     def __init__(self, stream: TextIO | None = None, *, stack: bool = False,
@@ -442,14 +449,6 @@ class TerminalSink:
         else:
             self.output.put(text)
 
-    def flush(self) -> None:
-        self.output.flush()
-
-    def hurry(self, seconds: float) -> None:
-        self.output.hurry(seconds)
-
-    def close(self, timeout: float = 2.0) -> Delivery:
-        return self.output.close(timeout)
 
 
 def choose(json: bool, stack: bool = False, on_error: Callable[[str], None] | None = None) -> NdjsonSink | TerminalSink:
