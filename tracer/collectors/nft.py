@@ -315,16 +315,6 @@ def _verdict_code(code: int | None) -> int | None:
     return code & 0xFF
 
 
-def is_reject(rule_text: str) -> bool:
-    """Whether a rule ends in reject: the kernel reports its NF_DROP after the RST/ICMP.
-
-    `rule_text` comes without its comment; `jump reject` names a chain, not the statement.
-    """
-    words = rule_text.replace(";", " ").split()
-    statement = any(w == "reject" and (i == 0 or words[i - 1] not in ("jump", "goto")) for i, w in enumerate(words))
-    return statement or 'target "REJECT"' in rule_text
-
-
 def ct_status_names(status: int) -> tuple[str, ...]:
     return tuple(name for bit, name in enumerate(CT_STATUS_BITS) if status & (1 << bit))
 
