@@ -7,11 +7,11 @@ import sys
 import threading
 import time
 
-from tracer import demo
-from tracer.bpf_filter import host_networks
-from tracer.engine import Engine, WatchOptions
-from tracer.filters import WatchFilter
-from tracer.schema import validate
+from tracer.cli import demo
+from tracer.bpf.filter import host_networks
+from tracer.pipeline.engine import Engine, WatchOptions
+from tracer.config import WatchFilter
+from tracer.event.schema import validate
 
 LAB_NETS = host_networks(["198.18.0.0/15", "2001:db8::/32"])
 
@@ -153,7 +153,7 @@ def datagram(link, l4, v6: bool = False, ident: int = 4242) -> bytes:
 
 def fingerprint_of(data: bytes) -> bytes:
     """The drop/trace join key of a whole datagram."""
-    from tracer import packet
+    from tracer.event import packet
 
     hlen = (data[0] & 0x0F) * 4 if data[0] >> 4 == 4 else 40
     fp = packet.fingerprint(data[:hlen], data[hlen:])

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.support import tracer_cmd, wait_ready
-from tracer import cli
+from tracer.cli import main as cli
 from tracer.log import clean
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
@@ -196,8 +196,8 @@ def test_numbers_are_finite_and_positive_or_exit_2(command, flag, parse, text, c
 
 
 def test_protocol_numbers_and_names():
-    from tracer.bpf_filter import protocol_number
-    from tracer.filters import WatchFilter, nft_match_rules
+    from tracer.bpf.filter import protocol_number
+    from tracer.config import WatchFilter, nft_match_rules
 
     for number in range(256):
         f = WatchFilter(proto=str(number))
@@ -250,7 +250,7 @@ def test_useful_flags_do_not_warn(args):
 @pytest.mark.parametrize("mode", ["fentry", "kprobe"])
 def test_nf_probes_the_kernel_refuses_fail_with_the_reason(mode):
     """Exit 1: the flag is well formed, this kernel cannot do it (as `tracer doctor` reports)."""
-    from tracer.loader import probe
+    from tracer.bpf.loader import probe
 
     result = probe(drop_modes=(), nf_modes=(mode,)).nf[mode]
     res = watch_briefly("--nf-probes", mode)

@@ -3,15 +3,28 @@
 import ctypes
 from pathlib import Path
 
-from tracer.bpf_event import object_structs
+from tracer.bpf.layout import object_structs
 from tracer.collectors import conntrack as ct
-from tracer.collectors.drop import DropDecoder, DropReasons, hook_from_stack, process_of, subsystem_from_stack
-from tracer.collectors.skb import hook_name, nf_context
-from tracer.event import DropEvent, Interface, Netfilter, Rule, community_id, iso_time
-from tracer.kallsyms import Kallsyms
-from tracer.loader import default_object_path
-from tracer.output import one_line
-from tracer.packet import decode
+from tracer.sources.drop import (
+    DropDecoder,
+    DropReasons,
+    hook_from_stack,
+    process_of,
+    subsystem_from_stack,
+)
+from tracer.sources.skb import hook_name, nf_context
+from tracer.event.model import (
+    DropEvent,
+    Interface,
+    Netfilter,
+    Rule,
+    community_id,
+    iso_time,
+)
+from tracer.bpf.kallsyms import Kallsyms
+from tracer.bpf.loader import default_object_path
+from tracer.outputs.stream import one_line
+from tracer.event.packet import decode
 
 INPUT_STACK = ["sk_skb_reason_drop", "nft_do_chain", "nft_do_chain_inet", "nf_hook_slow",
                "ip_local_deliver", "ip_rcv", "__netif_receive_skb_one_core"]
@@ -154,8 +167,8 @@ def test_conntrack_activity_and_invalid_inference():
 
 
 def test_bpf_filter_fields_reach_the_struct():
-    from tracer import bpf_filter
-    from tracer.filters import WatchFilter
+    from tracer.bpf import filter as bpf_filter
+    from tracer.config import WatchFilter
 
     cfg = object_structs(str(default_object_path()))["filter_cfg"]()
     f = WatchFilter(ports=(443, 53), hosts=bpf_filter.host_networks(["198.18.0.0/15", "2001:db8::1"]),
@@ -176,7 +189,7 @@ def test_community_id_is_cached_per_flow_not_per_packet():
     import communityid
     from scapy.layers.inet import IP, UDP
 
-    from tracer.event import _flow_community_id
+    from tracer.event.model import _flow_community_id
 
     first = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=1, ttl=64) / UDP(sport=5000, dport=53) / b"a")
     second = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=2, ttl=63) / UDP(sport=5000, dport=53) / b"bb")
@@ -283,13 +296,13 @@ def test_full_queue_losses_are_counted_not_logged_one_by_one(monkeypatch):
 
     import structlog
 
-    from tracer.engine import Engine, WatchOptions
+    from tracer.pipeline.engine import Engine, WatchOptions
 
     engine = Engine(WatchOptions(), sink=None)
     engine._decoder = type("Stub", (), {"decode": staticmethod(lambda raw: raw)})()
     engine._queue = queue.Queue(maxsize=1)
     now = [1000.0]
-    monkeypatch.setattr("tracer.engine.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("tracer.pipeline.engine.time.monotonic", lambda: now[0])
     with structlog.testing.capture_logs() as logs:
         for _ in range(500):
             engine._on_record(b"x")

@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from tracer.collectors.nft import mark_commands
-from tracer.filters import WatchFilter, nft_match_rules
+from tracer.collectors.nftrace import mark_commands
+from tracer.config import WatchFilter, nft_match_rules
 from tracer.lab import Lab
 
 

@@ -28,7 +28,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, frag
 from scapy.packet import Raw
 
 from tests.support import Watch, rule_handles, wait_for
-from tracer.packet import IPV6_MAX_EXT_HEADERS, decode, fingerprint
+from tracer.event.packet import IPV6_MAX_EXT_HEADERS, decode, fingerprint
 
 REASM = "FRAG_REASM_TIMEOUT"
 

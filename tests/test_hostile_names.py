@@ -25,7 +25,7 @@ import pytest
 from tests.support import Watch
 from tracer import netns
 from tracer.netns import Netns
-from tracer.output import one_line
+from tracer.outputs.stream import one_line
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -206,7 +206,7 @@ def test_hostile_table_names_never_reach_a_command(hostile: HostileNamespace) ->
     evil = 'tracer_mark"; flush ruleset; add table ip x { }; #'
     netns.run_in(hostile.ns, ["nft", "-j", "-f", "-"], check=True, input=json.dumps(
         {"nftables": [{"add": {"table": {"family": "inet", "name": evil}}}]}))
-    from tracer.collectors.nft import remove_stale_marking_tables
+    from tracer.collectors.nftrace import remove_stale_marking_tables
 
     assert remove_stale_marking_tables([hostile.ns]) == 1
     tables = {(t["table"]["family"], t["table"]["name"]) for t in hostile.ruleset_json() if "table" in t}

@@ -29,7 +29,7 @@ from scapy.layers.inet6 import IPv6
 
 from tests.support import datagram, fields, fingerprint_of, send_and_wait, to_port, wait_for
 from tracer import netns
-from tracer.collectors.iptables import (
+from tracer.collectors.xtrace import (
     NF_LOGGER,
     STATE_DIR,
     LegacyCollector,
@@ -42,8 +42,8 @@ from tracer.collectors.iptables import (
     read_nf_log,
     write_nf_log,
 )
-from tracer.collectors.nft import MARK_TABLE, NftCollector
-from tracer.filters import WatchFilter
+from tracer.collectors.nftrace import MARK_TABLE, NftCollector
+from tracer.config import WatchFilter
 from tracer.lab import Lab, Link
 from tracer.netns import Netns
 
@@ -184,7 +184,7 @@ def test_fast_packet_parser_agrees_with_the_message_class() -> None:
 
 def test_payload_fingerprint_matches_the_bpf_side() -> None:
     """Headers split as the BPF program reads them: network header, then transport bytes."""
-    from tracer import packet
+    from tracer.event import packet
 
     v4 = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=7) / TCP(sport=1, dport=443, flags="S"))
     assert payload_fingerprint(v4) == packet.fingerprint(v4[:40], v4[20:40])
@@ -387,9 +387,9 @@ def test_fallback_names_the_table_when_only_one_can_drop(lab: Lab, fw: tuple[Net
 CHILD = """
 import sys, time
 from tracer import netns
-from tracer.filters import WatchFilter
-from tracer.collectors.nft import NftCollector
-from tracer.collectors.iptables import LegacyCollector
+from tracer.config import WatchFilter
+from tracer.collectors.nftrace import NftCollector
+from tracer.collectors.xtrace import LegacyCollector
 namespaces = [netns.by_name(name) for name in sys.argv[1:]]
 legacy = LegacyCollector(WatchFilter())
 legacy.start(namespaces)
@@ -561,7 +561,12 @@ NASTY_COMMENT = 'a\n-A INPUT -j ACCEPT\nCOMMIT\r\x1b[31m"q\\\' \x1c\u2028end'
 
 
 def test_save_words_are_read_as_xtables_quotes_them() -> None:
-    from tracer.collectors.iptables import rule_comment, rule_target, spaced_names, split_words
+    from tracer.collectors.xtrace import (
+        rule_comment,
+        rule_target,
+        spaced_names,
+        split_words,
+    )
 
     line = '-A a\'b -m comment --comment "x \\"y\\" \\\\ \\\' z" -j a\'b'
     assert split_words(line) == ["-A", "a'b", "-m", "comment", "--comment", "x \"y\" \\ ' z", "-j", "a'b"]
@@ -595,7 +600,7 @@ def hostile_save() -> str:
 def test_parse_save_survives_hostile_names_and_comments() -> None:
     """Chains called `-Z`, `--modprobe=...`, `"q`, with spaces; a comment with line breaks that look
     like rules and COMMIT, CR, ESC, quotes: every rule keeps its number and text."""
-    from tracer.collectors.iptables import TableLayout
+    from tracer.collectors.xtrace import TableLayout
 
     text = hostile_save()
     layout = TableLayout(b"d", {"INPUT": 6, "FORWARD": 1, "OUTPUT": 1, '"q': 2, "--modprobe=/tmp/x": 2, "-Z": 2,
@@ -629,7 +634,7 @@ def test_parse_save_survives_hostile_names_and_comments() -> None:
 
 def test_parse_save_bare_word_with_a_quote_does_not_swallow_rules() -> None:
     """An interface name is printed bare: `"x` there is no quote, and the rules after it stay."""
-    from tracer.collectors.iptables import TableLayout
+    from tracer.collectors.xtrace import TableLayout
 
     text = ('*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -i "x -j DROP\n-A INPUT -m comment --comment "c" -j ACCEPT\n'
             "-A INPUT -p tcp -j DROP\nCOMMIT\n")  # fmt: skip
@@ -639,7 +644,7 @@ def test_parse_save_bare_word_with_a_quote_does_not_swallow_rules() -> None:
 
 
 def rule_comment_of(line: str) -> str | None:
-    from tracer.collectors.iptables import rule_comment
+    from tracer.collectors.xtrace import rule_comment
 
     return rule_comment(line)
 
@@ -733,7 +738,7 @@ def verdicts(lab: Lab, link: Link, client: Netns, server: Netns, cols: list[Lega
 
 
 def group_holder_pid(ns: Netns) -> int | None:
-    from tracer.collectors.legacy_relay import group_holder
+    from tracer.collectors.xtrace_relay import group_holder
 
     holder = group_holder(ns, 0)
     return holder.pid if holder is not None else None
@@ -745,7 +750,7 @@ def foreign_users(ns: Netns, ours: set[int] = frozenset()) -> set[int]:
     Other test runs on the same machine watch every namespace, ours too: they may hold group 0
     here, or keep nfnetlink_log bound after we stop (rightly: they still use it).
     """
-    from tracer.collectors.iptables import _live_users
+    from tracer.collectors.xtrace import _live_users
 
     return {pid for pf in (IPV4, IPV6) for pid in _live_users(STATE_DIR, (ns.inode, pf))} - {os.getpid(), *ours}
 
@@ -763,7 +768,7 @@ def assert_host_as_before(server: Netns, client: Netns, before: tuple[str, str],
 
 def shared_state_left(*nss: Netns) -> list[Path]:
     """Relay sockets and journals (a handover included) that still name these namespaces."""
-    from tracer.collectors.legacy_relay import relay_path
+    from tracer.collectors.xtrace_relay import relay_path
 
     left = [relay_path(STATE_DIR, ns.inode) for ns in nss if relay_path(STATE_DIR, ns.inode).exists()]
     inodes = {ns.inode for ns in nss}
@@ -849,7 +854,14 @@ def test_group_held_by_another_program_is_named_and_recovered(
 
 
 def test_relay_frames_are_bounded_and_typed() -> None:
-    from tracer.collectors.legacy_relay import F_DRAIN, F_MESSAGE, FrameReader, RelayError, check_packet_message, frame
+    from tracer.collectors.xtrace_relay import (
+        F_DRAIN,
+        F_MESSAGE,
+        FrameReader,
+        RelayError,
+        check_packet_message,
+        frame,
+    )
 
     reader = FrameReader({F_DRAIN: 0, F_MESSAGE: 100})
     data = frame(F_DRAIN) + frame(F_MESSAGE, b"x" * 10)
@@ -888,9 +900,18 @@ def fake_holder(path: Path, payload: bytes) -> threading.Thread:
 def test_subscriber_survives_a_broken_or_malicious_holder(tmp_path: Path) -> None:
     """Whatever a holder sends, the subscriber ends the connection and says why; it never raises
     into the reader, and a good stream is handed over exactly."""
-    from tracer.collectors.legacy_relay import (
-        _HELLO, F_DRAINED, F_HELLO, F_LOST, F_MESSAGE, RELAY_VERSION, RelayClient, RelayError, frame, relay_path,
-    )  # fmt: skip
+    from tracer.collectors.xtrace_relay import (
+        _HELLO,
+        F_DRAINED,
+        F_HELLO,
+        F_LOST,
+        F_MESSAGE,
+        RELAY_VERSION,
+        RelayClient,
+        RelayError,
+        frame,
+        relay_path,
+    )
 
     tmp_path.chmod(0o700)
     inode = 4242
@@ -943,9 +964,16 @@ def test_subscriber_survives_a_broken_or_malicious_holder(tmp_path: Path) -> Non
 def test_holder_never_blocks_on_a_slow_subscriber(tmp_path: Path) -> None:
     """A subscriber that stops reading costs the holder a bounded queue; when it reads again it is
     told what it lost (LOST), and then gets the new messages."""
-    from tracer.collectors.legacy_relay import (
-        F_DRAINED, F_HELLO, F_LOST, F_MESSAGE, SUBSCRIBER_BUFFER, FrameReader, RelayServer, relay_path,
-    )  # fmt: skip
+    from tracer.collectors.xtrace_relay import (
+        F_DRAINED,
+        F_HELLO,
+        F_LOST,
+        F_MESSAGE,
+        SUBSCRIBER_BUFFER,
+        FrameReader,
+        RelayServer,
+        relay_path,
+    )
 
     tmp_path.chmod(0o700)
     server = RelayServer(state_dir=tmp_path, netns_inode=7, cookie=0, wake_source=lambda: None,
@@ -997,7 +1025,7 @@ def read_frames(sock: socket.socket, reader: Any) -> list[tuple[int, bytes]]:
 
 @pytest.mark.root
 def test_stale_relay_sockets_are_removed(tmp_path: Path) -> None:
-    from tracer.collectors.legacy_relay import cleanup_stale_sockets, relay_path
+    from tracer.collectors.xtrace_relay import cleanup_stale_sockets, relay_path
 
     tmp_path.chmod(0o700)
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.kallsyms import (
+from tracer.bpf.kallsyms import (
     Kallsyms,
     KallsymsError,
     KallsymsRestricted,
@@ -144,7 +144,7 @@ def test_restricted_for_real_without_cap_syslog() -> None:
     if kptr == 0 and paranoid <= 1:
         pytest.skip("kallsyms shows addresses to everyone here")
     code = (
-        "from tracer.kallsyms import Kallsyms, KallsymsRestricted\n"
+        "from tracer.bpf.kallsyms import Kallsyms, KallsymsRestricted\n"
         "try:\n    Kallsyms()\nexcept KallsymsRestricted as exc:\n    print('RESTRICTED', exc)\n"
     )
     result = subprocess.run(

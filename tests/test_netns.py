@@ -14,7 +14,7 @@ import pytest
 from tracer import netns
 from tracer.lab import LAB_V4, Lab
 from tracer.netns import Netns, NetnsGone
-from tracer.nftables import NftContext
+from tracer.netfilter.nftables import NftContext
 
 pytestmark = pytest.mark.root
 

@@ -19,7 +19,7 @@ from scapy.layers.inet import TCP, UDP
 
 from tests.support import datagram, fields, fingerprint_of, send_and_wait, wait_for
 from tracer import netns
-from tracer.collectors.nft import (
+from tracer.collectors.nftrace import (
     MARK_TABLE,
     NftCollector,
     TraceMessage,
@@ -29,10 +29,10 @@ from tracer.collectors.nft import (
     parse_trace_message,
     remove_stale_marking_tables,
 )
-from tracer.filters import WatchFilter
+from tracer.config import WatchFilter
 from tracer.lab import Lab, Link
 from tracer.netns import Netns
-from tracer.nftables import NftContext, parse_ruleset
+from tracer.netfilter.nftables import NftContext, parse_ruleset
 from tracer.nlmsg import netfilter_socket, split_messages
 
 pytestmark = pytest.mark.root
@@ -342,8 +342,8 @@ def test_base_chains_appearing_later_get_marked(lab: Lab) -> None:
 CHILD = """
 import subprocess, sys, time
 from tracer import netns
-from tracer.filters import WatchFilter
-from tracer.collectors.nft import NftCollector
+from tracer.config import WatchFilter
+from tracer.collectors.nftrace import NftCollector
 ns = netns.by_name(sys.argv[1])
 col = NftCollector(WatchFilter())
 col.start([ns])

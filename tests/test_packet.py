@@ -3,7 +3,12 @@
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 
-from tracer.packet import decode, fingerprint, ipv6_transport_offset, tcp_flag_names
+from tracer.event.packet import (
+    decode,
+    fingerprint,
+    ipv6_transport_offset,
+    tcp_flag_names,
+)
 
 
 def split(pkt, l3_len):

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from tests.support import to_port
-from tracer import probe_marker
-from tracer.demo import PROBE_CLIENT_RULESET, ROUTER_BLOCKS_ICMP, build_probe_lab
-from tracer.packet import decode
-from tracer.schema import validate
+from tracer.probe import marker as probe_marker
+from tracer.cli.demo import PROBE_CLIENT_RULESET, ROUTER_BLOCKS_ICMP, build_probe_lab
+from tracer.event.packet import decode
+from tracer.event.schema import validate
 
 pytestmark = [pytest.mark.root]
 
@@ -160,7 +160,7 @@ def test_pmtu_over_tcp_where_echo_is_blocked(path):
 
 
 def test_marker_round_trip():
-    from tracer.probe import Target, build
+    from tracer.probe.reach import Target, build
 
     for proto, port in (("tcp", 443), ("udp", 53), ("icmp", None)):
         for dst in ("198.18.1.2", "2001:db8::2"):
@@ -172,7 +172,7 @@ def test_marker_round_trip():
 
 
 def test_result_schemas_reject_inconsistent_documents():
-    from tracer.schema import errors
+    from tracer.event.schema import errors
 
     good = {"target": {"host": "h", "ip": "198.18.1.2", "protocol": "tcp", "port": 443},
             "verdict": "open", "detail": "SYN-ACK", "probe": {"id": "tr-00ff", "attempts": 1}}

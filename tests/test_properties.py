@@ -64,10 +64,17 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer import packet, probe_marker
-from tracer.collectors import iptables as ipt
-from tracer.collectors.nft import MARK_TABLE, NftCollector, TraceMessage, nft_trace_msg, parse_trace_message
-from tracer.kallsyms import Kallsyms, KallsymsError, parse
+from tracer.event import packet
+from tracer.probe import marker as probe_marker
+from tracer.collectors import xtrace as ipt
+from tracer.collectors.nftrace import (
+    MARK_TABLE,
+    NftCollector,
+    TraceMessage,
+    nft_trace_msg,
+    parse_trace_message,
+)
+from tracer.bpf.kallsyms import Kallsyms, KallsymsError, parse
 from tracer.nlmsg import (
     NFGEN_ATTRS,
     DecodeError,
@@ -401,7 +408,7 @@ def test_nft_reader_path_survives_hostile_traces(lab) -> None:
     from scapy.layers.inet import TCP
 
     from tests.support import datagram, send_and_wait
-    from tracer.filters import WatchFilter
+    from tracer.config import WatchFilter
 
     client, server = lab.add_ns("client"), lab.add_ns("server")
     link = lab.link(client, server)
@@ -517,7 +524,7 @@ ATTACKER = textwrap.dedent(
 def test_unprivileged_namespace_cannot_forge_a_verdict() -> None:
     """The attack, as a user would run it: nobody, root of its own user and network namespace,
     sends the root tracer a trace that names a rule dropping a packet. No verdict comes of it."""
-    from tracer.filters import WatchFilter
+    from tracer.config import WatchFilter
     from tracer.netns import Netns
 
     attacker = subprocess.Popen(
@@ -714,7 +721,7 @@ def nft_notification(draw: st.DrawFn) -> tuple[int, bytes]:
 @runs(MUTATED)
 @given(nft_notification())
 def test_nft_notifications_never_raise(case: tuple[int, bytes]) -> None:
-    from tracer import nftables
+    from tracer.netfilter import nftables
 
     sub, msg = case
     gen = nftables.generation_of(msg)
@@ -728,7 +735,7 @@ def test_nft_notifications_never_raise(case: tuple[int, bytes]) -> None:
 @runs(ROUND_TRIP)
 @given(names(), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.sampled_from((1, 2, 10, 5, 7, 3)))
 def test_nft_table_message_round_trip(name: str, flags: int, handle: int, family: int) -> None:
-    from tracer import nftables
+    from tracer.netfilter import nftables
 
     attrs = nla(1, name.encode() + b"\0") + nla(2, struct.pack(">I", flags)) + nla(4, struct.pack(">Q", handle))
     msg = nlmsg(NFNL_SUBSYS_NFTABLES << 8, nfgen(family, attrs))
@@ -783,7 +790,7 @@ def listed_ruleset(draw: st.DrawFn) -> tuple[list[dict], str, dict[tuple[str, st
 def test_parse_ruleset_with_hostile_names(case, cut: int) -> None:
     """Whatever the names, every rule is indexed with its exact comment, and its text is its own
     or None, never a neighbour's; a truncated text listing costs texts, nothing else."""
-    from tracer.nftables import parse_ruleset
+    from tracer.netfilter.nftables import parse_ruleset
 
     doc, text, rules = case
     for listing in (text, text[:cut]):
@@ -802,7 +809,12 @@ def test_parse_ruleset_with_hostile_names(case, cut: int) -> None:
 @given(st.lists(st.tuples(st.sampled_from((1, 2, 3)), st.binary(max_size=300)), max_size=6),
        st.lists(st.integers(1, 400), max_size=10), st.binary(max_size=40))
 def test_relay_frames_survive_any_chunking_and_garbage(frames, cuts, garbage: bytes) -> None:
-    from tracer.collectors.legacy_relay import FrameReader, RelayError, check_packet_message, frame
+    from tracer.collectors.xtrace_relay import (
+        FrameReader,
+        RelayError,
+        check_packet_message,
+        frame,
+    )
 
     stream = b"".join(frame(kind, payload) for kind, payload in frames)
     reader = FrameReader({1: 300, 2: 300, 3: 300})
@@ -1015,9 +1027,9 @@ def test_kallsyms_lookups_never_raise(kallsyms_file: str, addr: int) -> None:
 @pytest.fixture(scope="module")
 def drop_decoder():
     """The real decoder: the object's BTF layout, this kernel's drop reasons, its kallsyms."""
-    from tracer.bpf_event import object_structs
-    from tracer.collectors.drop import DropDecoder, DropReasons
-    from tracer.loader import default_object_path
+    from tracer.bpf.layout import object_structs
+    from tracer.sources.drop import DropDecoder, DropReasons
+    from tracer.bpf.loader import default_object_path
 
     event_type = object_structs(str(default_object_path()))["drop_event"]
     ksyms = Kallsyms(refresh_interval=60)
@@ -1054,7 +1066,7 @@ def drop_records(draw: st.DrawFn, event_type, real_addrs: list[int]) -> bytes:
 
 
 def check_drop(decoder, raw: bytes) -> None:
-    from tracer.collectors.drop import KernelDrop
+    from tracer.sources.drop import KernelDrop
 
     drop = decoder.decode(raw)
     assert isinstance(drop, KernelDrop)

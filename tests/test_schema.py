@@ -18,7 +18,7 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from tracer import schema
+from tracer.event import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "drop-event.md"

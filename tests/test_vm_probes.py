@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from tests.support import to_port
-from tracer.doctor import diagnose
-from tracer.loader import LoadedTracer
+from tracer.cli.doctor import diagnose
+from tracer.bpf.loader import LoadedTracer
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.bpf]
 

@@ -18,8 +18,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 
 from tests.support import SERVER_RULESET, root_ruleset, rule_handles, to_port, tracer_cmd, wait_ready
-from tracer.bpf_filter import host_networks
-from tracer.schema import validate
+from tracer.bpf.filter import host_networks
+from tracer.event.schema import validate
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 

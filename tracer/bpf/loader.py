@@ -19,8 +19,14 @@ from pathlib import Path
 
 import structlog
 
-from .bpf_event import object_structs
-from .libbpf import BpfError, BpfObject, Link, RingBuffer, num_possible_cpus
+from tracer.bpf.layout import object_structs
+from tracer.bpf.libbpf import (
+    BpfError,
+    BpfObject,
+    Link,
+    RingBuffer,
+    num_possible_cpus,
+)
 
 log = structlog.get_logger("tracer.loader")
 
@@ -55,7 +61,7 @@ def default_object_path() -> Path:
     env = os.environ.get("TRACER_BPF_OBJECT")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the package: tracer/bpf/ -> tracer/
     for candidate in (here / "data" / "tracer.bpf.o", here.parent / "build" / "tracer.bpf.o"):
         if candidate.exists():
             return candidate

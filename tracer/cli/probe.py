@@ -8,11 +8,16 @@ from contextlib import nullcontext
 
 import orjson
 
-from . import pmtu as pmtumod
-from . import preflight
-from . import probe as probemod
-from .log import say
-from .probe import ProbeError, ProbeResult, Target, Wire
+from tracer.probe import pmtu as pmtumod
+from tracer.cli import preflight
+from tracer.probe import reach as probemod
+from tracer.log import say
+from tracer.probe.reach import (
+    ProbeError,
+    ProbeResult,
+    Target,
+    Wire,
+)
 
 EXIT_OK, EXIT_NOT_OPEN, EXIT_USAGE = 0, 1, 2
 #: The host cannot run the probe (no raw sockets): the same code as `watch` uses, not the bad-flag one.
@@ -42,7 +47,7 @@ def _privileges(explain: bool = False) -> int | None:
 
 def probe_all(targets: list[Target], *, explain: bool, retries: int, timeout: float) -> list[ProbeResult]:
     """Probes each target in turn; with `explain`, joins this host's drops to each probe."""
-    from .explain import LocalDrops, explain as add_explanation
+    from tracer.probe.explain import LocalDrops, explain as add_explanation
 
     wire = Wire(targets[0].version)
     watch = LocalDrops(sorted({t.ip for t in targets})) if explain else nullcontext()

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from . import __version__
-from . import log as logsetup
-from .log import say
+from tracer import __version__
+from tracer import log as logsetup
+from tracer.log import say
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -279,8 +279,8 @@ class _Signals:
 
 def _watch_filter(args: argparse.Namespace):
     """The filter from the flags alone (nothing on the host is looked at); UsageError if bad."""
-    from .bpf_filter import host_networks
-    from .filters import WatchFilter
+    from tracer.bpf.filter import host_networks
+    from tracer.config import WatchFilter
 
     try:
         return WatchFilter(
@@ -300,15 +300,15 @@ def _watch_checks(args: argparse.Namespace, filt):
 
     Returns the warnings to print and the --netns choice (None without the flag).
     """
-    from . import netns as netnsmod
-    from . import preflight
+    from tracer import netns as netnsmod
+    from tracer.cli import preflight
 
     warnings: list[str] = []
     if not args.nftrace and args.trace_rate is not None:
         warnings.append("--trace-rate has no effect with --no-nftrace (no packet is marked for tracing)")
     try:
         if filt.reasons:
-            from .collectors.drop import DropReasons
+            from tracer.sources.drop import DropReasons
 
             try:
                 known = DropReasons().by_name
@@ -335,8 +335,8 @@ def _watch_checks(args: argparse.Namespace, filt):
 
 def _wait_for_netns(name: str, signals: _Signals, deadline: float | None) -> bool:
     """Until a namespace of that name exists: True; False on a signal or at the deadline."""
-    from . import netns as netnsmod
-    from . import preflight
+    from tracer import netns as netnsmod
+    from tracer.cli import preflight
 
     path = os.path.join(netnsmod.NETNS_RUN_DIR, name)
     while not signals.stopping and (deadline is None or time.monotonic() < deadline):
@@ -347,8 +347,8 @@ def _wait_for_netns(name: str, signals: _Signals, deadline: float | None) -> boo
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from .engine import Engine, WatchOptions
-    from .output import choose, undelivered_line
+    from tracer.pipeline.engine import Engine, WatchOptions
+    from tracer.outputs.stream import choose, undelivered_line
 
     began = time.monotonic()
     filt = _watch_filter(args)
@@ -450,19 +450,19 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "watch":
             return _watch(args)
         if args.command == "doctor":
-            from .doctor import run as doctor
+            from tracer.cli.doctor import run as doctor
 
             return doctor(json_out=args.json, reasons=args.reasons)
         if args.command == "probe":
-            from .probe_cli import run_probe
+            from tracer.cli.probe import run_probe
 
             return run_probe(args, _ports(args.port))
         if args.command == "pmtu":
-            from .probe_cli import run_pmtu
+            from tracer.cli.probe import run_pmtu
 
             return run_pmtu(args)
         if args.command == "demo":
-            from . import demo
+            from tracer.cli import demo
 
             return demo.run_probes() if args.probes else demo.run(json_out=args.json)
     except UsageError as exc:

@@ -25,18 +25,20 @@ from pathlib import Path
 
 import structlog
 
-from . import attribution, bpf_filter, probe_marker
-from . import netns as netnsmod
-from .collectors import conntrack as ct
-from .collectors.conntrack import ConntrackInfo
-from .collectors.drop import DropDecoder, DropReasons, KernelDrop
-from .collectors.iptables import loaded_tables
-from .event import DropEvent, Interface
-from .filters import WatchFilter
-from .links import LinkNames
-from .libbpf import RingBuffer
-from .loader import LoadedTracer
-from .output import Sink
+from tracer.pipeline import attribution
+from tracer.bpf import filter as bpf_filter
+from tracer.probe import marker as probe_marker
+from tracer import netns as netnsmod
+from tracer.collectors import conntrack as ct
+from tracer.collectors.conntrack import ConntrackInfo
+from tracer.sources.drop import DropDecoder, DropReasons, KernelDrop
+from tracer.collectors.xtrace import loaded_tables
+from tracer.event.model import DropEvent, Interface
+from tracer.config import WatchFilter
+from tracer.collectors.links import LinkNames
+from tracer.bpf.libbpf import RingBuffer
+from tracer.bpf.loader import LoadedTracer
+from tracer.outputs.stream import Sink
 
 log = structlog.get_logger("tracer.engine")
 
@@ -137,14 +139,14 @@ class Engine:
         self.tracer = LoadedTracer(opts.object_path, nf_mode=opts.nf_mode)
         self._apply_filter(netns_inode)
         self._decoder = DropDecoder(self.tracer.Event, self._reasons)
-        from .collectors.iptables import LegacyCollector
+        from tracer.collectors.xtrace import LegacyCollector
 
         watched = self._watched(self._namespaces.values(), netns_inode)
         # Legacy first: it binds nfnetlink_log before nftables marks (and so traces) anything.
         self.legacy = LegacyCollector(opts.filter, trace=opts.nftrace, on_ready=self._legacy_ready)
         self.legacy.start(watched)
         if opts.nftrace:
-            from .collectors.nft import NftCollector
+            from tracer.collectors.nftrace import NftCollector
 
             self.nft = NftCollector(opts.filter, rate=opts.trace_rate, mark_legacy=self.legacy)
             self.nft.start(watched)

@@ -10,10 +10,16 @@ from __future__ import annotations
 import ctypes
 from typing import TYPE_CHECKING
 
-from ..packet import ETH_P_IP, ETH_P_IPV6, PacketHeaders, decode, fingerprint
+from tracer.event.packet import (
+    ETH_P_IP,
+    ETH_P_IPV6,
+    PacketHeaders,
+    decode,
+    fingerprint,
+)
 
 if TYPE_CHECKING:
-    from .drop import NfContext
+    from tracer.sources.drop import NfContext
 
 #: NFPROTO_* -> nft family name.
 NFPROTO_FAMILY = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
@@ -47,7 +53,7 @@ def _cstr(raw: bytes) -> str | None:
 
 def nf_context(nf: ctypes.Structure) -> NfContext | None:
     """What the fentry/kprobe netfilter programs left for this packet, if any."""
-    from .drop import NfContext
+    from tracer.sources.drop import NfContext
 
     source = _NF_SOURCES.get(nf.source)
     if source is None:

@@ -13,11 +13,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .engine import Engine, WatchOptions
-from .filters import WatchFilter
-from .lab import Lab, routed_path
-from .output import NdjsonSink, TerminalSink
-from .bpf_filter import host_networks
+from tracer.pipeline.engine import Engine, WatchOptions
+from tracer.config import WatchFilter
+from tracer.lab import Lab, routed_path
+from tracer.outputs.stream import NdjsonSink, TerminalSink
+from tracer.bpf.filter import host_networks
 
 SERVER_RULESET = """
 table inet fw {
@@ -210,7 +210,7 @@ def _server_side_case(lab: Lab, path, v4: str) -> None:
 
     import orjson
 
-    from .output import one_line
+    from tracer.outputs.stream import one_line
 
     server = path.server.name or ""
     sys.stdout.write(f"--- the server's own tracer sees the probe\n$ tracer watch --netns {server} "

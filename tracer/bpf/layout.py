@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 from functools import cache
 
-from .libbpf import (
+from tracer.bpf.libbpf import (
     BTF_KIND_ARRAY,
     BTF_KIND_ENUM,
     BTF_KIND_INT,
@@ -81,7 +81,7 @@ def struct_from_btf(btf: Btf, name: str) -> type[ctypes.Structure]:
 @cache
 def object_structs(obj_path: str) -> dict[str, type[ctypes.Structure]]:
     """The shared structs of a compiled tracer object, by C name."""
-    from .libbpf import BpfObject
+    from tracer.bpf.libbpf import BpfObject
 
     with BpfObject(obj_path) as obj:
         btf = obj.btf()

@@ -15,11 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..kallsyms import Kallsyms
-from ..libbpf import Btf
-from ..packet import PacketHeaders
-from . import conntrack as ct
-from . import skb as skbmod
+from tracer.bpf.kallsyms import Kallsyms
+from tracer.bpf.libbpf import Btf
+from tracer.event.packet import PacketHeaders
+from tracer.collectors import conntrack as ct
+from tracer.sources import skb as skbmod
 
 REASON_PREFIX = "SKB_DROP_REASON_"
 

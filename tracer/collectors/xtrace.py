@@ -58,8 +58,8 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
 
 from tracer import netns as netns_mod
-from tracer import packet
-from tracer.collectors.legacy_relay import (
+from tracer.event import packet
+from tracer.collectors.xtrace_relay import (
     RelayClient,
     RelayServer,
     check_state_dir,
@@ -71,7 +71,7 @@ from tracer.collectors.legacy_relay import (
     relay_path,
     remove_if_stale,
 )
-from tracer.filters import WatchFilter
+from tracer.config import WatchFilter
 from tracer.netns import Netns
 from tracer.nlmsg import (
     NFGEN_ATTRS,

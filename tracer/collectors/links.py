@@ -14,7 +14,7 @@ import time
 import structlog
 from pyroute2 import IPRoute
 
-from .netns import Netns, entered
+from tracer.netns import Netns, entered
 
 log = structlog.get_logger("tracer.links")
 

@@ -122,7 +122,7 @@ def _check_kernel(r: Report, config: dict[str, str]) -> None:
 
 
 def _check_kallsyms(r: Report) -> None:
-    from .kallsyms import Kallsyms, KallsymsError
+    from tracer.bpf.kallsyms import Kallsyms, KallsymsError
 
     try:
         k = Kallsyms()
@@ -134,7 +134,8 @@ def _check_kallsyms(r: Report) -> None:
 
 
 def _check_bpf(r: Report) -> None:
-    from . import libbpf, loader
+    from tracer.bpf import libbpf
+    from tracer.bpf import loader
 
     try:
         L = libbpf.lib().lib
@@ -178,7 +179,7 @@ def _check_bpf(r: Report) -> None:
 
 def _root_ruleset():
     """The initial namespace's ruleset through libnftables in-process (no `nft` run, no text parsed)."""
-    from .nftables import NftContext, NftError
+    from tracer.netfilter.nftables import NftContext, NftError
 
     try:
         with NftContext() as ctx:
@@ -188,7 +189,7 @@ def _root_ruleset():
 
 
 def _check_firewalls(r: Report) -> None:
-    from .output import printable
+    from tracer.outputs.stream import printable
 
     rs = _root_ruleset()
     tables = [] if rs is None else [f"{t.family} {t.name}" for t in rs.tables.values()]
@@ -221,7 +222,7 @@ def _check_firewalls(r: Report) -> None:
 
 
 def _check_conntrack(r: Report) -> None:
-    from .collectors.conntrack import table_fill
+    from tracer.collectors.conntrack import table_fill
 
     fill = table_fill()
     if fill is None:
@@ -283,6 +284,6 @@ def run(json_out: bool = False, reasons: bool = False) -> int:
 
 
 def _reasons() -> dict[int, str]:
-    from .collectors.drop import DropReasons
+    from tracer.sources.drop import DropReasons
 
     return DropReasons().by_value

@@ -12,11 +12,11 @@ import threading
 import time
 from collections import defaultdict
 
-from . import netns
-from .engine import Engine, WatchOptions
-from .filters import WatchFilter
-from .output import describe_rule
-from .probe import ProbeResult
+from tracer import netns
+from tracer.pipeline.engine import Engine, WatchOptions
+from tracer.config import WatchFilter
+from tracer.outputs.stream import describe_rule
+from tracer.probe.reach import ProbeResult
 
 _ANSWER_FLAGS = ("SYN", "ACK")
 
@@ -25,7 +25,7 @@ class LocalDrops:
     """A context manager: drop events of probe packets, by probe id."""
 
     def __init__(self, addresses: list[str]) -> None:
-        from .bpf_filter import host_networks
+        from tracer.bpf.filter import host_networks
 
         filt = WatchFilter(hosts=host_networks(addresses), netns=str(netns.current_inode()))
         self.engine = Engine(WatchOptions(filter=filt), self)

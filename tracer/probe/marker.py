@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import struct
 
-from .packet import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PacketHeaders
+from tracer.event.packet import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    PacketHeaders,
+)
 
 MAGIC = 0x7472  # "tr"
 PORT_BASE = 61000

@@ -10,7 +10,7 @@ import ctypes
 import ipaddress
 import socket
 
-from .filters import PROTO_NUMBERS, WatchFilter
+from tracer.config import PROTO_NUMBERS, WatchFilter
 
 FILTER_PORTS = 1 << 0
 FILTER_PROTO = 1 << 1

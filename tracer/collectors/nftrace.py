@@ -37,9 +37,9 @@ from pyroute2.netlink.nfnetlink import (
 )
 
 from tracer import netns as netns_mod
-from tracer import packet
-from tracer.collectors.iptables import rule_comment
-from tracer.filters import WatchFilter, nft_match_rules
+from tracer.event import packet
+from tracer.collectors.xtrace import rule_comment
+from tracer.config import WatchFilter, nft_match_rules
 from tracer.netns import Netns
 from tracer.nlmsg import (
     NFGEN_ATTRS,
@@ -49,7 +49,7 @@ from tracer.nlmsg import (
     netfilter_socket,
     nfgen_family,
 )
-from tracer.nftables import (
+from tracer.netfilter.nftables import (
     FAMILIES,
     IPTABLES_FAMILIES,
     IPTABLES_TABLES,
@@ -327,7 +327,7 @@ def _ct_status(ct: dict[str, Any]) -> tuple[str, ...] | None:
 
 
 class LegacyMarking(Protocol):
-    """What marking needs from iptables-legacy tracing (tracer.collectors.iptables).
+    """What marking needs from iptables-legacy tracing (tracer.collectors.xtrace).
 
     Legacy ip_tables trace packets carrying the same nf_trace bit, so a
     namespace with legacy tables but no nftables base chains is worth

@@ -31,7 +31,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Packet
 
-from . import probe_marker as marker
+from tracer.probe import marker
 
 VERDICTS = ("open", "closed", "filtered", "prohibited", "unreachable")
 
@@ -296,7 +296,7 @@ class Wire:
                     return pkt
 
     def _route_socket(self) -> socket.socket:
-        from .netns import _setns
+        from tracer.netns import _setns
 
         saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:

@@ -18,9 +18,9 @@ from pyroute2 import IPRoute
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 
-from . import probe as probemod
-from . import probe_marker as marker
-from .probe import Target, Wire
+from tracer.probe import reach as probemod
+from tracer.probe import marker
+from tracer.probe.reach import Target, Wire
 
 MIN_MTU = {4: 68, 6: 1280}
 

@@ -25,7 +25,13 @@ from typing import Any
 
 import orjson
 
-from tracer.nlmsg import NFGEN_ATTRS, NLMSG_HEADER, attributes, nfgen_family, split_messages
+from tracer.nlmsg import (
+    NFGEN_ATTRS,
+    NLMSG_HEADER,
+    attributes,
+    nfgen_family,
+    split_messages,
+)
 
 LIBNFTABLES = "libnftables.so.1"
 
@@ -306,7 +312,7 @@ class Ruleset:
     """A snapshot of one namespace's ruleset, indexed for trace lookups.
 
     `generation` is the nftables generation id the snapshot was taken in,
-    when the caller could prove it (see tracer.collectors.nft), else None.
+    when the caller could prove it (see tracer.collectors.nftrace), else None.
     """
 
     tables: dict[tuple[str, str], Table]

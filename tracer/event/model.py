@@ -15,8 +15,8 @@ from functools import cache, lru_cache
 
 import communityid
 
-from .collectors.conntrack import ConntrackInfo
-from .packet import (
+from tracer.collectors.conntrack import ConntrackInfo
+from tracer.event.packet import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_SCTP,

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import netns as netnsmod
+from tracer import netns as netnsmod
 
 CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 13, 21, 38, 39
 _CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW", CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
@@ -166,7 +166,7 @@ def check_iface(iface: str, namespaces: Iterable[netnsmod.Netns]) -> str | None:
 
 def check_nf_probes(mode: str, object_path: Path | None = None) -> None:
     """An explicit `--nf-probes fentry|kprobe` must load here; `auto` falls back by design."""
-    from .loader import probe
+    from tracer.bpf.loader import probe
 
     caps = probe(object_path, drop_modes=(), nf_modes=(mode,))
     result = caps.nf.get(mode)

@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
-from .collectors.drop import KernelDrop
-from .event import Netfilter, Rule
+from tracer.sources.drop import KernelDrop
+from tracer.event.model import Netfilter, Rule
 
 if TYPE_CHECKING:
-    from .collectors.iptables import LegacyVerdict
-    from .collectors.nft import TraceVerdict
+    from tracer.collectors.xtrace import LegacyVerdict
+    from tracer.collectors.nftrace import TraceVerdict
 
 #: Built-in iptables chain of each hook (legacy tables have no chain names
 #: in the kernel; the hook decides which built-in chain ran).
