@@ -7,7 +7,7 @@ BINDIR ?= /usr/local/bin
 OBJ := build/tracer.bpf.o
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps bpf venv demo test test-vm bench install uninstall clean
+.PHONY: all deps bpf venv demo lint test test-vm bench install uninstall clean
 
 all: bpf venv
 
@@ -31,8 +31,14 @@ venv: deps $(STAMP)
 demo: bpf venv
 	$(VENV)/bin/tracer demo
 
-# The README's second command (and CI's): the whole test suite.
-test: bpf venv
+# Lint and type checks (configured in pyproject.toml); `test` runs them first,
+# so a new violation fails CI in seconds, before any BPF is loaded.
+lint: venv
+	$(VENV)/bin/ruff check tracer tests
+	$(VENV)/bin/mypy
+
+# The README's second command (and CI's): lint, then the whole test suite.
+test: lint bpf venv
 	CI=$${CI:-} $(VENV)/bin/python -m pytest tests -m "not vm" $(PYTEST_ARGS)
 	$(MAKE) test-vm
 

@@ -28,6 +28,23 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+/* The enums of tracer.h that no map, program or struct field has as its type.
+ * clang writes only the types that something in the object refers to into its
+ * BTF, and Python reads these enums' values from there (tracer/bpf/layout.py,
+ * TRACER_ENUMS): this otherwise unused global refers to all of them, so each
+ * one is kept. It costs one zero-filled 8-byte .bss map per loaded object. */
+struct tracer_btf_enums {
+	enum tracer_limits limits;
+	enum tracer_frag_flags frag_flags;
+	enum tracer_ct_info ct_info;
+	enum nf_source nf_source;
+	enum nf_backend nf_backend;
+	enum filter_flags filter_flags;
+	enum filter_reason filter_reason;
+	enum drop_counter drop_counter;
+};
+const struct tracer_btf_enums *tracer_btf_enums __attribute__((unused));
+
 /* Constants that are #defines in the kernel, so absent from BTF. */
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -41,7 +58,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define NEXTHDR_DEST 60
 #define NFCT_INFOMASK 7UL
 #define CT_INFO_UNTRACKED 7
-#define CT_INFO_NONE 0xff
 #define SKB_HDR_UNSET 0xffff  /* (u16)~0U: header offset never set */
 
 struct {
@@ -298,7 +314,7 @@ static __always_inline void read_conntrack(struct drop_event *e, struct sk_buff 
 	unsigned long nfct;
 	struct nf_conn *ct;
 
-	e->ct_info = CT_INFO_NONE;
+	e->ct_info = TRACER_CT_INFO_NONE;
 	if (!bpf_core_field_exists(skb->_nfct))
 		return;
 	nfct = BPF_CORE_READ(skb, _nfct);

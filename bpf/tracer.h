@@ -3,9 +3,14 @@
  * The one record the BPF side hands to Python for every dropped packet.
  *
  * Python reads this layout from the compiled object's BTF at load time
- * (tracer/bpf_event.py) and refuses to run if its own view differs, so a
+ * (tracer/bpf/layout.py) and refuses to run if its own view differs, so a
  * field added here without a matching change there fails loudly at start
  * instead of decoding garbage.
+ *
+ * The constants are enums, not #defines, for the same reason: BTF carries
+ * enums (name and value) but not macros, so Python reads every number below
+ * by name from the object (tracer.bpf.c makes clang emit each enum, see
+ * `tracer_btf_enums` there) and keeps no copy of its own.
  *
  * Everything is fixed-size and naturally aligned so that clang lays it out
  * the same way on every architecture libbpf supports.
@@ -13,28 +18,44 @@
 #ifndef TRACER_H
 #define TRACER_H
 
-#define TRACER_STACK_DEPTH 32
-#define TRACER_L3_BYTES 40      /* IPv4 header with options / IPv6 fixed header */
-#define TRACER_L4_BYTES 20      /* TCP header without options; covers UDP, ICMP, SCTP */
-#define TRACER_NAME_LEN 32      /* nft/xt table and chain names are truncated here */
-#define TRACER_MAX_PORTS 8
-#define TRACER_MAX_NETS 8
-#define TRACER_REASON_WORDS 16  /* bitmap of 1024 drop reasons */
-/* IPv6 extension headers walked before giving up on the transport header.
- * The kernel sets no limit; this one keeps the verifier's work small (a
- * bounded loop: about 250 instructions verified per pass, 224k in all with
- * 64 on 6.18, of the 1M limit). tracer/packet.py (IPV6_MAX_EXT_HEADERS) must
- * use the same number. */
-#define TRACER_IPV6_MAX_EXT 64
+/* Sizes of the arrays below (enumerators are integer constant expressions,
+ * so they size arrays and bound loops as the #defines did). */
+enum tracer_limits {
+	TRACER_STACK_DEPTH = 32,
+	TRACER_L3_BYTES = 40,      /* IPv4 header with options / IPv6 fixed header */
+	TRACER_L4_BYTES = 20,      /* TCP header without options; covers UDP, ICMP, SCTP */
+	TRACER_NAME_LEN = 32,      /* nft/xt table and chain names are truncated here */
+	TRACER_MAX_PORTS = 8,
+	TRACER_MAX_NETS = 8,
+	TRACER_REASON_WORDS = 16,  /* bitmap of 1024 drop reasons */
+	/* IPv6 extension headers walked before giving up on the transport
+	 * header. The kernel sets no limit; this one keeps the verifier's work
+	 * small (a bounded loop: about 250 instructions verified per pass, 224k
+	 * in all with 64 on 6.18, of the 1M limit). tracer/event/packet.py
+	 * (IPV6_MAX_EXT_HEADERS) walks as far; the drop decoder refuses to run
+	 * when the two differ. */
+	TRACER_IPV6_MAX_EXT = 64,
+};
 
-/* drop_event.frag_flags */
-#define TRACER_FRAG_IS_FRAGMENT 0x01  /* IPv4 MF or offset set, or an IPv6 fragment header */
-#define TRACER_FRAG_MORE        0x02  /* more fragments follow (MF / M bit) */
-#define TRACER_FRAG_NS_FROM_HEAD 0x04 /* freed from a reassembly queue: device and namespace
-                                       * are the queue head's (see reasm_* in tracer.bpf.c) */
-#define TRACER_FRAG_DEV_UNKNOWN 0x08  /* freed from a reassembly queue, skb->dev not a device:
-                                       * no device or namespace could be told */
-#define TRACER_FRAG_EXT_LIMIT   0x10  /* more than TRACER_IPV6_MAX_EXT extension headers */
+/* drop_event.frag_flags (bits) */
+enum tracer_frag_flags {
+	TRACER_FRAG_IS_FRAGMENT = 0x01,  /* IPv4 MF or offset set, or an IPv6 fragment header */
+	TRACER_FRAG_MORE = 0x02,         /* more fragments follow (MF / M bit) */
+	TRACER_FRAG_NS_FROM_HEAD = 0x04, /* freed from a reassembly queue: device and namespace
+	                                  * are the queue head's (see reasm_* in tracer.bpf.c) */
+	TRACER_FRAG_DEV_UNKNOWN = 0x08,  /* freed from a reassembly queue, skb->dev not a device:
+	                                  * no device or namespace could be told */
+	TRACER_FRAG_EXT_LIMIT = 0x10,    /* more than TRACER_IPV6_MAX_EXT extension headers */
+};
+
+/* drop_event.ct_info when the packet carries no conntrack entry. The kernel's
+ * enum ip_conntrack_info stops at IP_CT_UNTRACKED (7) and lives in 3 bits of
+ * skb->_nfct, so no real value is this. tracer/collectors/conntrack.py
+ * (CT_INFO_NONE) uses the same; the drop decoder refuses to run when the two
+ * differ. */
+enum tracer_ct_info {
+	TRACER_CT_INFO_NONE = 0xff,
+};
 
 /* Where the netfilter part of an event came from. */
 enum nf_source {
@@ -78,7 +99,7 @@ struct drop_event {
 	__u32 pid;              /* current tgid: meaningful only in process context */
 	__u32 ct_mark;
 	__u16 ct_zone;
-	__u8 ct_info;           /* enum ip_conntrack_info, 0xff without conntrack */
+	__u8 ct_info;           /* enum ip_conntrack_info, TRACER_CT_INFO_NONE without conntrack */
 	__u8 l4proto;           /* IPPROTO_* after IPv6 extension headers */
 	__u16 l3proto;          /* ETH_P_* in host order (skb->protocol) */
 	__u16 l3_off_valid;     /* 1 when l3[] holds a network header */
@@ -87,7 +108,7 @@ struct drop_event {
 	__s32 stack_err;        /* negative errno of bpf_get_stack, 0 on success */
 	__u32 frag_id;          /* IPv4 ID or IPv6 fragment header identification, host order */
 	__u16 frag_off;         /* fragment offset in 8-byte units, 0 for a first fragment */
-	__u8 frag_flags;        /* TRACER_FRAG_* */
+	__u8 frag_flags;        /* enum tracer_frag_flags */
 	__u8 ext_count;         /* IPv6 extension headers walked (fragment header included) */
 	__u8 l3[TRACER_L3_BYTES];
 	__u8 l4[TRACER_L4_BYTES];
@@ -122,18 +143,30 @@ struct filter_net {
 	__u8 addr[16];
 };
 
-#define FILTER_PORTS   (1u << 0)
-#define FILTER_PROTO   (1u << 1)
-#define FILTER_NETS    (1u << 2)
-#define FILTER_NETNS   (1u << 3)
-#define FILTER_IFACE   (1u << 4)
-#define FILTER_REASONS (1u << 5)
-#define FILTER_IP_ONLY (1u << 6)
+/* filter_cfg.flags (bits): which of the fields below apply. */
+enum filter_flags {
+	FILTER_PORTS = 1 << 0,
+	FILTER_PROTO = 1 << 1,
+	FILTER_NETS = 1 << 2,
+	FILTER_NETNS = 1 << 3,
+	FILTER_IFACE = 1 << 4,
+	FILTER_REASONS = 1 << 5,
+	FILTER_IP_ONLY = 1 << 6,
+};
+
+/* filter_cfg.ignore_reason when no reason is to be ignored. Assumes no kernel
+ * numbers a drop reason ~0: enum skb_drop_reason counts up from 0, with
+ * subsystem reasons in the high 16 bits (SKB_DROP_REASON_SUBSYS_SHIFT) and
+ * subsystem numbers far below 0xffff. The value does not fit an int, so the
+ * compiler gives this enum an unsigned type. */
+enum filter_reason {
+	FILTER_NO_REASON = 0xffffffffu,
+};
 
 struct filter_cfg {
 	__u32 flags;
 	__u32 netns_ino;
-	__u32 ignore_reason;    /* SKB_CONSUMED on kernels that report it here, else ~0 */
+	__u32 ignore_reason;    /* SKB_CONSUMED on kernels that report it here, else FILTER_NO_REASON */
 	__u32 _pad1;
 	__u16 ports[TRACER_MAX_PORTS];
 	__u8 nports;
@@ -145,7 +178,8 @@ struct filter_cfg {
 	__u64 reasons[TRACER_REASON_WORDS];
 };
 
-/* Counters the loader reports (per-CPU array indices). */
+/* Counters the loader reports (per-CPU array indices of the `stats` map);
+ * Python names them after the enumerators, STAT_SEEN -> "seen". */
 enum drop_counter {
 	STAT_SEEN = 0,          /* kfree_skb calls seen */
 	STAT_FILTERED = 1,      /* dropped by the in-kernel filter */

@@ -8,9 +8,9 @@ import threading
 import time
 
 from tracer.cli import demo
-from tracer.bpf.filter import host_networks
-from tracer.pipeline.engine import Engine, WatchOptions
-from tracer.config import WatchFilter
+from tracer.config import host_networks
+from tracer.pipeline.engine import Engine
+from tracer.config import Config, Scope
 from tracer.event.schema import validate
 
 LAB_NETS = host_networks(["198.18.0.0/15", "2001:db8::/32"])
@@ -80,7 +80,7 @@ class Collector:
 class Watch:
     """The engine running in a thread, as `tracer watch` runs it.
 
-    Keyword arguments are WatchFilter fields, or WatchOptions fields for
+    Keyword arguments are Scope fields, or Config fields for
     the few options tests vary. The filter defaults to the lab's addresses.
     """
 
@@ -88,7 +88,7 @@ class Watch:
         options = {k: kw.pop(k) for k in list(kw) if k in _OPTION_KEYS}
         kw.setdefault("hosts", LAB_NETS)
         self.sink = Collector(netns_prefix, validate)
-        self.engine = Engine(WatchOptions(filter=WatchFilter(**kw), **options), self.sink)
+        self.engine = Engine(Config(scope=Scope(**kw), **options), self.sink)
         self.engine.start()
         self.thread = threading.Thread(target=self.engine.run, daemon=True)
         self.thread.start()

@@ -135,7 +135,7 @@ def restore_logging():
 @given(value=values)
 def test_any_filter_value_is_a_filter_or_a_one_line_error(flag, value, capsys):
     try:
-        cli._watch_filter(parse_watch(flag, value))
+        cli._watch_config(parse_watch(flag, value))
     except SystemExit as exc:  # refused by the parser itself
         assert exc.code == 2
         assert_one_error_line(capsys.readouterr().err)
@@ -149,7 +149,7 @@ def test_any_filter_value_is_a_filter_or_a_one_line_error(flag, value, capsys):
 @given(value=values)
 def test_rejected_filter_values_exit_2_with_one_line(flag, value, capsys, restore_logging):
     try:
-        cli._watch_filter(parse_watch(flag, value))
+        cli._watch_config(parse_watch(flag, value))
         assume(False)  # valid here: main() would start a real watch
     except (cli.UsageError, SystemExit):
         pass
@@ -197,16 +197,16 @@ def test_numbers_are_finite_and_positive_or_exit_2(command, flag, parse, text, c
 
 def test_protocol_numbers_and_names():
     from tracer.bpf.filter import protocol_number
-    from tracer.config import WatchFilter, nft_match_rules
+    from tracer.config import Scope, nft_match_rules
 
     for number in range(256):
-        f = WatchFilter(proto=str(number))
+        f = Scope(proto=str(number))
         assert protocol_number(f.proto) == number
-    assert WatchFilter(proto="6").proto == "tcp" and WatchFilter(proto="058").proto == "icmpv6"
+    assert Scope(proto="6").proto == "tcp" and Scope(proto="058").proto == "icmpv6"
     import socket
 
-    assert WatchFilter(proto="gre").proto == str(socket.getprotobyname("gre")) == "47"
-    assert nft_match_rules(WatchFilter(proto="47")) == ["meta l4proto 47"]
+    assert Scope(proto="gre").proto == str(socket.getprotobyname("gre")) == "47"
+    assert nft_match_rules(Scope(proto="47")) == ["meta l4proto 47"]
 
 
 # ------------------------------------------------------------------ warnings and host checks

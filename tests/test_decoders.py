@@ -168,10 +168,10 @@ def test_conntrack_activity_and_invalid_inference():
 
 def test_bpf_filter_fields_reach_the_struct():
     from tracer.bpf import filter as bpf_filter
-    from tracer.config import WatchFilter
+    from tracer.config import Scope, host_networks
 
     cfg = object_structs(str(default_object_path()))["filter_cfg"]()
-    f = WatchFilter(ports=(443, 53), hosts=bpf_filter.host_networks(["198.18.0.0/15", "2001:db8::1"]),
+    f = Scope(ports=(443, 53), hosts=host_networks(["198.18.0.0/15", "2001:db8::1"]),
                     proto="tcp", iface="veth0b")
     bpf_filter.build(cfg, f, reasons=[3, 12], netns_inode=4026532211, consumed_reason=None)
     assert cfg.flags == (bpf_filter.FILTER_PORTS | bpf_filter.FILTER_PROTO | bpf_filter.FILTER_NETS
@@ -296,22 +296,24 @@ def test_full_queue_losses_are_counted_not_logged_one_by_one(monkeypatch):
 
     import structlog
 
-    from tracer.pipeline.engine import Engine, WatchOptions
+    from tracer.config import Config
+    from tracer.pipeline.engine import Engine
 
-    engine = Engine(WatchOptions(), sink=None)
-    engine._decoder = type("Stub", (), {"decode": staticmethod(lambda raw: raw)})()
+    engine = Engine(Config(), sink=None)
+    engine.source._decoder = type("Stub", (), {"decode": staticmethod(lambda raw: raw)})()
+    engine.source._deliver = engine._deliver  # as source.start() wires it
     engine._queue = queue.Queue(maxsize=1)
     now = [1000.0]
     monkeypatch.setattr("tracer.pipeline.engine.time.monotonic", lambda: now[0])
     with structlog.testing.capture_logs() as logs:
         for _ in range(500):
-            engine._on_record(b"x")
+            engine.source._on_record(b"x")
         now[0] += 0.5
         for _ in range(300):
-            engine._on_record(b"x")
+            engine.source._on_record(b"x")
         now[0] += 0.6
-        engine._on_record(b"x")
-        engine._on_record(b"x")
+        engine.source._on_record(b"x")
+        engine.source._on_record(b"x")
         engine._warn_queue_lost(final=True)  # as close() does once the ring reader stopped
     warned = [e["lost"] for e in logs if e["event"] == "event queue full, drop event lost"]
     assert warned == [1, 799, 1]

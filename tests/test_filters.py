@@ -1,4 +1,4 @@
-"""WatchFilter validation and the nft match expressions it turns into."""
+"""Scope validation and the nft match expressions it turns into."""
 
 from __future__ import annotations
 
@@ -7,27 +7,27 @@ import ipaddress
 import pytest
 
 from tracer.collectors.nftrace import mark_commands
-from tracer.config import WatchFilter, nft_match_rules
+from tracer.config import Scope, nft_match_rules
 from tracer.lab import Lab
 
 
 def test_empty_filter_marks_everything() -> None:
-    f = WatchFilter()
+    f = Scope()
     assert f.empty
     assert nft_match_rules(f) == [""]
     assert nft_match_rules(f, "output") == [""]
 
 
 def test_ports_match_source_or_destination() -> None:
-    assert nft_match_rules(WatchFilter(ports=(443,), proto="tcp")) == ["tcp sport 443", "tcp dport 443"]
-    assert nft_match_rules(WatchFilter(ports=(53, 443))) == [
+    assert nft_match_rules(Scope(ports=(443,), proto="tcp")) == ["tcp sport 443", "tcp dport 443"]
+    assert nft_match_rules(Scope(ports=(53, 443))) == [
         "meta l4proto { tcp, udp, sctp, udplite, dccp } th sport { 53, 443 }",
         "meta l4proto { tcp, udp, sctp, udplite, dccp } th dport { 53, 443 }",
     ]
 
 
 def test_hosts_and_ports_give_the_cross_product() -> None:
-    f = WatchFilter(ports=(443,), hosts=("198.18.0.0/24", "2001:db8::1"), proto="tcp")
+    f = Scope(ports=(443,), hosts=("198.18.0.0/24", "2001:db8::1"), proto="tcp")
     assert nft_match_rules(f) == [
         "ip saddr 198.18.0.0/24 tcp sport 443",
         "ip saddr 198.18.0.0/24 tcp dport 443",
@@ -41,19 +41,19 @@ def test_hosts_and_ports_give_the_cross_product() -> None:
 
 
 def test_protocols_and_interface() -> None:
-    assert nft_match_rules(WatchFilter(proto="icmp")) == ["meta l4proto icmp"]
-    assert nft_match_rules(WatchFilter(proto="icmpv6")) == ["meta l4proto ipv6-icmp"]
-    assert nft_match_rules(WatchFilter(proto="47", iface="veth0")) == ['iifname "veth0" meta l4proto 47']
-    assert nft_match_rules(WatchFilter(proto=47, iface="veth0"), "output") == ['oifname "veth0" meta l4proto 47']
+    assert nft_match_rules(Scope(proto="icmp")) == ["meta l4proto icmp"]
+    assert nft_match_rules(Scope(proto="icmpv6")) == ["meta l4proto ipv6-icmp"]
+    assert nft_match_rules(Scope(proto="47", iface="veth0")) == ['iifname "veth0" meta l4proto 47']
+    assert nft_match_rules(Scope(proto=47, iface="veth0"), "output") == ['oifname "veth0" meta l4proto 47']
     # icmp is IPv4 only: IPv6 hosts drop out rather than yielding a rule that never matches.
-    assert nft_match_rules(WatchFilter(proto="icmp", hosts=("198.18.0.1", "2001:db8::1"))) == [
+    assert nft_match_rules(Scope(proto="icmp", hosts=("198.18.0.1", "2001:db8::1"))) == [
         "ip saddr 198.18.0.1/32 meta l4proto icmp",
         "ip daddr 198.18.0.1/32 meta l4proto icmp",
     ]
 
 
 def test_normalisation() -> None:
-    f = WatchFilter(
+    f = Scope(
         ports=("443", 80, 443),  # type: ignore[arg-type]
         hosts=("198.18.0.7/24",),  # type: ignore[arg-type]
         proto="TCP",
@@ -63,8 +63,8 @@ def test_normalisation() -> None:
     assert f.hosts == (ipaddress.ip_network("198.18.0.0/24"),)
     assert f.proto == "tcp"
     assert f.reasons == ("NETFILTER_DROP",)
-    assert WatchFilter(proto="6").proto == "tcp"
-    assert WatchFilter(proto="ipv6-icmp").proto == "icmpv6"
+    assert Scope(proto="6").proto == "tcp"
+    assert Scope(proto="ipv6-icmp").proto == "icmpv6"
 
 
 @pytest.mark.parametrize(
@@ -87,29 +87,29 @@ def test_normalisation() -> None:
 )
 def test_invalid_input_is_refused_clearly(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        WatchFilter(**kwargs)  # type: ignore[arg-type]
+        Scope(**kwargs)  # type: ignore[arg-type]
 
 
 def test_netns_scope() -> None:
-    assert WatchFilter().matches_netns(1, None)
-    assert WatchFilter(netns="web").matches_netns(1, "web")
-    assert WatchFilter(netns="4026532211").matches_netns(4026532211, None)
-    assert not WatchFilter(netns="web").matches_netns(1, "db")
+    assert Scope().matches_netns(1, None)
+    assert Scope(netns="web").matches_netns(1, "web")
+    assert Scope(netns="4026532211").matches_netns(4026532211, None)
+    assert not Scope(netns="web").matches_netns(1, "db")
 
 
 FILTERS = [
-    WatchFilter(),
-    WatchFilter(ports=(53, 443)),
-    WatchFilter(ports=(443,), proto="tcp", hosts=("198.18.0.0/24", "2001:db8::/64")),
-    WatchFilter(proto="icmpv6", hosts=("2001:db8::1",)),
-    WatchFilter(proto="sctp", ports=(9,), iface="veth0a"),
-    WatchFilter(proto="132"),
+    Scope(),
+    Scope(ports=(53, 443)),
+    Scope(ports=(443,), proto="tcp", hosts=("198.18.0.0/24", "2001:db8::/64")),
+    Scope(proto="icmpv6", hosts=("2001:db8::1",)),
+    Scope(proto="sctp", ports=(9,), iface="veth0a"),
+    Scope(proto="132"),
 ]
 
 
 @pytest.mark.root
 @pytest.mark.parametrize("f", FILTERS, ids=range(len(FILTERS)))
-def test_generated_marking_table_is_valid_nft(lab: Lab, f: WatchFilter) -> None:
+def test_generated_marking_table_is_valid_nft(lab: Lab, f: Scope) -> None:
     """nft itself accepts what we generate (checked with `nft -c`, nothing is loaded)."""
     ns = lab.add_ns("check")
     lab.run(ns, ["nft", "-c", "-f", "-"], input=mark_commands("tracer_mark", f, rate=1000, burst=100))

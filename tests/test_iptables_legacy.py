@@ -43,7 +43,7 @@ from tracer.collectors.xtrace import (
     write_nf_log,
 )
 from tracer.collectors.nftrace import MARK_TABLE, NftCollector
-from tracer.config import WatchFilter
+from tracer.config import Scope
 from tracer.lab import Lab, Link
 from tracer.netns import Netns
 
@@ -113,8 +113,8 @@ def collectors() -> Iterator[Any]:
     """Starts LegacyCollector + NftCollector as the engine does; stops both in the engine's order."""
     started: list[tuple[NftCollector, LegacyCollector]] = []
 
-    def start(namespaces: list[Netns], f: WatchFilter | None = None, **kw: Any) -> tuple[NftCollector, LegacyCollector]:
-        f = f or WatchFilter()
+    def start(namespaces: list[Netns], f: Scope | None = None, **kw: Any) -> tuple[NftCollector, LegacyCollector]:
+        f = f or Scope()
         leg = LegacyCollector(f, **kw)
         nft = NftCollector(f, mark_legacy=leg)
         leg.on_ready = lambda: nft.update_namespaces(namespaces)
@@ -339,7 +339,7 @@ def test_filter_netns_limits_binding(lab: Lab, fw: tuple[Netns, Netns, Link], co
     client, server, _ = fw
     other = lab.add_ns("other")
     legacy(lab, other, "-A", "INPUT", "-j", "DROP")
-    _, col = collectors([client, server, other], WatchFilter(netns=server.name))
+    _, col = collectors([client, server, other], Scope(netns=server.name))
     assert set(col.watched) == {server.inode}
     assert col.tracing(server.inode) and read_nf_log(other, IPV4) == "nf_log_ipv4"
 
@@ -387,13 +387,13 @@ def test_fallback_names_the_table_when_only_one_can_drop(lab: Lab, fw: tuple[Net
 CHILD = """
 import sys, time
 from tracer import netns
-from tracer.config import WatchFilter
+from tracer.config import Scope
 from tracer.collectors.nftrace import NftCollector
 from tracer.collectors.xtrace import LegacyCollector
 namespaces = [netns.by_name(name) for name in sys.argv[1:]]
-legacy = LegacyCollector(WatchFilter())
+legacy = LegacyCollector(Scope())
 legacy.start(namespaces)
-nft = NftCollector(WatchFilter(), mark_legacy=legacy)
+nft = NftCollector(Scope(), mark_legacy=legacy)
 nft.start(namespaces)
 print("READY", legacy.journal.path, flush=True)
 time.sleep(120)
@@ -430,7 +430,7 @@ def test_bindings_restored_after_sigkill_and_restart(lab: Lab, fw: tuple[Netns, 
     assert Path(journal).exists()
     lab.delete_ns("doomed")
 
-    with structlog.testing.capture_logs() as logs, LegacyCollector(WatchFilter()) as col:
+    with structlog.testing.capture_logs() as logs, LegacyCollector(Scope()) as col:
         col.start([])  # the next start cleans up, whatever it then watches
     if not foreign_users(server):  # a tracer still using the binding keeps it
         assert (read_nf_log(server, IPV4), read_nf_log(server, IPV6)) == before
@@ -471,7 +471,7 @@ def test_unwatched_namespace_is_restored_and_vanished_one_tolerated(
 @pytest.mark.root
 def test_stop_is_idempotent_and_joins_threads(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
     client, server, _ = fw
-    col = LegacyCollector(WatchFilter(), poll_interval=0.1)
+    col = LegacyCollector(Scope(), poll_interval=0.1)
     col.start([client, server])
     assert any(t.name.startswith("legacy-trace-") for t in threading.enumerate())
     col.stop()

@@ -29,7 +29,7 @@ from tracer.collectors.nftrace import (
     parse_trace_message,
     remove_stale_marking_tables,
 )
-from tracer.config import WatchFilter
+from tracer.config import Scope
 from tracer.lab import Lab, Link
 from tracer.netns import Netns
 from tracer.netfilter.nftables import NftContext, parse_ruleset
@@ -110,7 +110,7 @@ def fw(lab: Lab) -> tuple[Netns, Netns, Link]:
 def test_rule_policy_and_user_chain_verdicts(lab: Lab, fw: tuple[Netns, Netns, Link], v6: bool) -> None:
     client, server, link = fw
     handles = nft_handles(lab, server)
-    with rulesets_unchanged(lab), NftCollector(WatchFilter()) as col:
+    with rulesets_unchanged(lab), NftCollector(Scope()) as col:
         col.start([client, server])
         assert col.marking_table(server.inode) == MARK_TABLE
         assert col.marking_table(client.inode) is None  # no base chains, nothing can drop there
@@ -174,7 +174,7 @@ def test_plain_socket_connect_is_attributed(lab: Lab, fw: tuple[Netns, Netns, Li
     """A real TCP connect (kernel-built SYN): the drop is reported for the server namespace."""
     client, server, link = fw
     seen: list[TraceVerdict] = []
-    with NftCollector(WatchFilter(ports=(443,)), on_verdict=seen.append) as col:
+    with NftCollector(Scope(ports=(443,)), on_verdict=seen.append) as col:
         col.start([client, server])
         with netns.entered(client):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -194,7 +194,7 @@ def test_reject_rule_reports_reject(lab: Lab) -> None:
         "table ip filt {\n chain in { type filter hook input priority 0; policy accept;\n"
         "  tcp dport 444 reject with tcp reset\n  udp dport 9 reject\n }\n}\n",
     )
-    with rulesets_unchanged(lab), NftCollector(WatchFilter()) as col:
+    with rulesets_unchanged(lab), NftCollector(Scope()) as col:
         col.start([client, server])
         v = send_and_wait(lab, col, client, server, datagram(link, TCP(sport=1, dport=444, flags="S")))
         assert fields(v, "family", "table", "chain", "hook", "text", "verdict", "policy") == {
@@ -217,7 +217,7 @@ def test_output_hook_drop(lab: Lab) -> None:
     lab.nft(
         client, "table ip out {\n chain o { type filter hook output priority 0; policy accept; udp dport 7 drop; }\n}\n"
     )
-    with rulesets_unchanged(lab), NftCollector(WatchFilter()) as col:
+    with rulesets_unchanged(lab), NftCollector(Scope()) as col:
         col.start([client, server])
         data = datagram(link, UDP(sport=5, dport=7) / b"x")
         v = send_and_wait(lab, col, client, client, data)
@@ -235,7 +235,7 @@ def test_output_hook_drop(lab: Lab) -> None:
 
 def test_filter_scopes_marking(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
     client, server, link = fw
-    with rulesets_unchanged(lab), NftCollector(WatchFilter(ports=(443,), hosts=("198.18.0.0/24",))) as col:
+    with rulesets_unchanged(lab), NftCollector(Scope(ports=(443,), hosts=("198.18.0.0/24",))) as col:
         col.start([client, server])
         dns = datagram(link, UDP(sport=40001, dport=53) / b"q")
         assert send_and_wait(lab, col, client, server, dns, timeout=1.0) is None
@@ -248,7 +248,7 @@ def test_filter_scopes_marking(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
 def test_filter_netns_selects_namespaces(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
     client, server, _ = fw
     lab.nft(client, "table inet c { chain i { type filter hook input priority 0; policy accept; }; }\n")
-    with NftCollector(WatchFilter(netns=server.name)) as col:
+    with NftCollector(Scope(netns=server.name)) as col:
         col.start([client, server])
         assert set(col.watched) == {server.inode}
         assert col.marking_table(client.inode) is None
@@ -265,7 +265,7 @@ def test_iptables_nft_rule(lab: Lab, v6: bool) -> None:
     tool = "ip6tables-nft" if v6 else "iptables-nft"
     lab.run(server, [tool, "-A", "INPUT", "-p", "udp", "--dport", "5353", "-j", "ACCEPT"])
     lab.run(server, [tool, "-A", "INPUT", "-p", "tcp", "--dport", "443", "-j", "DROP"])
-    with rulesets_unchanged(lab), NftCollector(WatchFilter()) as col:
+    with rulesets_unchanged(lab), NftCollector(Scope()) as col:
         col.start([client, server])
         rs = col.ruleset(server.inode)
         assert rs is not None and rs.backend("ip6" if v6 else "ip", "filter") == "iptables-nft"
@@ -292,7 +292,7 @@ def test_iptables_nft_rule(lab: Lab, v6: bool) -> None:
 
 def test_ruleset_replaced_mid_watch_reports_new_text(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
     client, server, link = fw
-    with NftCollector(WatchFilter()) as col:
+    with NftCollector(Scope()) as col:
         col.start([client, server])
         syn = datagram(link, TCP(sport=40000, dport=443, flags="S"), ident=1)
         first = send_and_wait(lab, col, client, server, syn)
@@ -326,7 +326,7 @@ def test_ruleset_replaced_mid_watch_reports_new_text(lab: Lab, fw: tuple[Netns, 
 def test_base_chains_appearing_later_get_marked(lab: Lab) -> None:
     client, server = lab.add_ns("client"), lab.add_ns("server")
     link = lab.link(client, server)
-    with NftCollector(WatchFilter()) as col:
+    with NftCollector(Scope()) as col:
         col.start([client, server])
         assert col.marking_table(server.inode) is None
         assert lab.nft_list(server) == ""
@@ -342,10 +342,10 @@ def test_base_chains_appearing_later_get_marked(lab: Lab) -> None:
 CHILD = """
 import subprocess, sys, time
 from tracer import netns
-from tracer.config import WatchFilter
+from tracer.config import Scope
 from tracer.collectors.nftrace import NftCollector
 ns = netns.by_name(sys.argv[1])
-col = NftCollector(WatchFilter())
+col = NftCollector(Scope())
 col.start([ns])
 # A helper that outlives us must not keep the owning socket (and the table) alive.
 helper = subprocess.Popen(["sleep", "120"], close_fds=False)
@@ -386,7 +386,7 @@ def test_stale_unowned_tables_are_removed(lab: Lab, fw: tuple[Netns, Netns, Link
         " chain prerouting { type filter hook prerouting priority -350; policy accept; }\n}\n",
     )
     lab.nft(server, f"table ip {MARK_TABLE}_old {{ }}\n")
-    with NftCollector(WatchFilter()) as col:
+    with NftCollector(Scope()) as col:
         col.start([client, server])
         listing = lab.nft_list(server)
         assert f"{MARK_TABLE}_old" not in listing
@@ -411,7 +411,7 @@ def test_update_namespaces_and_vanishing(lab: Lab, fw: tuple[Netns, Netns, Link]
     extra = lab.add_ns("extra")
     lab.nft(extra, RULESET)
     ghost = Netns(inode=1, path="/var/run/netns/trl-does-not-exist", name="trl-does-not-exist")
-    with structlog.testing.capture_logs() as logs, NftCollector(WatchFilter()) as col:
+    with structlog.testing.capture_logs() as logs, NftCollector(Scope()) as col:
         col.start([client, ghost])
         assert set(col.watched) == {client.inode}
         col.update_namespaces([client, server, extra])
@@ -433,7 +433,7 @@ def test_root_namespace_untouched(lab: Lab, fw: tuple[Netns, Netns, Link]) -> No
     root = netns.root()
     with NftContext() as ctx:
         root_has_base_chains = bool(ctx.ruleset().base_chains())
-    with rulesets_unchanged(lab), NftCollector(WatchFilter()) as col:
+    with rulesets_unchanged(lab), NftCollector(Scope()) as col:
         # Only hand the collector the host namespace when it has nothing to
         # mark: the test must never change the host's firewall.
         col.start([root, client, server] if not root_has_base_chains else [client, server])
@@ -446,7 +446,7 @@ def test_stop_is_idempotent_and_joins_threads(lab: Lab, fw: tuple[Netns, Netns, 
     import threading
 
     client, server, _ = fw
-    col = NftCollector(WatchFilter())
+    col = NftCollector(Scope())
     col.start([client, server])
     assert any(t.name.startswith("nft-trace-") for t in threading.enumerate())
     col.stop()
@@ -461,7 +461,7 @@ def test_stop_is_idempotent_and_joins_threads(lab: Lab, fw: tuple[Netns, Netns, 
 
 def test_malformed_trace_message_is_logged_not_fatal(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
     client, server, link = fw
-    with NftCollector(WatchFilter()) as col:
+    with NftCollector(Scope()) as col:
         col.start([server])
         watch: _NetnsWatch = col._watches[server.inode]
         msg = nft_trace_msg()
@@ -513,7 +513,7 @@ table netdev nd { chain ing { type filter hook ingress device "lo" priority -500
 def test_recovers_after_lost_messages(lab: Lab, fw: tuple[Netns, Netns, Link]) -> None:
     """ENOBUFS (the reader fell behind): traces are ignored until the queue is empty, then read again."""
     client, server, link = fw
-    with NftCollector(WatchFilter()) as col:
+    with NftCollector(Scope()) as col:
         col.start([server])
         watch: _NetnsWatch = col._watches[server.inode]
         with structlog.testing.capture_logs() as logs:
@@ -554,7 +554,7 @@ def test_fast_trace_decoder_agrees_with_pyroute2(lab: Lab, fw: tuple[Netns, Netn
         datagram(link, TCP(sport=40002, dport=8080, flags="S"), v6=True, ident=14),  # policy drop
     ]
     sock = netfilter_socket(server, 1 << (NFNLGRP_NFTRACE - 1))
-    with sock, NftCollector(WatchFilter()) as col:
+    with sock, NftCollector(Scope()) as col:
         col.start([client, server])
         for data in probes:
             assert send_and_wait(lab, col, client, server, data) is not None

@@ -408,12 +408,12 @@ def test_nft_reader_path_survives_hostile_traces(lab) -> None:
     from scapy.layers.inet import TCP
 
     from tests.support import datagram, send_and_wait
-    from tracer.config import WatchFilter
+    from tracer.config import Scope
 
     client, server = lab.add_ns("client"), lab.add_ns("server")
     link = lab.link(client, server)
     lab.nft(server, RULESET)
-    with NftCollector(WatchFilter()) as col:
+    with NftCollector(Scope()) as col:
         col.start([client, server])
         watch = col._watches[server.inode]
         mtypes = st.just(TRACE_TYPE) | st.integers(0, 0xFFFF)
@@ -524,7 +524,7 @@ ATTACKER = textwrap.dedent(
 def test_unprivileged_namespace_cannot_forge_a_verdict() -> None:
     """The attack, as a user would run it: nobody, root of its own user and network namespace,
     sends the root tracer a trace that names a rule dropping a packet. No verdict comes of it."""
-    from tracer.config import WatchFilter
+    from tracer.config import Scope
     from tracer.netns import Netns
 
     attacker = subprocess.Popen(
@@ -546,7 +546,7 @@ def test_unprivileged_namespace_cannot_forge_a_verdict() -> None:
             nla(5 | NLA_F_NESTED, nla(_VERDICT_CODE, struct.pack(">i", 0))), nla(6, struct.pack(">I", 99)),
             nla(8, header), nla(9, transport),
         ))))
-        with NftCollector(WatchFilter()) as col:
+        with NftCollector(Scope()) as col:
             col.start([ns])
             watch = col._watches[ns.inode]
             attacker.stdin.write(forged.hex() + "\n")

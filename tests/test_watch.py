@@ -18,7 +18,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 
 from tests.support import SERVER_RULESET, root_ruleset, rule_handles, to_port, tracer_cmd, wait_ready
-from tracer.bpf.filter import host_networks
+from tracer.config import host_networks
 from tracer.event.schema import validate
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]

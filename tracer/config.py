@@ -1,19 +1,26 @@
-"""What the user asked to watch, and how that becomes nft match expressions.
+"""One frozen configuration for a watch: what to watch (`Scope`) and how (`Config`).
 
-The same filter scopes the BPF side (in the engine) and the nftrace marking
-(here): marking only matching packets keeps the trace volume, and so the
-cost of tracing, proportional to what the user wants to see.
+`Config` is built once, at the edge: from the command line's flags now
+(`Config.from_flags`), from a TOML file in the daemon later
+(`Config.from_mapping` takes the parsed document). Everything below the
+edge receives it and never re-validates or reads the environment: a value
+that reaches the engine is known good. The same scope limits the BPF
+filter, the nftrace marking rules and the iptables-legacy tracing, so the
+cost of tracing stays proportional to what the user wants to see.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
+import math
+import os
 import re
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -46,13 +53,14 @@ _REASON = re.compile(r"^[A-Z0-9_]+$")
 Hook = Literal["prerouting", "output"]
 
 
-@dataclass
-class WatchFilter:
-    """Which packets to watch; an empty filter watches everything.
+@dataclass(frozen=True)
+class Scope:
+    """Which packets to watch; an empty scope watches everything.
 
     `ports` match source or destination port, `hosts` match source or
     destination address. Strings are accepted for hosts, ports and proto and
-    normalised, so CLI input can be passed straight in.
+    normalised once, here; the frozen result is what every part of the
+    tracer reads.
     """
 
     ports: tuple[int, ...] = ()
@@ -63,9 +71,10 @@ class WatchFilter:
     reasons: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        self.ports = _ports(self.ports)
-        self.hosts = _hosts(self.hosts)
-        self.proto = _proto(self.proto)
+        # Normalising a frozen dataclass: the only writes it ever gets.
+        object.__setattr__(self, "ports", _ports(self.ports))
+        object.__setattr__(self, "hosts", _hosts(self.hosts))
+        object.__setattr__(self, "proto", _proto(self.proto))
         if self.ports and self.proto is not None and self.proto not in PORT_PROTOS:
             raise ValueError(f"protocol {self.proto!r} has no ports; ports need one of {sorted(PORT_PROTOS)}")
         if self.iface is not None and (not _IFNAME.match(self.iface) or self.iface in (".", "..")):
@@ -73,7 +82,7 @@ class WatchFilter:
                              "(1-15 characters, letters, digits and _.@+-)")
         if self.netns is not None and not _NETNS_NAME.match(str(self.netns)):
             raise ValueError(f"network namespace {self.netns!r} is not a valid name or inode number")
-        self.reasons = _reasons(self.reasons)
+        object.__setattr__(self, "reasons", _reasons(self.reasons))
         if self.hosts and self.proto in ("icmp", "icmpv6"):
             version = 4 if self.proto == "icmp" else 6
             if not any(h.version == version for h in self.hosts):
@@ -98,10 +107,14 @@ def _ports(ports: Iterable[int | str]) -> tuple[int, ...]:
             port = int(str(raw).strip(), 10)
         except ValueError:
             raise ValueError(f"port {raw!r} is not a number") from None
-        if not 1 <= port <= 65535:
+        if not _port_in_range(port):
             raise ValueError(f"port {port} is out of range 1-65535")
         result.add(port)
     return tuple(sorted(result))
+
+
+def _port_in_range(port: int) -> bool:
+    return 1 <= port <= 65535
 
 
 def _hosts(hosts: Iterable[IPNetwork | str]) -> tuple[IPNetwork, ...]:
@@ -169,12 +182,245 @@ def _reasons(reasons: Iterable[str]) -> tuple[str, ...]:
     return tuple(result)
 
 
+
+# ---------------------------------------------------------------- values from outside
+# One parser per kind of value. The command line uses them as argparse types
+# and `Config.from_mapping` for a configuration file, so a value is checked by
+# the same code, with the same message, wherever it comes from.
+
+#: --trace-rate: nft's `limit rate` takes any u64, but more than this per namespace traces everything anyway.
+TRACE_RATE_MAX = 10_000_000
+TRACE_RATE_DEFAULT = 1000
+#: select() and friends refuse timeouts beyond ~292 years; an hour per answer is plenty.
+MAX_TIMEOUT = 3600.0
+NF_PROBES = ("auto", "fentry", "kprobe", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_PORT_TEXT = re.compile(r"[0-9]{1,5}")
+
+
+class ConfigError(ValueError):
+    """A value the configuration refuses; the message names the value and what is wanted."""
+
+
+def split_items(setting: str, values: Iterable[str | int] | None) -> list[str]:
+    """`--port 80 --port 443,8443` -> ['80', '443', '8443'].
+
+    An empty item is an error: dropping it would silently widen the watch
+    to everything.
+    """
+    out: list[str] = []
+    for v in values or []:
+        for item in str(v).split(","):
+            item = item.strip()
+            if not item:
+                raise ConfigError(f"{setting} {str(v)!r}: empty value (give one or more, separated by commas)")
+            out.append(item)
+    return out
+
+
+def port_number(text: str | int) -> int:
+    """A port as the user typed it; ConfigError unless a number 1-65535 in ASCII digits."""
+    s = str(text).strip()
+    if not _PORT_TEXT.fullmatch(s) or not _port_in_range(int(s)):
+        raise ConfigError(f"{str(text)!r}: a port is a number from 1 to 65535")
+    return int(s)
+
+
+def port_list(setting: str, values: Iterable[str | int] | None) -> tuple[int, ...]:
+    """The ports of a repeated, comma-separated setting, in order, without repeats."""
+    ports = []
+    for item in split_items(setting, values):
+        try:
+            ports.append(port_number(item))
+        except ConfigError as exc:
+            raise ConfigError(f"{setting} {exc}") from None
+    return tuple(dict.fromkeys(ports))
+
+
+def host_networks(values: Iterable[str], setting: str = "--host") -> tuple[IPNetwork, ...]:
+    """Addresses or CIDR prefixes, as `--host` takes them."""
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise ConfigError(f"{setting} {v!r} is neither an IP address nor a CIDR network") from None
+    return tuple(out)
+
+
+def positive_number(text: str | int | float, kind: type[int] | type[float],
+                    maximum: float | None = None) -> int | float:
+    """A finite number above 0 (nan, inf, -0 and 1e309 are refused); int or float as asked."""
+    what = "a whole number" if kind is int else "a number"
+    try:
+        value = kind(text.strip()) if isinstance(text, str) else kind(text)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{text!r} is not {what}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{text!r} is not a finite number")
+    if kind is int and isinstance(text, float) and not text.is_integer():
+        raise ConfigError(f"{text!r} is not {what}")
+    if value <= 0:
+        raise ConfigError(f"{text!r} must be greater than 0")
+    if maximum is not None and value > maximum:
+        limit = int(maximum) if float(maximum).is_integer() else maximum
+        raise ConfigError(f"{text!r} must be at most {limit}")
+    return value
+
+
+def count_at_least_zero(text: str | int) -> int:
+    try:
+        value = int(text.strip()) if isinstance(text, str) else int(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise ConfigError(f"{text!r} must be 0 or more")
+    return value
+
+
+def log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {text!r}")
+    return level
+
+
+def environment_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Settings the environment gives when neither flags nor a file do.
+
+    The only place the tracer reads its environment: for running a build
+    from elsewhere (the bench's --tracer-cmd: TRACER_BPF_OBJECT), another
+    libbpf (TRACER_LIBBPF), and the log level of child processes in tests.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    if env.get("TRACER_BPF_OBJECT"):
+        out["bpf_object"] = env["TRACER_BPF_OBJECT"]
+    if env.get("TRACER_LIBBPF"):
+        out["libbpf"] = env["TRACER_LIBBPF"]
+    if env.get("TRACER_LOG_LEVEL"):
+        out["log_level"] = env["TRACER_LOG_LEVEL"]
+    if env.get("TRACER_DEBUG_STATS"):
+        out["debug_stats"] = True
+    return out
+
+
+@dataclass(frozen=True)
+class Config:
+    """How to watch, decided once at the edge; every part of the tracer reads it, none changes it.
+
+    Replaces what used to be spread over flag re-validation in the CLI, an
+    options object, and environment variables read deep in the code.
+    `nf_mode` None means no netfilter probes; "auto" the best the kernel
+    allows. `verdict_wait` bounds how long a netfilter drop waits for its
+    nftrace verdict; `scan_interval` is how often namespaces are looked for.
+    """
+
+    scope: Scope = field(default_factory=Scope)
+    count: int | None = None
+    duration: float | None = None
+    stack: bool = False
+    json: bool = False
+    nftrace: bool = True
+    nf_mode: str | None = "auto"
+    trace_rate: int = TRACE_RATE_DEFAULT
+    verdict_wait: float = 0.3
+    scan_interval: float = 1.0
+    bpf_object: Path | None = None
+    libbpf: str = "libbpf.so.1"
+    log_level: str | None = None
+    debug_stats: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalising a frozen dataclass: values from a file arrive as text or
+        # the wrong number type, and each is converted (or refused) here, once.
+        def put(name: str, check: Any) -> None:
+            try:
+                object.__setattr__(self, name, check(getattr(self, name)))
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+
+        if self.count is not None:
+            put("count", lambda v: positive_number(v, int))
+        if self.duration is not None:
+            put("duration", lambda v: float(positive_number(v, float)))
+        put("trace_rate", lambda v: positive_number(v, int, TRACE_RATE_MAX))
+        put("verdict_wait", _seconds_or_zero)
+        put("scan_interval", lambda v: float(positive_number(v, float, MAX_TIMEOUT)))
+        for flag in ("stack", "json", "nftrace", "debug_stats"):
+            put(flag, _boolean)
+        if self.nf_mode not in (None, "auto", "fentry", "kprobe"):
+            raise ConfigError(f"nf_probes: {self.nf_mode!r} is not one of {', '.join(NF_PROBES)}")
+        if self.log_level is not None:
+            put("log_level", log_level)
+        if self.bpf_object is not None:
+            put("bpf_object", Path)
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, Any], *, environ: Mapping[str, str] | None = None) -> Config:
+        """A Config from flag values or a parsed file; ConfigError names the first bad value.
+
+        Keys are the long flags' names (`port`, `host`, `proto`, `netns`,
+        `iface`, `reason`, `count`, `duration`, `stack`, `json`, `nftrace`,
+        `nf_probes`, `trace_rate`, `verdict_wait`, `scan_interval`,
+        `bpf_object`, `libbpf`, `log_level`); a missing or None value takes
+        the environment's default (see `environment_defaults`), then the
+        built-in one. An unknown key is an error, so a typo never passes
+        unnoticed.
+        """
+        known = {"port", "host", "proto", "netns", "iface", "reason", "nf_probes"} | {
+            f.name for f in fields(cls) if f.name not in ("scope", "nf_mode")}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}")
+        values = {**environment_defaults(environ), **{k: v for k, v in doc.items() if v is not None}}
+        try:
+            scope = Scope(
+                ports=port_list("--port", _as_list(values.get("port"))),
+                hosts=host_networks(split_items("--host", _as_list(values.get("host")))),
+                proto=values.get("proto"),
+                netns=values.get("netns"),
+                iface=values.get("iface"),
+                reasons=tuple(split_items("--reason", _as_list(values.get("reason")))),
+            )
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        probes = values.pop("nf_probes", "auto")
+        if probes not in NF_PROBES:
+            raise ConfigError(f"nf_probes: {probes!r} is not one of {', '.join(NF_PROBES)}")
+        rest = {k: v for k, v in values.items() if k in {f.name for f in fields(cls)}}
+        return cls(scope=scope, nf_mode=None if probes == "none" else probes, **rest)
+
+
+def _seconds_or_zero(value: Any) -> float:
+    seconds = 0.0 if value in (0, "0") else float(positive_number(value, float, MAX_TIMEOUT))
+    return seconds
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{value!r} is not true or false")
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, int)):
+        return [value]
+    if isinstance(value, Sequence):
+        return list(value)
+    raise ConfigError(f"{value!r} is not a value or a list of values")
+
+
 def _set(items: Iterable[str]) -> str:
     values = list(items)
     return values[0] if len(values) == 1 else "{ " + ", ".join(values) + " }"
 
 
-def _proto_clause(f: WatchFilter) -> str | None:
+def _proto_clause(f: Scope) -> str | None:
     if f.proto is None:
         return "meta l4proto { tcp, udp, sctp, udplite, dccp }" if f.ports else None
     if f.ports:
@@ -182,7 +428,7 @@ def _proto_clause(f: WatchFilter) -> str | None:
     return f"meta l4proto {PROTO_NAMES.get(f.proto, f.proto)}"
 
 
-def _port_clauses(f: WatchFilter) -> list[str | None]:
+def _port_clauses(f: Scope) -> list[str | None]:
     if not f.ports:
         return [None]
     ports = _set(str(p) for p in f.ports)
@@ -192,7 +438,7 @@ def _port_clauses(f: WatchFilter) -> list[str | None]:
     return [f"{header} sport {ports}", f"{header} dport {ports}"]
 
 
-def _host_clauses(f: WatchFilter) -> list[str | None]:
+def _host_clauses(f: Scope) -> list[str | None]:
     if not f.hosts:
         return [None]
     clauses: list[str | None] = []
@@ -205,7 +451,7 @@ def _host_clauses(f: WatchFilter) -> list[str | None]:
     return clauses
 
 
-def nft_match_rules(f: WatchFilter, hook: Hook = "prerouting") -> list[str]:
+def nft_match_rules(f: Scope, hook: Hook = "prerouting") -> list[str]:
     """nft match expressions, one per marking rule; a packet matching any is traced.
 
     nft has no "saddr or daddr" match, so each either/or of the filter

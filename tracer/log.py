@@ -15,7 +15,8 @@ import threading
 
 import structlog
 
-LEVELS = ("debug", "info", "warning", "error")
+from tracer.config import log_level
+
 #: Log lines queued for a stuck stderr at most; more are dropped (there is nowhere to say so).
 STDERR_LINES = 2_000
 
@@ -101,9 +102,7 @@ def close(timeout: float) -> None:
 def configure(level: str | None = None, *, json: bool | None = None, nonblocking: bool = False) -> None:
     """Log level and format; with `nonblocking`, stderr writes go through a
     queue (see _LineStream) until `close()` (long-running commands: watch)."""
-    level = (level or os.environ.get("TRACER_LOG_LEVEL") or "warning").lower()
-    if level not in LEVELS:
-        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+    level = log_level(level or "warning")
     if json is None:
         json = not sys.stderr.isatty()
     out = _nonblocking_stderr() if nonblocking else sys.stderr

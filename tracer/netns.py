@@ -9,15 +9,15 @@ A socket stays bound to the namespace it was created in, which is why
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import subprocess
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from tracer.libc import libc
 
 NETNS_RUN_DIR = "/var/run/netns"
 ROOT_NETNS_PATH = "/proc/1/ns/net"
@@ -27,9 +27,6 @@ ROOT_NETNS_PATH = "/proc/1/ns/net"
 _ROOT_FALLBACK_PATH = "/proc/2/ns/net"
 _THREAD_NETNS = "/proc/thread-self/ns/net"
 CLONE_NEWNET = 0x40000000
-
-_libc_lock = threading.Lock()
-_libc: ctypes.CDLL | None = None
 
 
 class NetnsGone(OSError):
@@ -50,17 +47,9 @@ class Netns:
         return self.name if self.name is not None else f"netns:[{self.inode}]"
 
 
-def _setns_libc() -> ctypes.CDLL:
-    global _libc
-    with _libc_lock:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return _libc
-
-
 def _setns(fd: int) -> None:
     """setns(2) for the calling thread only (glibc's wrapper is per thread)."""
-    if _setns_libc().setns(fd, CLONE_NEWNET) != 0:
+    if libc().setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns failed: {os.strerror(err)}")
 

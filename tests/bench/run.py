@@ -724,11 +724,119 @@ def phase_idle(net: Net, secs: float, traffic_pps: int) -> dict:
     return out
 
 
+@dataclass
+class ScaleRun:
+    """One `tracer watch` over `namespaces` lab namespaces, each with a ruleset (phase 5)."""
+
+    namespaces: int
+    build_s: float = 0.0  # creating the namespaces and loading their rulesets (the bench's own cost)
+    start_s: float = 0.0  # launching `tracer watch` -> the last namespace's drop printed with its rule
+    first_event_s: float = 0.0  # launching -> the first event of the last namespace (with or without rule)
+    threads: int = 0
+    rss_mib: float = 0.0
+    hwm_mib: float = 0.0  # peak RSS (VmHWM)
+    idle_cpu: float = 0.0  # % of one core over the idle window
+    idle_s: float = 0.0
+    marked: int = 0  # `nft.marking_table_added` lines: namespaces the tracer marked
+    stop_s: float = 0.0  # SIGINT -> exit (every marking table removed)
+    error: str | None = None
+
+
+def root_has_base_chains() -> bool:
+    """Whether the host's own ruleset has hooked chains: the tracer would then mark it."""
+    out = subprocess.run(["nft", "-j", "list", "chains"], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return False
+    return any("hook" in item.get("chain", {}) for item in json.loads(out.stdout or "{}").get("nftables", []))
+
+
+def status_mib(pid: int, key: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def scale_run(count: int, idle_secs: float, timeout: float = 60.0) -> ScaleRun:
+    """`count` namespaces; a tracer over all of them; a drop in the last one, every 20 ms
+    until the tracer prints it with its rule; then its threads, RSS and idle CPU."""
+    from tests.manyns import DROP_PORT, DROP_RULE_TEXT, Farm
+
+    run = ScaleRun(count)
+    farm = Farm(count)
+    log(f"scale: building {count} namespaces")
+    farm.build()
+    run.build_s = farm.build_seconds
+    last = farm.last.name or ""
+    tr: Tracer | None = None
+    sock = farm.sender(farm.last)
+    try:
+        tr = Tracer(["--proto", "udp", "--port", str(DROP_PORT)], keep=True)
+        name_pat = f'"name":"{last}"'.encode()
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while not run.start_s:
+            if time.monotonic() > deadline or not tr.alive():
+                raise BenchError(f"{count} namespaces: no drop with its rule from {last} in {timeout:.0f}s"
+                                 f" ({tr.failure() if not tr.alive() else 'tracer running'})")
+            sock.sendto(b"scale", ("127.0.0.1", DROP_PORT))
+            time.sleep(0.02)
+            with tr._cond:
+                kept = tr.kept[seen:]
+            seen += len(kept)
+            for t_read, line in kept:
+                if name_pat not in line:
+                    continue
+                run.first_event_s = run.first_event_s or t_read - tr.started
+                rule = (json.loads(line).get("netfilter") or {}).get("rule") or {}
+                if rule.get("text") == DROP_RULE_TEXT and rule.get("handle"):
+                    run.start_s = t_read - tr.started
+                    break
+        pid = tr.proc.pid
+        run.threads = len(os.listdir(f"/proc/{pid}/task"))
+        time.sleep(0.5)  # the last drops' output settles
+        c0, t0 = tr.cpu(), time.time()
+        time.sleep(idle_secs)
+        run.idle_cpu = (tr.cpu() - c0) / CLK_TCK / (time.time() - t0) * 100
+        run.idle_s = idle_secs
+        run.threads = max(run.threads, len(os.listdir(f"/proc/{pid}/task")))
+        run.rss_mib, run.hwm_mib = status_mib(pid, "VmRSS"), status_mib(pid, "VmHWM")
+        t_stop = time.monotonic()
+        tr.stop()
+        run.stop_s = time.monotonic() - t_stop
+        run.marked = tr.log_events.get("nft.marking_table_added", 0)
+    finally:
+        sock.close()
+        if tr is not None:
+            tr.stop()
+        farm.close()
+    log(f"  start {run.start_s:.2f}s, threads {run.threads}, RSS {run.rss_mib:.0f} MiB, "
+        f"idle CPU {run.idle_cpu:.2f}%, marked {run.marked}, stop {run.stop_s:.1f}s")
+    return run
+
+
+def phase_scale(counts: list[int], idle_secs: float) -> list[ScaleRun]:
+    """Phase 5: start time, threads, RSS and idle CPU against the number of namespaces."""
+    if root_has_base_chains():
+        log("scale: skipped: the host's own ruleset has hooked chains, and a tracer over every "
+            "namespace would add its marking table there")
+        return []
+    runs = []
+    for count in counts:
+        try:
+            runs.append(scale_run(count, idle_secs))
+        except BenchError as exc:
+            log(f"  failed: {exc}")
+            runs.append(ScaleRun(count, error=str(exc)))
+    return runs
+
+
 # ----------------------------------------------------------------------- report
 
 
 def report(lat: dict | None, steps: list[Step] | None, over: dict | None, idle: dict | None,
-           meta: dict) -> str:
+           meta: dict, scale: list[ScaleRun] | None = None) -> str:
     lines = [f"tracer watch benchmark  ({meta['kernel']}, {meta['cpus']} CPUs, {meta['when']})"]
     if meta.get("watching"):
         w = meta["watching"]
@@ -800,16 +908,31 @@ def report(lat: dict | None, steps: list[Step] | None, over: dict | None, idle: 
             if isinstance(v, dict):
                 lines.append(f"   {name:<48}{v['cpu']:>6.2f}%   RSS {v['rss_mib']:.0f} MiB   events printed {v['printed']}")
         lines.append("")
+    if scale:
+        lines += ["5. Namespaces (one tracer over N namespaces, each with a ruleset; start = launch -> "
+                  "the last namespace's drop printed with its rule)",
+                  (f"   {'netns':>6}{'start':>8}{'1st ev':>8}{'threads':>8}{'RSS MiB':>9}{'peak':>6}"
+                   f"{'idle cpu%':>10}{'marked':>7}{'stop':>7}{'build':>7}")]
+        for r in scale:
+            if r.error:
+                lines.append(f"   {r.namespaces:>6}  failed: {r.error}")
+                continue
+            lines.append(f"   {r.namespaces:>6}{r.start_s:>7.2f}s{r.first_event_s:>7.2f}s{r.threads:>8}"
+                         f"{r.rss_mib:>9.0f}{r.hwm_mib:>6.0f}{r.idle_cpu:>10.2f}{r.marked:>7}"
+                         f"{r.stop_s:>6.1f}s{r.build_s:>6.1f}s")
+        lines.append(f"   (idle CPU over {scale[0].idle_s:.0f} s without traffic; build = the bench making "
+                     "the namespaces, not the tracer)")
+        lines.append("")
     return "\n".join(lines)
 
 
-PHASES = {"latency", "throughput", "overhead", "idle"}
+PHASES = {"latency", "throughput", "overhead", "idle", "scale"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--phases", default="latency,throughput,overhead,idle",
-                   help="comma-separated subset of latency,throughput,overhead,idle")
+    p.add_argument("--phases", default="latency,throughput,overhead,idle,scale",
+                   help="comma-separated subset of latency,throughput,overhead,idle,scale")
     p.add_argument("--packets", type=int, default=200, help="latency probes per case (default 200)")
     p.add_argument("--spacing-ms", type=float, default=20.0, help="between latency probes (default 20)")
     p.add_argument("--rates", default="1000,2000,3000,5000,7000,10000,0",
@@ -817,6 +940,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-seconds", type=float, default=3.0, help="flood duration per step (default 3)")
     p.add_argument("--idle-seconds", type=float, default=30.0, help="idle CPU window (default 30)")
     p.add_argument("--idle-traffic", type=int, default=1000, help="accepted pps in the busiest idle case")
+    p.add_argument("--scale-counts", default="1,10,100,300",
+                   help="namespace counts of the scale phase (default %(default)s, at most 500)")
+    p.add_argument("--scale-idle-seconds", type=float, default=5.0, help="idle CPU window per scale run")
     p.add_argument("--json", metavar="PATH", help="also write the raw figures here")
     p.add_argument("--tracer-cmd", metavar="CMD",
                    help="command line that runs the tracer CLI (default: the venv's `tracer`), "
@@ -835,6 +961,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--packets 1..2000, --spacing-ms 1..1000")
     if not 1 <= args.step_seconds <= 10 or not 1 <= args.idle_seconds <= 120 or len(rates) > 12:
         p.error("--step-seconds 1..10, --idle-seconds 1..120, at most 12 rates")
+    try:
+        scale_counts = [int(c) for c in args.scale_counts.split(",")]
+    except ValueError:
+        p.error("--scale-counts: comma-separated numbers")
+    if not all(1 <= c <= 500 for c in scale_counts) or not 1 <= args.scale_idle_seconds <= 60:
+        p.error("--scale-counts 1..500 each, --scale-idle-seconds 1..60")
 
     def on_term(signum, _frame):
         raise KeyboardInterrupt
@@ -844,13 +976,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_term)
     meta: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(),
                             "when": time.strftime("%Y-%m-%d %H:%M"), "other_cpu": {}}
-    lat = steps = over = idle = None
+    lat = steps = over = idle = scale = None
     started = time.monotonic()
     net: Net | None = None
     lab = Lab()
     try:
-        net = Net.build(lab)
-        log(f"lab {lab.suffix}: {', '.join(ns.name for ns in lab.namespaces.values())}")
+        if phases - {"scale"}:
+            net = Net.build(lab)
+            log(f"lab {lab.suffix}: {', '.join(ns.name for ns in lab.namespaces.values())}")
         if "latency" in phases:
             other = OtherLoad()
             lat = phase_latency(net, args.packets, args.spacing_ms / 1000)
@@ -867,6 +1000,10 @@ def main(argv: list[str] | None = None) -> int:
             other = OtherLoad()
             idle = phase_idle(net, args.idle_seconds, args.idle_traffic)
             meta["other_cpu"]["idle"] = other.percent()
+        if "scale" in phases:
+            other = OtherLoad()
+            scale = phase_scale(scale_counts, args.scale_idle_seconds)
+            meta["other_cpu"]["scale"] = other.percent()
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130
@@ -883,11 +1020,12 @@ def main(argv: list[str] | None = None) -> int:
         lab.close()
         log(f"lab removed; {time.monotonic() - started:.0f}s")
     meta["watching"] = Tracer.watching
-    print(report(lat, steps, over, idle, meta))
+    print(report(lat, steps, over, idle, meta, scale))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "latency": lat, "throughput": [vars(s) for s in steps or []],
-                       "overhead": over, "idle": idle}, f, indent=2, default=str)
+                       "overhead": over, "idle": idle, "scale": [vars(r) for r in scale or []]},
+                      f, indent=2, default=str)
     return 0
 
 

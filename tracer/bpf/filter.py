@@ -10,7 +10,7 @@ import ctypes
 import ipaddress
 import socket
 
-from tracer.config import PROTO_NUMBERS, WatchFilter
+from tracer.config import PROTO_NUMBERS, Scope
 
 FILTER_PORTS = 1 << 0
 FILTER_PROTO = 1 << 1
@@ -24,7 +24,7 @@ NO_REASON = 0xFFFFFFFF
 
 
 def protocol_number(proto: str | int | None) -> int | None:
-    """The IP protocol number of a WatchFilter protocol: a table name or a number 0-255."""
+    """The IP protocol number of a Scope protocol: a table name or a number 0-255."""
     if proto is None:
         return None
     if isinstance(proto, int):
@@ -47,7 +47,7 @@ def protocol_number(proto: str | int | None) -> int | None:
     return number
 
 
-def build(cfg: ctypes.Structure, f: WatchFilter, *, reasons: list[int],
+def build(cfg: ctypes.Structure, f: Scope, *, reasons: list[int],
           netns_inode: int | None, consumed_reason: int | None) -> ctypes.Structure:
     """Fills `cfg` (a fresh filter_cfg) from the filter; returns it."""
     cfg.ignore_reason = NO_REASON if consumed_reason is None else consumed_reason
@@ -93,14 +93,3 @@ def build(cfg: ctypes.Structure, f: WatchFilter, *, reasons: list[int],
         for r in kernel_side:
             cfg.reasons[r // 64] |= 1 << (r % 64)
     return cfg
-
-
-def host_networks(values: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """Parses `--host` values: an address or a CIDR."""
-    out = []
-    for v in values:
-        try:
-            out.append(ipaddress.ip_network(v, strict=False))
-        except ValueError:
-            raise ValueError(f"--host {v!r} is neither an IP address nor a CIDR network") from None
-    return tuple(out)

@@ -10,7 +10,6 @@ verifier rejection without its log is useless to whoever has to fix it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import threading
@@ -18,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
+
+from tracer.libc import libc
 
 log = structlog.get_logger("tracer.libbpf")
 
@@ -68,7 +69,7 @@ class _Lib:
             raise BpfError(
                 f"cannot load {name} (install Debian's libbpf1 package)", errno.ENOENT
             ) from exc
-        self.libc = _c.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.libc = libc()
         self.libc.vsnprintf.argtypes = [_c.c_char_p, _c.c_size_t, _c.c_char_p, _vp]
         self.libc.vsnprintf.restype = _c.c_int
         self._local = threading.local()
@@ -97,8 +98,6 @@ class _Lib:
         _bind(lib, "libbpf_num_possible_cpus", _c.c_int)
         _bind(lib, "ring_buffer__new", _vp, _c.c_int, _SAMPLE_FN, _vp, _vp)
         _bind(lib, "ring_buffer__poll", _c.c_int, _vp, _c.c_int)
-        _bind(lib, "ring_buffer__consume", _c.c_int, _vp)
-        _bind(lib, "ring_buffer__epoll_fd", _c.c_int, _vp)
         _bind(lib, "ring_buffer__free", None, _vp)
         _bind(lib, "btf__load_vmlinux_btf", _vp)
         _bind(lib, "btf__free", None, _vp)
@@ -314,13 +313,6 @@ class RingBuffer:
         """Makes a running or later poll() return at the next record."""
         self._cancelled = True
 
-    def consume(self) -> int:
-        n = lib().lib.ring_buffer__consume(self._ptr)
-        return max(n, 0)
-
-    def fileno(self) -> int:
-        return lib().lib.ring_buffer__epoll_fd(self._ptr)
-
     def close(self) -> None:
         if self._ptr:
             lib().lib.ring_buffer__free(self._ptr)
@@ -432,26 +424,36 @@ class Btf:
             kind_flag=bool(t.info >> 31),
         )
 
-    def enum_values(self, name: str) -> dict[int, str]:
-        """Value -> member name of an enum (32- or 64-bit)."""
+    def enum_members(self, name: str) -> dict[str, int]:
+        """Member name -> value of an enum (32- or 64-bit), in declaration order.
+
+        Values are signed when BTF says so (kind_flag, written by clang 15+
+        and pahole 1.24+) and unsigned otherwise, as C's own enums are.
+        """
         for kind in (BTF_KIND_ENUM, BTF_KIND_ENUM64):
             tid = self.find(name, kind)
-            if tid is None:
-                continue
-            info = self.type(tid)
-            base = self._raw(tid) + _c.sizeof(_BtfType)
-            out: dict[int, str] = {}
-            for i in range(info.vlen):
-                if kind == BTF_KIND_ENUM:
-                    m = _BtfEnum.from_address(base + i * _c.sizeof(_BtfEnum))
-                    val = m.val & 0xFFFFFFFF
-                else:
-                    m64 = _BtfEnum64.from_address(base + i * _c.sizeof(_BtfEnum64))
-                    val = (m64.val_hi32 << 32) | m64.val_lo32
-                    m = m64
-                out[val] = self._name(m.name_off)
-            return out
+            if tid is not None:
+                return dict(self._enum_entries(tid, kind))
         raise KeyError(f"no enum {name!r} in BTF")
+
+    def enum_values(self, name: str) -> dict[int, str]:
+        """Value -> member name of an enum; of members sharing a value, the last wins."""
+        return {value: member for member, value in self.enum_members(name).items()}
+
+    def _enum_entries(self, type_id: int, kind: int) -> Iterator[tuple[str, int]]:
+        info = self.type(type_id)
+        base = self._raw(type_id) + _c.sizeof(_BtfType)
+        for i in range(info.vlen):
+            if kind == BTF_KIND_ENUM:
+                m = _BtfEnum.from_address(base + i * _c.sizeof(_BtfEnum))
+                value = m.val if info.kind_flag else m.val & 0xFFFFFFFF
+                yield self._name(m.name_off), value
+            else:
+                m64 = _BtfEnum64.from_address(base + i * _c.sizeof(_BtfEnum64))
+                value = (m64.val_hi32 << 32) | m64.val_lo32
+                if info.kind_flag and value >= 1 << 63:
+                    value -= 1 << 64
+                yield self._name(m64.name_off), value
 
     def members(self, type_id: int) -> list[BtfMember]:
         info = self.type(type_id)

@@ -13,11 +13,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from tracer.pipeline.engine import Engine, WatchOptions
-from tracer.config import WatchFilter
+from tracer.pipeline.engine import Engine
+from tracer.config import Config, Scope
 from tracer.lab import Lab, routed_path
 from tracer.outputs.stream import NdjsonSink, TerminalSink
-from tracer.bpf.filter import host_networks
+from tracer.config import host_networks
 
 SERVER_RULESET = """
 table inet fw {
@@ -89,7 +89,7 @@ def run(json_out: bool = False) -> int:
         client, server, link = _build(lab)
         say(f"lab: client {link.a_v4.ip} / {link.a_v6.ip}  <->  server {link.b_v4.ip} / {link.b_v6.ip}")
         say("tracer watches drops to and from 198.18.0.0/15 and 2001:db8::/32\n")
-        opts = WatchOptions(filter=WatchFilter(hosts=host_networks(["198.18.0.0/15", "2001:db8::/32"])))
+        opts = Config(scope=Scope(hosts=host_networks(["198.18.0.0/15", "2001:db8::/32"])))
         engine = Engine(opts, sink)
         engine.start()
         runner = threading.Thread(target=engine.run, name="demo-engine", daemon=True)

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import os
-import re
 import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
 from tracer import __version__
 from tracer import log as logsetup
+from tracer.config import (
+    MAX_TIMEOUT,
+    TRACE_RATE_MAX,
+    Config,
+    ConfigError,
+    count_at_least_zero,
+    environment_defaults,
+    port_list,
+    port_number,
+    positive_number,
+)
 from tracer.log import say
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -26,13 +37,6 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 STDOUT_GRACE, STDERR_GRACE = 0.8, 1.2
 #: After a normal stop (--count, --duration): how long a live reader gets for the rest.
 DRAIN_TIMEOUT = 2.0
-#: select() and friends refuse timeouts beyond ~292 years; an hour per answer is plenty.
-MAX_TIMEOUT = 3600.0
-#: --trace-rate: nft's `limit rate` takes any u64, but more than this per namespace traces everything anyway.
-TRACE_RATE_MAX = 10_000_000
-TRACE_RATE_DEFAULT = 1000
-
-_DIGITS = re.compile(r"[0-9]+")
 
 
 class UsageError(Exception):
@@ -59,62 +63,18 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
-def _items(flag: str, values: list[str] | None) -> list[str]:
-    """`--port 80 --port 443,8443` -> ['80', '443', '8443']; an empty item is an error,
-    because dropping it would silently widen the watch to everything."""
-    out: list[str] = []
-    for v in values or []:
-        for item in v.split(","):
-            item = item.strip()
-            if not item:
-                raise UsageError(f"{flag} {v!r}: empty value (give one or more, separated by commas)")
-            out.append(item)
-    return out
-
-
-def _ports(values: list[str] | None) -> tuple[int, ...]:
-    ports = []
-    for v in _items("--port", values):
-        if not _DIGITS.fullmatch(v) or len(v) > 5 or not 0 < int(v) < 65536:
-            raise UsageError(f"--port {v!r}: a port is a number from 1 to 65535")
-        ports.append(int(v))
-    return tuple(dict.fromkeys(ports))
-
-
-def _positive(kind, maximum: float | None = None) -> Callable[[str], int | float]:
-    """An argparse type: a finite number above 0 (nan, inf, -0 and 1e309 are refused)."""
-    what = "a whole number" if kind is int else "a number"
-
-    def parse(text: str):
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from one of tracer.config's value parsers (one check per kind of value)."""
+    def convert(text: str) -> Any:
         try:
-            value = kind(text.strip())
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-        if maximum is not None and value > maximum:
-            limit = int(maximum) if float(maximum).is_integer() else maximum
-            raise argparse.ArgumentTypeError(f"{text!r} must be at most {limit}")
-        return value
-    return parse
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
-def _at_least_zero(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
-
-
-def _port(text: str) -> int:
-    if not _DIGITS.fullmatch(text.strip()) or len(text.strip()) > 5 or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: a port is a number from 1 to 65535")
-    return int(text)
+def _positive(kind: type[int] | type[float], maximum: float | None = None) -> Callable[[str], Any]:
+    return _arg(lambda text: positive_number(text, kind, maximum))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="watch this host's drops during the probe and name the rule that dropped it")
     pr.add_argument("--timeout", type=_positive(float, MAX_TIMEOUT), default=1.0, metavar="S",
                     help="seconds to wait for an answer (default 1)")
-    pr.add_argument("--retries", type=_at_least_zero, default=2, metavar="N",
+    pr.add_argument("--retries", type=_arg(count_at_least_zero), default=2, metavar="N",
                     help="resends before 'filtered' (default 2)")
     pr.add_argument("--json", action="store_true", help="one JSON object per target")
 
@@ -175,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Binary search of the path MTU with DF probes (ICMP echo, or TCP "
                                     "SYNs where echo is blocked); detects ICMP black holes.")
     pm.add_argument("host", help="address or name")
-    pm.add_argument("--port", type=_port, default=443, help="TCP port for TCP probes (default 443)")
+    pm.add_argument("--port", type=_arg(port_number), default=443, help="TCP port for TCP probes (default 443)")
     pm.add_argument("--proto", choices=("auto", "icmp", "tcp"), default="auto",
                     help="probe with ICMP echo, TCP SYN, or ICMP then TCP (default)")
     pm.add_argument("-6", dest="v6", action="store_true", help="use IPv6 when HOST is a name")
@@ -277,25 +237,20 @@ class _Signals:
         self._r.close()
 
 
-def _watch_filter(args: argparse.Namespace):
-    """The filter from the flags alone (nothing on the host is looked at); UsageError if bad."""
-    from tracer.bpf.filter import host_networks
-    from tracer.config import WatchFilter
-
+def _watch_config(args: argparse.Namespace) -> Config:
+    """The configuration from the flags alone (nothing on the host is looked at); UsageError if bad."""
     try:
-        return WatchFilter(
-            ports=_ports(args.port),
-            hosts=host_networks(_items("--host", args.host)),
-            proto=args.proto,
-            netns=args.netns,
-            iface=args.iface,
-            reasons=tuple(_items("--reason", args.reason)),
-        )
-    except ValueError as exc:
+        return Config.from_mapping({
+            "port": args.port, "host": args.host, "proto": args.proto, "netns": args.netns,
+            "iface": args.iface, "reason": args.reason, "count": args.count, "duration": args.duration,
+            "stack": args.stack, "json": args.json, "nftrace": args.nftrace, "nf_probes": args.nf_probes,
+            "trace_rate": args.trace_rate, "log_level": args.log_level,
+        })
+    except ConfigError as exc:
         raise UsageError(str(exc)) from None
 
 
-def _watch_checks(args: argparse.Namespace, filt):
+def _watch_checks(args: argparse.Namespace, config: Config):
     """What the flags mean on this host, checked before anything is changed.
 
     Returns the warnings to print and the --netns choice (None without the flag).
@@ -304,6 +259,7 @@ def _watch_checks(args: argparse.Namespace, filt):
     from tracer.cli import preflight
 
     warnings: list[str] = []
+    filt = config.scope
     if not args.nftrace and args.trace_rate is not None:
         warnings.append("--trace-rate has no effect with --no-nftrace (no packet is marked for tracing)")
     try:
@@ -347,12 +303,12 @@ def _wait_for_netns(name: str, signals: _Signals, deadline: float | None) -> boo
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from tracer.pipeline.engine import Engine, WatchOptions
+    from tracer.pipeline.engine import Engine
     from tracer.outputs.stream import choose, undelivered_line
 
     began = time.monotonic()
-    filt = _watch_filter(args)
-    warnings, choice = _watch_checks(args, filt)
+    config = _watch_config(args)
+    warnings, choice = _watch_checks(args, config)
     for warning in warnings:
         say(f"tracer: warning: {warning}")
     signals = _Signals()
@@ -368,13 +324,11 @@ def _watch(args: argparse.Namespace) -> int:
                 duration = max(0.001, began + duration - time.monotonic())
         if signals.stopping:
             return EXIT_OK
-        opts = WatchOptions(
-            filter=filt, count=args.count, duration=duration, stack=args.stack,
-            nftrace=args.nftrace, nf_mode=None if args.nf_probes == "none" else args.nf_probes,
-            trace_rate=args.trace_rate or TRACE_RATE_DEFAULT)
-        sink = choose(args.json, args.stack, on_error=signals.output_failed)
+        if duration != config.duration:
+            config = dataclasses.replace(config, duration=duration)
+        sink = choose(config.json, config.stack, on_error=signals.output_failed)
         try:
-            engine = Engine(opts, sink)
+            engine = Engine(config, sink)
         except ValueError as exc:
             sink.close(0)
             raise UsageError(str(exc)) from None
@@ -432,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a bad flag (already said)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        logsetup.configure(args.log_level, nonblocking=args.command == "watch")
+        level = args.log_level or environment_defaults().get("log_level")
+        logsetup.configure(level, nonblocking=args.command == "watch")
     except ValueError as exc:
         say(f"tracer: error: {exc}")
         return EXIT_USAGE
@@ -442,6 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         threading.excepthook = previous_hook
         logsetup.close(_stderr_timeout())
+
+
+def _probe_ports(values: list[str] | None) -> tuple[int, ...]:
+    try:
+        return port_list("--port", values)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -456,7 +418,7 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "probe":
             from tracer.cli.probe import run_probe
 
-            return run_probe(args, _ports(args.port))
+            return run_probe(args, _probe_ports(args.port))
         if args.command == "pmtu":
             from tracer.cli.probe import run_pmtu
 

@@ -9,22 +9,27 @@ level comes from pyroute2's conntrack netlink support and feeds diagnoses
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-#: enum ip_conntrack_info (include/uapi/linux/netfilter/nf_conntrack_common.h).
-IP_CT_ESTABLISHED, IP_CT_RELATED, IP_CT_NEW, IP_CT_IS_REPLY = 0, 1, 2, 3
-IP_CT_UNTRACKED = 7
-CT_INFO_NONE = 0xFF
-
-#: enum ip_conntrack_status bit -> name (IPS_* without the prefix).
-STATUS_BITS = (
-    "expected", "seen_reply", "assured", "confirmed", "src_nat", "dst_nat",
-    "seq_adjust", "src_nat_done", "dst_nat_done", "dying", "fixed_timeout",
-    "template", "nat_clash", "helper", "offload", "hw_offload",
+from tracer.netfilter.constants import (
+    CT_STATE_BITS,
+    IP_CT_ESTABLISHED,
+    IP_CT_IS_REPLY,
+    IP_CT_NEW,
+    IP_CT_RELATED,
+    IP_CT_UNTRACKED,
+    ct_status_names,
 )
 
-#: NFT_CT_STATE_* bits as nftrace reports them (NFTA_TRACE_CT_STATE).
-_NFT_STATE_BITS = {1: "invalid", 2: "established", 4: "related", 8: "new", 64: "untracked"}
+if TYPE_CHECKING:
+    from tracer.collectors.base import Evidence
+    from tracer.event.model import DropEvent
+    from tracer.netns import Netns
+
+#: What the BPF side stores in place of enum ip_conntrack_info when the packet has no entry.
+CT_INFO_NONE = 0xFF
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,6 @@ class ConntrackInfo:
         return out
 
 
-def status_names(bits: int) -> tuple[str, ...]:
-    return tuple(name for i, name in enumerate(STATUS_BITS) if bits & (1 << i))
-
-
 def from_record(info: int, status: int, zone: int, mark: int) -> ConntrackInfo | None:
     """From skb->_nfct as BPF read it; None when the packet carries no entry.
 
@@ -65,20 +66,20 @@ def from_record(info: int, status: int, zone: int, mark: int) -> ConntrackInfo |
     base = info % IP_CT_IS_REPLY
     state = {IP_CT_ESTABLISHED: "established", IP_CT_RELATED: "related", IP_CT_NEW: "new"}[base]
     direction = "reply" if info >= IP_CT_IS_REPLY else "original"
-    return ConntrackInfo(state, direction, status_names(status), zone, mark)
+    return ConntrackInfo(state, direction, ct_status_names(status), zone, mark)
 
 
 def from_trace(state_bits: int | None, direction: int | None, status: int | None) -> ConntrackInfo | None:
     """From the NFTA_TRACE_CT_* attributes of an nftrace message (kernel 6.6+)."""
     if state_bits is None:
         return None
-    state = next((name for bit, name in _NFT_STATE_BITS.items() if state_bits & bit), None)
+    state = next((name for bit, name in CT_STATE_BITS.items() if state_bits & bit), None)
     if state is None:
         return None
     dirname = None if direction is None else ("reply" if direction else "original")
     if state in ("invalid", "untracked"):
         return ConntrackInfo(state)
-    return ConntrackInfo(state, dirname, status_names(status or 0))
+    return ConntrackInfo(state, dirname, ct_status_names(status or 0))
 
 
 @dataclass(frozen=True)
@@ -137,3 +138,34 @@ def invalid_if_tracked(active: bool, hook: str | None, priority: int | None) -> 
     if hook in ("prerouting", "output") and priority is not None and priority > CONNTRACK_PRIORITY:
         return ConntrackInfo("invalid")
     return None
+
+
+class ConntrackCollector:
+    """The conntrack section: the packet's own state (read by BPF), else its nftrace verdict's,
+    else `invalid` when the ruleset tracks connections and the drop came before conntrack could
+    have attached an entry (see `invalid_if_tracked`)."""
+
+    name = "conntrack"
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def start(self, namespaces: Sequence[Netns]) -> None:
+        pass  # the state travels with each drop; nothing to follow
+
+    def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
+        pass
+
+    def enrich(self, event: DropEvent, evidence: Evidence) -> None:
+        info = evidence.drop.conntrack
+        if info is None and evidence.verdict is not None:
+            info = evidence.verdict.conntrack
+        nf, rs = event.netfilter, evidence.ruleset
+        if info is None and nf is not None and rs is not None:
+            active = tracking_active([r.text for r in rs.rules.values()], [c.type for c in rs.chains.values()])
+            base = rs.chain(nf.family, nf.table, nf.base_chain) if nf.base_chain and nf.table else None
+            info = invalid_if_tracked(active, nf.hook, base.priority if base else None)
+        event.conntrack = info
+
+    def stop(self) -> None:
+        pass

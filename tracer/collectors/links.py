@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 import structlog
 from pyroute2 import IPRoute
 
+from tracer.collectors.base import Evidence
+from tracer.event.model import DropEvent, Interface
 from tracer.netns import Netns, entered
+from tracer.pipeline.attribution import IPTABLES_CHAINS
 
 log = structlog.get_logger("tracer.links")
 
@@ -53,3 +57,42 @@ class LinkNames:
         with self._lock:
             self._names[ns.inode] = names
         return names
+
+
+class LinksCollector:
+    """The interfaces section: which device a drop came in on and went out of."""
+
+    name = "links"
+
+    def __init__(self) -> None:
+        self.names = LinkNames()
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def start(self, namespaces: Sequence[Netns]) -> None:
+        pass  # names are looked up when a drop needs them
+
+    def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
+        pass
+
+    def enrich(self, event: DropEvent, evidence: Evidence) -> None:
+        """Ingress and egress as the hook implies; the netfilter hook, once known, wins over the stack's."""
+        drop, ns = evidence.drop, evidence.netns
+        nf = event.netfilter
+        hook = nf.hook if nf is not None and nf.hook else drop.hook
+        self.names.remember(drop.netns, drop.ifindex, drop.dev_name)
+        ingress = egress = None
+        if drop.iif:
+            name = drop.dev_name if drop.iif == drop.ifindex else self.names.name(ns, drop.iif)
+            ingress = Interface(drop.iif, name)
+        if hook in ("output", "postrouting", "egress") and drop.ifindex:
+            egress = Interface(drop.ifindex, drop.dev_name or None)
+            if hook == "output" and drop.iif == drop.ifindex:
+                ingress = None
+        elif not drop.iif and drop.ifindex and hook not in IPTABLES_CHAINS:
+            ingress = None
+        event.ingress, event.egress = ingress, egress
+
+    def stop(self) -> None:
+        pass

@@ -39,7 +39,7 @@ from pyroute2.netlink.nfnetlink import (
 from tracer import netns as netns_mod
 from tracer.event import packet
 from tracer.collectors.xtrace import rule_comment
-from tracer.config import WatchFilter, nft_match_rules
+from tracer.config import Scope, nft_match_rules
 from tracer.netns import Netns
 from tracer.nlmsg import (
     NFGEN_ATTRS,
@@ -74,21 +74,6 @@ MARK_COMMENT = "tracer: sets nftrace on watched packets; removed when tracer sto
 NFT_TRACETYPE_POLICY = 1
 NFT_TRACETYPE_RETURN = 2
 NFT_TRACETYPE_RULE = 3
-
-#: Netfilter verdict codes (include/uapi/linux/netfilter.h, nf_tables.h).
-VERDICT_NAMES = {
-    0: "drop",
-    1: "accept",
-    2: "stolen",
-    3: "queue",
-    4: "repeat",
-    5: "stop",
-    -1: "continue",
-    -2: "break",
-    -3: "jump",
-    -4: "goto",
-    -5: "return",
-}
 
 #: NF_CT_STATE_*_BIT values as NFTA_TRACE_CT_STATE carries them.
 CT_STATES = {1: "invalid", 2: "established", 4: "related", 8: "new", 64: "untracked"}
@@ -340,7 +325,7 @@ class LegacyMarking(Protocol):
     def before_marking(self, ns: Netns) -> None: ...
 
 
-def mark_commands(table: str, f: WatchFilter, rate: int, burst: int) -> str:
+def mark_commands(table: str, f: Scope, rate: int, burst: int) -> str:
     """nft commands that create the marking table (one atomic batch)."""
     lines = [f'add table inet {table} {{ flags owner; comment "{MARK_COMMENT}"; }}']
     for hook in ("prerouting", "output"):
@@ -1039,7 +1024,7 @@ class NftCollector:
 
     def __init__(
         self,
-        filter: WatchFilter,
+        filter: Scope,
         *,
         rate: int = 1000,
         burst: int | None = None,

@@ -71,7 +71,7 @@ from tracer.collectors.xtrace_relay import (
     relay_path,
     remove_if_stale,
 )
-from tracer.config import WatchFilter
+from tracer.config import Scope
 from tracer.netns import Netns
 from tracer.nlmsg import (
     NFGEN_ATTRS,
@@ -1630,7 +1630,7 @@ class LegacyCollector:
 
     def __init__(
         self,
-        filter: WatchFilter,
+        filter: Scope,
         *,
         log: Any = None,
         trace: bool = True,

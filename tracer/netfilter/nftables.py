@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from tracer.netfilter.constants import NFPROTO_FAMILIES
 from tracer.nlmsg import (
     NFGEN_ATTRS,
     NLMSG_HEADER,
@@ -241,9 +242,6 @@ class NftContext:
 
 
 # --- what a listed ruleset says ---------------------------------------------------------
-
-#: nfgen_family numbers (NFPROTO_*) to nft family names.
-FAMILIES: dict[int, str] = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 
 #: Tables iptables-nft creates, and the base chain names it gives each hook.
 IPTABLES_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
@@ -644,9 +642,9 @@ class _NftNetlink:
         found: dict[tuple[str, str], tuple[tuple[str, ...], int]] = {}
         for msg in self._exchange(lambda seq: nft_request(NFT_MSG_GETTABLE, seq, _NLM_F_REQUEST | _NLM_F_DUMP), True):
             t = table_of(msg)
-            if t is not None and t[0] in FAMILIES:
+            if t is not None and t[0] in NFPROTO_FAMILIES:
                 names = tuple(name for bit, name in TABLE_FLAG_NAMES.items() if t[2] & bit)
-                found[(FAMILIES[t[0]], t[1])] = (names, t[3])
+                found[(NFPROTO_FAMILIES[t[0]], t[1])] = (names, t[3])
         return found
 
     def close(self) -> None:
@@ -669,7 +667,7 @@ def change_of(sub: int, msg: bytes) -> tuple[str, str, str, int | None] | None:
     jump to it), `rule` for a rule added, replaced or deleted. None for
     messages that change no rule's text.
     """
-    if sub not in _NAME_ATTR or nfgen_family(msg) not in FAMILIES:
+    if sub not in _NAME_ATTR or nfgen_family(msg) not in NFPROTO_FAMILIES:
         return None
     table, handle = None, None
     for atype, start, end in attributes(msg, NFGEN_ATTRS):
@@ -681,4 +679,4 @@ def change_of(sub: int, msg: bytes) -> tuple[str, str, str, int | None] | None:
         return None
     kind = "table" if sub in (NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE) else "chain" if sub in (
         NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN) else "rule"
-    return kind, FAMILIES[nfgen_family(msg)], table, handle
+    return kind, NFPROTO_FAMILIES[nfgen_family(msg)], table, handle

@@ -16,22 +16,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
-from tracer.sources.drop import KernelDrop
 from tracer.event.model import Netfilter, Rule
+from tracer.netfilter.constants import IPTABLES_CHAINS
+from tracer.sources.drop import KernelDrop
 
 if TYPE_CHECKING:
     from tracer.collectors.xtrace import LegacyVerdict
     from tracer.collectors.nftrace import TraceVerdict
-
-#: Built-in iptables chain of each hook (legacy tables have no chain names
-#: in the kernel; the hook decides which built-in chain ran).
-IPTABLES_CHAINS = {
-    "prerouting": "PREROUTING",
-    "input": "INPUT",
-    "forward": "FORWARD",
-    "output": "OUTPUT",
-    "postrouting": "POSTROUTING",
-}
 
 
 class RulesetView(Protocol):
@@ -137,3 +128,13 @@ def attribute(drop: KernelDrop, verdict: TraceVerdict | None, ruleset: RulesetVi
     if legacy is not None:
         return from_legacy(drop, legacy)
     return from_context(drop, ruleset) or from_stack(drop, legacy_present)
+
+
+def subsystem(drop: KernelDrop, nf: Netfilter | None) -> str:
+    """nftables, iptables-legacy, conntrack, routing, socket or other: who dropped it, in one word."""
+    if nf is not None:
+        if nf.backend in ("nftables", "iptables-nft"):
+            return "nftables"
+        if nf.backend in ("iptables-legacy", "conntrack"):
+            return nf.backend
+    return drop.subsystem if drop.subsystem != "netfilter" else "other"

@@ -13,8 +13,8 @@ import time
 from collections import defaultdict
 
 from tracer import netns
-from tracer.pipeline.engine import Engine, WatchOptions
-from tracer.config import WatchFilter
+from tracer.pipeline.engine import Engine
+from tracer.config import Config, Scope
 from tracer.outputs.stream import describe_rule
 from tracer.probe.reach import ProbeResult
 
@@ -25,10 +25,10 @@ class LocalDrops:
     """A context manager: drop events of probe packets, by probe id."""
 
     def __init__(self, addresses: list[str]) -> None:
-        from tracer.bpf.filter import host_networks
+        from tracer.config import host_networks
 
-        filt = WatchFilter(hosts=host_networks(addresses), netns=str(netns.current_inode()))
-        self.engine = Engine(WatchOptions(filter=filt), self)
+        filt = Scope(hosts=host_networks(addresses), netns=str(netns.current_inode()))
+        self.engine = Engine(Config(scope=filt), self)
         self.by_probe: dict[str, list[dict]] = defaultdict(list)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -51,7 +51,7 @@ class LocalDrops:
 
     def __exit__(self, *exc: object) -> None:
         # A drop's event can trail the probe by the engine's verdict wait.
-        time.sleep(self.engine.options.verdict_wait + 0.2)
+        time.sleep(self.engine.config.verdict_wait + 0.2)
         self.engine.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -1,8 +1,8 @@
 """The skb collector: packet headers and netfilter context of a drop record.
 
 Reads the fields of `struct drop_event` that describe the packet itself;
-the numbering tables here mirror kernel UAPI constants (linux/netfilter.h),
-which are stable across kernels, unlike drop reasons.
+the numbers it turns into names are kernel UAPI constants
+(tracer.netfilter.constants), stable across kernels, unlike drop reasons.
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ from tracer.event.packet import (
     decode,
     fingerprint,
 )
+from tracer.netfilter.constants import (
+    NF_ARP_HOOKS,
+    NF_INET_HOOKS,
+    NF_NETDEV_HOOKS,
+    NFPROTO_ARP,
+    NFPROTO_FAMILIES,
+    NFPROTO_NETDEV,
+)
 
 if TYPE_CHECKING:
     from tracer.sources.drop import NfContext
-
-#: NFPROTO_* -> nft family name.
-NFPROTO_FAMILY = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
-
-_INET_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
-_NETDEV_HOOKS = ("ingress", "egress")
-_ARP_HOOKS = ("input", "output", "forward")
-
-#: NF_DROP, NF_ACCEPT, ... (verdict & NF_VERDICT_MASK).
-VERDICTS = {0: "drop", 1: "accept", 2: "stolen", 3: "queue", 4: "repeat", 5: "stop"}
 
 _NF_SOURCES = {1: "fexit", 2: "kprobe"}
 _NF_BACKENDS = {1: "nftables", 2: "iptables-legacy", 3: "iptables-legacy"}
@@ -37,12 +35,13 @@ _NF_BACKENDS = {1: "nftables", 2: "iptables-legacy", 3: "iptables-legacy"}
 
 def hook_name(pf: int, hook: int) -> str | None:
     """Hook name of a (NFPROTO, hook number) pair as nft spells it."""
-    if pf == 5:
-        names = _NETDEV_HOOKS
-    elif pf == 3:
-        names = _ARP_HOOKS
+    names: tuple[str, ...]
+    if pf == NFPROTO_NETDEV:
+        names = NF_NETDEV_HOOKS
+    elif pf == NFPROTO_ARP:
+        names = NF_ARP_HOOKS
     else:
-        names = _INET_HOOKS
+        names = NF_INET_HOOKS
     return names[hook] if 0 <= hook < len(names) else None
 
 
@@ -59,7 +58,7 @@ def nf_context(nf: ctypes.Structure) -> NfContext | None:
     if source is None:
         return None
     backend = _NF_BACKENDS.get(nf.backend, "other")
-    family = NFPROTO_FAMILY.get(nf.family) if nf.family else None
+    family = NFPROTO_FAMILIES.get(nf.family) if nf.family else None
     if backend == "iptables-legacy":
         family = "ip6" if nf.backend == 3 else "ip"
     return NfContext(

@@ -1,0 +1,125 @@
+"""The BPF source: kfree_skb drops from the ring buffer, filtered in the kernel.
+
+One thread polls the ring buffer and decodes each record (symbols,
+headers) right away, so the kernel's buffer never waits on the join or the
+outputs. A record the decoder cannot read is skipped and counted, with at
+most one warning a second.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from tracer.bpf import filter as bpf_filter
+from tracer.bpf.libbpf import RingBuffer
+from tracer.bpf.loader import LoadedTracer
+from tracer.config import Config
+from tracer.sources.drop import DropDecoder, DropReasons, KernelDrop
+
+log = structlog.get_logger("tracer.engine")
+
+#: The ring reader's poll timeout: how quickly it notices `stop`.
+_POLL_MS = 100
+
+
+class RingBufferSource:
+    name = "kfree_skb"
+
+    def __init__(self, config: Config, reasons: DropReasons | None = None) -> None:
+        self.config = config
+        self.reasons = reasons or DropReasons()
+        #: The kernel numbers of the reasons the user asked for (empty: all).
+        self.user_reasons = [self.reasons.value(r) for r in config.scope.reasons]
+        self.tracer: LoadedTracer | None = None
+        self._rb: RingBuffer | None = None
+        self._decoder: DropDecoder | None = None
+        self._deliver: Callable[[KernelDrop], None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bad_records = 0
+        self._bad_logged = 0.0
+        self.netns_inode: int | None = None
+
+    def load(self, netns_inode: int | None) -> None:
+        """Loads and attaches the programs with the filter set; nothing is delivered yet."""
+        cfg = self.config
+        self.tracer = LoadedTracer(cfg.bpf_object, nf_mode=cfg.nf_mode)
+        self.follow_netns(netns_inode)
+        self._decoder = DropDecoder(self.tracer.Event, self.reasons)
+
+    def start(self, deliver: Callable[[KernelDrop], None]) -> None:
+        if self.tracer is None:
+            self.load(None)
+        assert self.tracer is not None
+        self._deliver = deliver
+        self._rb = self.tracer.ring_buffer(self._on_record)
+        self._thread = threading.Thread(target=self._read, name="ring-reader", daemon=True)
+        self._thread.start()
+
+    def follow_netns(self, inode: int | None) -> None:
+        assert self.tracer is not None
+        cfg = bpf_filter.build(
+            self.tracer.new_filter(), self.config.scope, reasons=self.user_reasons,
+            netns_inode=inode, consumed_reason=self.reasons.by_name.get("SKB_CONSUMED"))
+        self.tracer.set_filter(cfg)
+        self.netns_inode = inode
+
+    def wanted(self, drop: KernelDrop) -> bool:
+        """The user's reasons, checked again here: the kernel filter is a bitmap of 1024."""
+        return not self.user_reasons or self.reasons.by_name.get(drop.reason) in self.user_reasons
+
+    def describe(self) -> str:
+        t = self.tracer
+        if t is None:
+            return "not started"
+        parts = [f"drops via kfree_skb ({t.drop_mode})"]
+        if t.nf_mode:
+            parts.append(f"netfilter context via {t.nf_mode}")
+        else:
+            refused = "; ".join(r.error for r in t.capabilities.nf.values())
+            parts.append(f"netfilter context from the stack ({refused or 'not probed'})")
+        return "; ".join(parts)
+
+    def _read(self) -> None:
+        assert self._rb is not None
+        while not self._stop.is_set():
+            self._rb.poll(_POLL_MS)
+
+    def _on_record(self, raw: bytes) -> None:
+        assert self._decoder is not None and self._deliver is not None
+        try:
+            drop = self._decoder.decode(raw)
+        except ValueError as exc:  # the decoder's own error: a record it cannot read
+            self._bad_records += 1
+            now = time.monotonic()
+            if now - self._bad_logged >= 1.0:
+                log.warning("unreadable drop records skipped", count=self._bad_records, error=str(exc))
+                self._bad_records, self._bad_logged = 0, now
+            return
+        self._deliver(drop)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._rb is not None:
+            self._rb.cancel()
+
+    def close(self) -> None:
+        """After `stop`. Frees the kernel objects unless the reader is stuck inside libbpf."""
+        self.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                # Freeing the ring buffer under a reader still inside libbpf would
+                # crash the process; leaking it until exit is the safe choice.
+                log.warning("threads did not stop; BPF objects released at exit", threads=["ring-reader"])
+                self.tracer = None
+        if self.tracer is not None:
+            stats = self.tracer.stats()
+            if stats.get("lost"):
+                log.warning("ring buffer overflowed: events lost", lost=stats["lost"])
+            self.tracer.close()
+            self.tracer = None
