@@ -59,7 +59,11 @@ _IFREQ = struct.Struct("16sH14x")
 def _ip_batch(lines: Iterable[str]) -> subprocess.CompletedProcess[str]:
     """One `ip -batch -` run; `-force` goes on after a failed line (deleting what is left)."""
     return subprocess.run(
-        ["ip", "-force", "-batch", "-"], input="".join(f"{line}\n" for line in lines), capture_output=True, text=True
+        ["ip", "-force", "-batch", "-"],
+        input="".join(f"{line}\n" for line in lines),
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 

@@ -11,6 +11,8 @@ from tracer.cli import demo
 from tracer.config import host_networks
 from tracer.pipeline.engine import Engine
 from tracer.config import Config, Scope
+from tracer.event.model import DropEvent
+from tracer.event.rendered import Rendered
 from tracer.event.schema import validate
 
 LAB_NETS = host_networks(["198.18.0.0/15", "2001:db8::/32"])
@@ -48,21 +50,26 @@ class Collector:
 
     def __init__(self, netns_prefix: str | None = None, validate: bool = True) -> None:
         self.events: list[dict] = []
+        self._models: dict[int, DropEvent] = {}  # id of an event in `events` -> its model
         self._cond = threading.Condition()
         self._prefix = netns_prefix
         self._validate = validate  # ~10 ms an event: off where a test needs thousands
 
-    def write(self, event: dict) -> None:
+    def submit(self, rendered: Rendered) -> None:
+        event = rendered.ecs()
         if self._validate:
             validate(event)
         if self._prefix and not event.get("netns", {}).get("name", "").startswith(self._prefix):
             return
         with self._cond:
             self.events.append(event)
+            self._models[id(event)] = rendered.event
             self._cond.notify_all()
 
-    def flush(self) -> None:
-        pass
+    def model(self, event: dict) -> DropEvent:
+        """The event model behind one of `events` (what the text view is made from)."""
+        with self._cond:
+            return self._models[id(event)]
 
     def wait_for(self, pred, timeout: float = 3.0) -> dict:
         deadline = time.monotonic() + timeout

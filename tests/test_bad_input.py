@@ -197,7 +197,8 @@ def test_numbers_are_finite_and_positive_or_exit_2(command, flag, parse, text, c
 
 def test_protocol_numbers_and_names():
     from tracer.bpf.filter import protocol_number
-    from tracer.config import Scope, nft_match_rules
+    from tracer.config import Scope
+    from tracer.netfilter.marking import nft_match_rules
 
     for number in range(256):
         f = Scope(proto=str(number))

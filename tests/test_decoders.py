@@ -1,30 +1,38 @@
 """Decoders from kernel facts to event fields: stacks, conntrack, ECS, text."""
 
 import ctypes
+import re
 from pathlib import Path
 
-from tracer.bpf.layout import object_structs
+import pytest
+
+from tracer.bpf.kallsyms import Kallsyms
+from tracer.bpf.layout import TRACER_ENUMS, Constants, LayoutError, object_constants, object_structs
+from tracer.bpf.loader import counter_indices, default_object_path
 from tracer.collectors import conntrack as ct
+from tracer.event.model import (
+    Drop,
+    DropEvent,
+    Interface,
+    Interfaces,
+    Namespace,
+    Netfilter,
+    Packet,
+    Rule,
+    community_id,
+    iso_time,
+)
+from tracer.event.packet import IPV6_MAX_EXT_HEADERS, decode
+from tracer.event.text import one_line
 from tracer.sources.drop import (
     DropDecoder,
     DropReasons,
+    check_shared_constants,
     hook_from_stack,
     process_of,
     subsystem_from_stack,
 )
 from tracer.sources.skb import hook_name, nf_context
-from tracer.event.model import (
-    DropEvent,
-    Interface,
-    Netfilter,
-    Rule,
-    community_id,
-    iso_time,
-)
-from tracer.bpf.kallsyms import Kallsyms
-from tracer.bpf.loader import default_object_path
-from tracer.outputs.stream import one_line
-from tracer.event.packet import decode
 
 INPUT_STACK = ["sk_skb_reason_drop", "nft_do_chain", "nft_do_chain_inet", "nf_hook_slow",
                "ip_local_deliver", "ip_rcv", "__netif_receive_skb_one_core"]
@@ -59,7 +67,7 @@ def test_subsystem():
 
 def test_process_only_in_its_own_system_call():
     assert process_of(OUTPUT_STACK, 42, "curl", "output") == (42, "curl")
-    softirq = OUTPUT_STACK[:5] + ["handle_softirqs"] + OUTPUT_STACK[5:]
+    softirq = [*OUTPUT_STACK[:5], "handle_softirqs", *OUTPUT_STACK[5:]]
     assert process_of(softirq, 42, "curl", "output") is None
     assert process_of(INPUT_STACK, 42, "curl", "input") is None
     assert process_of(OUTPUT_STACK, 0, "swapper", "output") is None
@@ -93,7 +101,10 @@ def test_hook_numbers():
 def test_nf_context_from_record():
     nf = object_structs(str(default_object_path()))["nf_info"]()
     assert nf_context(nf) is None
-    nf.source, nf.backend, nf.pf, nf.hook, nf.family, nf.verdict = 1, 1, 2, 1, 1, 0
+    consts = type(nf).constants
+    nf.source = consts.value("nf_source", "NF_SRC_FENTRY")
+    nf.backend = consts.value("nf_backend", "NF_BACKEND_NFT")
+    nf.pf, nf.hook, nf.family, nf.verdict = 2, 1, 1, 0
     nf.table = b"fw"
     nf.chain = b"input"
     got = nf_context(nf)
@@ -108,14 +119,70 @@ def test_event_struct_matches_btf():
     assert {"reason", "l3", "l4", "stack", "nf"} <= {f[0] for f in ev._fields_}
 
 
+TRACER_H = Path(__file__).resolve().parent.parent / "bpf" / "tracer.h"
+
+
+def test_every_constant_of_tracer_h_is_an_enum_read_from_btf():
+    """tracer.h has no #define (BTF would not carry it), and each of its enums reaches Python whole."""
+    text = TRACER_H.read_text()
+    defines = [line for line in text.splitlines() if line.lstrip().startswith("#define") and "TRACER_H" not in line]
+    assert defines == []
+    bodies = dict(re.findall(r"^enum (\w+) \{(.*?)^\};", text, re.M | re.S))
+    assert set(bodies) == set(TRACER_ENUMS)
+    consts = object_constants(str(default_object_path()))
+    for name, body in bodies.items():
+        assert list(consts.members(name)) == re.findall(r"^\s*([A-Z][A-Z0-9_]*) = ", body, re.M), name
+
+
+def test_btf_constants_agree_with_the_btf_layout():
+    """The enum reader and the struct reader see the same header: the limits size the arrays."""
+    structs = object_structs(str(default_object_path()))
+    limits = structs["drop_event"].constants.members("tracer_limits")
+    ev, cfg, nf = structs["drop_event"], structs["filter_cfg"], structs["nf_info"]
+    assert ev.stack.size // 8 == limits["TRACER_STACK_DEPTH"]
+    assert (ev.l3.size, ev.l4.size) == (limits["TRACER_L3_BYTES"], limits["TRACER_L4_BYTES"])
+    assert nf.table.size == nf.chain.size == limits["TRACER_NAME_LEN"]
+    assert cfg.ports.size // 2 == limits["TRACER_MAX_PORTS"]
+    assert len(cfg().nets) == limits["TRACER_MAX_NETS"]
+    assert cfg.reasons.size // 8 == limits["TRACER_REASON_WORDS"]
+    assert type(ev().nf).constants is structs["filter_cfg"].constants  # one object, one set
+
+
+def test_filter_bits_counters_and_sentinels_from_btf():
+    consts = object_constants(str(default_object_path()))
+    bits = list(consts.members("filter_flags").values())
+    assert len(set(bits)) == len(bits) == 7 and all(b > 0 and b & (b - 1) == 0 for b in bits)
+    assert consts.value("filter_reason", "FILTER_NO_REASON") == 0xFFFF_FFFF  # read unsigned
+    counters = counter_indices(consts)
+    assert list(counters) == ["seen", "filtered", "emitted", "lost"]
+    assert sorted(counters.values()) == list(range(consts.value("drop_counter", "STAT_MAX")))
+    with pytest.raises(LayoutError, match="enum filter_flags has no member FILTER_NOPE"):
+        consts.value("filter_flags", "FILTER_NOPE")
+
+
+def test_decoder_refuses_an_object_whose_shared_numbers_differ():
+    consts = object_constants(str(default_object_path()))
+    check_shared_constants(consts)  # the built object agrees with the Python decoders
+    enums = {name: dict(members) for name, members in consts.enums.items()}
+    enums["tracer_limits"]["TRACER_IPV6_MAX_EXT"] = IPV6_MAX_EXT_HEADERS + 1
+    with pytest.raises(LayoutError, match=f"TRACER_IPV6_MAX_EXT is {IPV6_MAX_EXT_HEADERS + 1} but "
+                                          f"tracer.event.packet.IPV6_MAX_EXT_HEADERS is {IPV6_MAX_EXT_HEADERS}"):
+        check_shared_constants(Constants(enums))
+    enums = {name: dict(members) for name, members in consts.enums.items()}
+    enums["tracer_ct_info"]["TRACER_CT_INFO_NONE"] = 0xFE
+    with pytest.raises(LayoutError, match="TRACER_CT_INFO_NONE is 254"):
+        check_shared_constants(Constants(enums))
+
+
 def _event(**kw) -> DropEvent:
     from scapy.layers.inet import IP, TCP
 
     raw = bytes(IP(src="198.18.0.1", dst="198.18.0.2") / TCP(sport=40000, dport=443, flags="S"))
-    base = dict(timestamp_ns=1_790_000_000_123_456_789, reason="NETFILTER_DROP",
-                location="nft_do_chain+0x3e8", packet=decode(raw[:20], raw[20:40]), length=60,
-                mark=0, ingress=Interface(5, "veth0b"), netns_inode=4026532211,
-                netns_name="lab-server", hook="input")
+    base = {"timestamp_ns": 1_790_000_000_123_456_789,
+            "drop": Drop("NETFILTER_DROP", "nft_do_chain+0x3e8", hook="input"),
+            "packet": Packet(decode(raw[:20], raw[20:40]), 60, 0),
+            "interfaces": Interfaces(Interface(5, "veth0b")),
+            "netns": Namespace(4026532211, "lab-server")}
     base.update(kw)
     return DropEvent(**base)
 
@@ -124,7 +191,8 @@ def test_ecs_rule_drop():
     nf = Netfilter(backend="nftables", attribution="nftrace", family="inet", hook="input",
                    table="fw", chain="input", base_chain="input",
                    rule=Rule(4, "tcp dport 443 drop", "legacy block"), policy=False, verdict="drop")
-    doc = _event(netfilter=nf, conntrack=ct.from_record(2, 0, 0, 0)).to_ecs()
+    event = _event(netfilter=nf, conntrack=ct.from_record(2, 0, 0, 0))
+    doc = event.to_ecs()
     assert doc["@timestamp"] == iso_time(1_790_000_000_123_456_789)
     assert doc["@timestamp"].endswith(".123456Z")
     assert doc["netfilter"]["rule"] == {"handle": 4, "text": "tcp dport 443 drop", "comment": "legacy block"}
@@ -135,7 +203,7 @@ def test_ecs_rule_drop():
     assert doc["tcp"] == {"flags": ["SYN"]}
     assert doc["conntrack"]["state"] == "new"
     assert "stack" not in doc["drop"]
-    line = one_line(doc)
+    line = one_line(event)
     assert 'rule 4 "tcp dport 443 drop" (legacy block)' in line
     assert "198.18.0.1:40000 > 198.18.0.2:443 [SYN]" in line
 
@@ -143,13 +211,14 @@ def test_ecs_rule_drop():
 def test_ecs_policy_drop_has_null_rule():
     nf = Netfilter(backend="nftables", attribution="nftrace", family="inet", hook="input",
                    table="fw", chain="input", base_chain="input", policy=True, verdict="drop")
-    doc = _event(netfilter=nf).to_ecs()
+    event = _event(netfilter=nf)
+    doc = event.to_ecs()
     assert doc["netfilter"]["rule"] is None and doc["netfilter"]["policy"] is True
-    assert "policy drop" in one_line(doc)
+    assert "policy drop" in one_line(event)
 
 
 def test_ecs_leaves_out_the_unknown():
-    doc = _event(reason="NO_SOCKET", location=None, netns_name=None, hook=None).to_ecs()
+    doc = _event(drop=Drop("NO_SOCKET"), netns=Namespace(4026532211)).to_ecs()
     assert "netfilter" not in doc and "conntrack" not in doc and "process" not in doc
     assert "name" not in doc["netns"]
     assert "location" not in doc["drop"]
@@ -174,22 +243,23 @@ def test_bpf_filter_fields_reach_the_struct():
     f = Scope(ports=(443, 53), hosts=host_networks(["198.18.0.0/15", "2001:db8::1"]),
                     proto="tcp", iface="veth0b")
     bpf_filter.build(cfg, f, reasons=[3, 12], netns_inode=4026532211, consumed_reason=None)
-    assert cfg.flags == (bpf_filter.FILTER_PORTS | bpf_filter.FILTER_PROTO | bpf_filter.FILTER_NETS
-                         | bpf_filter.FILTER_NETNS | bpf_filter.FILTER_IFACE | bpf_filter.FILTER_REASONS
-                         | bpf_filter.FILTER_IP_ONLY)
+    bits = bpf_filter.FilterFlags.of(type(cfg).constants)
+    assert cfg.flags == (bits.ports | bits.proto | bits.nets
+                         | bits.netns | bits.iface | bits.reasons
+                         | bits.ip_only)
     assert sorted(cfg.ports[:cfg.nports]) == [53, 443] and cfg.l4proto == 6
     assert cfg.iface == b"veth0b"
     assert (cfg.nets[0].family, cfg.nets[0].prefixlen, bytes(cfg.nets[0].addr[:4])) == (4, 15, bytes([198, 18, 0, 0]))
     assert (cfg.nets[1].family, cfg.nets[1].prefixlen) == (6, 128)
     assert cfg.reasons[0] == (1 << 3) | (1 << 12)
-    assert cfg.netns_ino == 4026532211 and cfg.ignore_reason == bpf_filter.NO_REASON
+    assert cfg.netns_ino == 4026532211 and cfg.ignore_reason == bits.no_reason
 
 
 def test_community_id_is_cached_per_flow_not_per_packet():
     import communityid
     from scapy.layers.inet import IP, UDP
 
-    from tracer.event.model import _flow_community_id
+    from tracer.event.ecs import _flow_community_id
 
     first = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=1, ttl=64) / UDP(sport=5000, dport=53) / b"a")
     second = bytes(IP(src="198.18.0.1", dst="198.18.0.2", id=2, ttl=63) / UDP(sport=5000, dport=53) / b"bb")

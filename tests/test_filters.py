@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from tracer.collectors.nftrace import mark_commands
-from tracer.config import Scope, nft_match_rules
+from tracer.config import Scope
 from tracer.lab import Lab
+from tracer.netfilter.marking import mark_commands, nft_match_rules
 
 
 def test_empty_filter_marks_everything() -> None:

@@ -24,8 +24,8 @@ import pytest
 
 from tests.support import Watch
 from tracer import netns
+from tracer.event.text import one_line
 from tracer.netns import Netns
-from tracer.outputs.stream import one_line
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -191,7 +191,7 @@ def test_option_like_chain_names_and_control_characters(hostile: HostileNamespac
     assert nasty["chain"] == "INPUT" and nasty["rule"]["text"] == "udp dport 7003 counter drop"
     assert nasty["rule"]["comment"] == NASTY_COMMENT
     # The text view shows no raw control character (one line, no escape sequence).
-    line = one_line(by_chain[7003])
+    line = one_line(w.sink.model(by_chain[7003]))
     assert not any(ord(c) < 0x20 or c == "\x7f" for c in line), repr(line)
 
     # Nothing ran, nothing was zeroed, and the namespace's ruleset is as its owner left it.
@@ -206,7 +206,7 @@ def test_hostile_table_names_never_reach_a_command(hostile: HostileNamespace) ->
     evil = 'tracer_mark"; flush ruleset; add table ip x { }; #'
     netns.run_in(hostile.ns, ["nft", "-j", "-f", "-"], check=True, input=json.dumps(
         {"nftables": [{"add": {"table": {"family": "inet", "name": evil}}}]}))
-    from tracer.collectors.nftrace import remove_stale_marking_tables
+    from tracer.netfilter.marking import remove_stale_marking_tables
 
     assert remove_stale_marking_tables([hostile.ns]) == 1
     tables = {(t["table"]["family"], t["table"]["name"]) for t in hostile.ruleset_json() if "table" in t}

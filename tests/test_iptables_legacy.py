@@ -29,22 +29,26 @@ from scapy.layers.inet6 import IPv6
 
 from tests.support import datagram, fields, fingerprint_of, send_and_wait, to_port, wait_for
 from tracer import netns
+from tracer.collectors.nftrace import NftCollector
 from tracer.collectors.xtrace import (
-    NF_LOGGER,
-    STATE_DIR,
     LegacyCollector,
     config_message,
     nfulnl_packet_msg,
     parse_packet_message,
-    parse_save,
     parse_trace_prefix,
     payload_fingerprint,
+)
+from tracer.config import Scope
+from tracer.lab import Lab, Link
+from tracer.netfilter.marking import (
+    MARK_TABLE,
+    NF_LOGGER,
+    STATE_DIR,
+    MarkingCoordinator,
     read_nf_log,
     write_nf_log,
 )
-from tracer.collectors.nftrace import MARK_TABLE, NftCollector
-from tracer.config import Scope
-from tracer.lab import Lab, Link
+from tracer.netfilter.xtables import parse_save
 from tracer.netns import Netns
 
 WAIT = 3.0
@@ -111,22 +115,20 @@ def fw(lab: Lab) -> tuple[Netns, Netns, Link]:
 @pytest.fixture
 def collectors() -> Iterator[Any]:
     """Starts LegacyCollector + NftCollector as the engine does; stops both in the engine's order."""
-    started: list[tuple[NftCollector, LegacyCollector]] = []
+    started: list[MarkingCoordinator] = []
 
     def start(namespaces: list[Netns], f: Scope | None = None, **kw: Any) -> tuple[NftCollector, LegacyCollector]:
         f = f or Scope()
-        leg = LegacyCollector(f, **kw)
-        nft = NftCollector(f, mark_legacy=leg)
-        leg.on_ready = lambda: nft.update_namespaces(namespaces)
-        started.append((nft, leg))
-        leg.start(namespaces)
-        nft.start(namespaces)
+        marking = MarkingCoordinator()
+        leg = LegacyCollector(f, marking=marking, **kw)
+        nft = NftCollector(f, marking=marking)
+        started.append(marking)
+        marking.start(namespaces)
         return nft, leg
 
     yield start
-    for nft, leg in started:
-        nft.stop()
-        leg.stop()
+    for marking in started:
+        marking.stop()
 
 
 # --- pure parsing -------------------------------------------------------------------------
@@ -390,11 +392,12 @@ from tracer import netns
 from tracer.config import Scope
 from tracer.collectors.nftrace import NftCollector
 from tracer.collectors.xtrace import LegacyCollector
+from tracer.netfilter.marking import MarkingCoordinator
 namespaces = [netns.by_name(name) for name in sys.argv[1:]]
-legacy = LegacyCollector(Scope())
-legacy.start(namespaces)
-nft = NftCollector(Scope(), mark_legacy=legacy)
-nft.start(namespaces)
+marking = MarkingCoordinator()
+legacy = LegacyCollector(Scope(), marking=marking)
+nft = NftCollector(Scope(), marking=marking)
+marking.start(namespaces)
 print("READY", legacy.journal.path, flush=True)
 time.sleep(120)
 """
@@ -561,7 +564,7 @@ NASTY_COMMENT = 'a\n-A INPUT -j ACCEPT\nCOMMIT\r\x1b[31m"q\\\' \x1c\u2028end'
 
 
 def test_save_words_are_read_as_xtables_quotes_them() -> None:
-    from tracer.collectors.xtrace import (
+    from tracer.netfilter.xtables import (
         rule_comment,
         rule_target,
         spaced_names,
@@ -600,7 +603,7 @@ def hostile_save() -> str:
 def test_parse_save_survives_hostile_names_and_comments() -> None:
     """Chains called `-Z`, `--modprobe=...`, `"q`, with spaces; a comment with line breaks that look
     like rules and COMMIT, CR, ESC, quotes: every rule keeps its number and text."""
-    from tracer.collectors.xtrace import TableLayout
+    from tracer.netfilter.xtables import TableLayout
 
     text = hostile_save()
     layout = TableLayout(b"d", {"INPUT": 6, "FORWARD": 1, "OUTPUT": 1, '"q': 2, "--modprobe=/tmp/x": 2, "-Z": 2,
@@ -634,7 +637,7 @@ def test_parse_save_survives_hostile_names_and_comments() -> None:
 
 def test_parse_save_bare_word_with_a_quote_does_not_swallow_rules() -> None:
     """An interface name is printed bare: `"x` there is no quote, and the rules after it stay."""
-    from tracer.collectors.xtrace import TableLayout
+    from tracer.netfilter.xtables import TableLayout
 
     text = ('*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -i "x -j DROP\n-A INPUT -m comment --comment "c" -j ACCEPT\n'
             "-A INPUT -p tcp -j DROP\nCOMMIT\n")  # fmt: skip
@@ -644,7 +647,7 @@ def test_parse_save_bare_word_with_a_quote_does_not_swallow_rules() -> None:
 
 
 def rule_comment_of(line: str) -> str | None:
-    from tracer.collectors.xtrace import rule_comment
+    from tracer.netfilter.xtables import rule_comment
 
     return rule_comment(line)
 
@@ -750,7 +753,7 @@ def foreign_users(ns: Netns, ours: set[int] = frozenset()) -> set[int]:
     Other test runs on the same machine watch every namespace, ours too: they may hold group 0
     here, or keep nfnetlink_log bound after we stop (rightly: they still use it).
     """
-    from tracer.collectors.xtrace import _live_users
+    from tracer.netfilter.marking import _live_users
 
     return {pid for pf in (IPV4, IPV6) for pid in _live_users(STATE_DIR, (ns.inode, pf))} - {os.getpid(), *ours}
 
@@ -841,7 +844,7 @@ def test_group_held_by_another_program_is_named_and_recovered(
             assert not col.tracing(server.inode) and read_nf_log(server, IPV4) == "nf_log_ipv4"
             busy.close()
             assert wait_for(lambda: col.tracing(server.inode), 5)
-            # Now that legacy tables are traced, nftables marks the namespace (the engine's on_ready).
+            # Now that legacy tables are traced, nftables marks the namespace (the coordinator's legacy_ready).
             assert wait_for(lambda: nft.marking_table(server.inode) is not None, 5)
         assert "legacy.trace_recovered" in {e["event"] for e in logs}, logs
     finally:

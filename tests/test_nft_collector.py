@@ -20,19 +20,18 @@ from scapy.layers.inet import TCP, UDP
 from tests.support import datagram, fields, fingerprint_of, send_and_wait, wait_for
 from tracer import netns
 from tracer.collectors.nftrace import (
-    MARK_TABLE,
     NftCollector,
     TraceMessage,
     TraceVerdict,
     _NetnsWatch,
     nft_trace_msg,
     parse_trace_message,
-    remove_stale_marking_tables,
 )
 from tracer.config import Scope
 from tracer.lab import Lab, Link
-from tracer.netns import Netns
+from tracer.netfilter.marking import MARK_TABLE, remove_stale_marking_tables
 from tracer.netfilter.nftables import NftContext, parse_ruleset
+from tracer.netns import Netns
 from tracer.nlmsg import netfilter_socket, split_messages
 
 pytestmark = pytest.mark.root

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from tests.support import to_port
-from tracer.probe import marker as probe_marker
 from tracer.cli.demo import PROBE_CLIENT_RULESET, ROUTER_BLOCKS_ICMP, build_probe_lab
 from tracer.event.packet import decode
 from tracer.event.schema import validate
+from tracer.probe import marker as probe_marker
 
 pytestmark = [pytest.mark.root]
 
@@ -41,7 +41,7 @@ def probe(lab, ns, *args: str):
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_verdicts(path, family):
-    lab, client, router, server, near, far = path
+    lab, client, _router, _server, _near, far = path
     dst = str(far.b_v4.ip if family == "ipv4" else far.b_v6.ip)
     rc, results, err = probe(lab, client, dst, "--port", "443,80,444,445")
     assert rc == 1, err
@@ -60,8 +60,8 @@ def test_verdicts(path, family):
 
 
 def test_all_open_exits_0_and_usage_errors_exit_2(path):
-    lab, client, router, server, near, far = path
-    rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "443")
+    lab, client, _router, _server, _near, far = path
+    rc, results, _err = probe(lab, client, str(far.b_v4.ip), "--port", "443")
     assert rc == 0 and results[0]["verdict"] == "open"
     res = lab.run(client, [sys.executable, "-m", "tracer", "probe", str(far.b_v4.ip), "--proto", "icmp",
                            "--port", "80"], check=False)
@@ -71,25 +71,25 @@ def test_all_open_exits_0_and_usage_errors_exit_2(path):
 
 
 def test_unreachable(path):
-    lab, client, router, server, near, far = path
+    lab, client, _router, _server, near, _far = path
     # The router has no route to 198.18.9.0/24 and says so with ICMP.
-    rc, results, err = probe(lab, client, "198.18.9.9", "--port", "443")
+    _rc, results, _err = probe(lab, client, "198.18.9.9", "--port", "443")
     assert results[0]["verdict"] == "unreachable"
     assert results[0]["responder"] == str(near.b_v4.ip)
     assert results[0]["icmp"]["type"] == 3
-    rc, results, err = probe(lab, client, "2001:db8:9::9", "--port", "443")
+    _rc, results, _err = probe(lab, client, "2001:db8:9::9", "--port", "443")
     assert results[0]["verdict"] == "unreachable"
     assert results[0]["responder"] == str(near.b_v6.ip) and results[0]["icmp"]["type"] == 1
     # The client itself has no route to 198.18.20.0/24.
-    rc, results, err = probe(lab, client, "198.18.20.1", "--port", "443")
+    _rc, results, _err = probe(lab, client, "198.18.20.1", "--port", "443")
     assert results[0]["verdict"] == "unreachable" and results[0]["responder"] == "local"
 
 
 @pytest.mark.bpf
 def test_probe_dropped_by_own_output_rule_is_explained(path):
-    lab, client, router, server, near, far = path
+    lab, client, _router, _server, _near, far = path
     lab.nft(client, PROBE_CLIENT_RULESET)
-    rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "8443", "--explain")
+    _rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "8443", "--explain")
     r = results[0]
     assert r["verdict"] == "filtered", err
     assert "output rule" in r["detail"] and "tcp dport 8443 drop" in r["detail"], r["detail"]
@@ -99,7 +99,7 @@ def test_probe_dropped_by_own_output_rule_is_explained(path):
     assert drop["probe"]["id"] == r["probe"]["id"]
     assert drop["netfilter"]["hook"] == "output" and drop["netfilter"]["table"] == "host"
     # A local reject rule answers like a closed port; the drop event tells them apart.
-    rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "8444", "--explain")
+    _rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "8444", "--explain")
     r = results[0]
     assert r["verdict"] == "prohibited", r
     assert "rejected here by output rule" in r["detail"] and "no legacy app" in r["detail"]
@@ -107,8 +107,8 @@ def test_probe_dropped_by_own_output_rule_is_explained(path):
 
 @pytest.mark.bpf
 def test_probe_lost_upstream_says_so(path):
-    lab, client, router, server, near, far = path
-    rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "444", "--explain")
+    lab, client, _router, _server, _near, far = path
+    _rc, results, _err = probe(lab, client, str(far.b_v4.ip), "--port", "444", "--explain")
     r = results[0]
     assert r["verdict"] == "filtered" and "local_drops" not in r
     assert "lost upstream" in r["detail"]
@@ -117,9 +117,9 @@ def test_probe_lost_upstream_says_so(path):
 
 @pytest.mark.bpf
 def test_server_side_event_carries_the_probe_id(path, watch):
-    lab, client, router, server, near, far = path
+    lab, client, _router, server, _near, far = path
     w = watch(netns=server.name)
-    rc, results, err = probe(lab, client, str(far.b_v4.ip), "--port", "444")
+    _rc, results, _err = probe(lab, client, str(far.b_v4.ip), "--port", "444")
     ev = w.sink.wait_for(to_port(444))
     assert ev["probe"]["id"] == results[0]["probe"]["id"]
     assert ev["netfilter"]["rule"]["comment"] == "silently dropped"
@@ -127,7 +127,7 @@ def test_server_side_event_carries_the_probe_id(path, watch):
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_pmtu_found_exactly(path, family):
-    lab, client, router, server, near, far = path
+    lab, client, _router, _server, near, far = path
     dst = str(far.b_v4.ip if family == "ipv4" else far.b_v6.ip)
     rc, (result,), err = tracer(lab, client, "pmtu", dst, schema="pmtu-result")
     assert rc == 0, err
@@ -139,7 +139,7 @@ def test_pmtu_found_exactly(path, family):
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_pmtu_black_hole(path, family):
-    lab, client, router, server, near, far = path
+    lab, client, router, _server, _near, far = path
     lab.nft(router, ROUTER_BLOCKS_ICMP)
     dst = str(far.b_v4.ip if family == "ipv4" else far.b_v6.ip)
     rc, (result,), err = tracer(lab, client, "pmtu", dst, "--timeout", "0.3", schema="pmtu-result")
@@ -151,7 +151,7 @@ def test_pmtu_black_hole(path, family):
 
 
 def test_pmtu_over_tcp_where_echo_is_blocked(path):
-    lab, client, router, server, near, far = path
+    lab, client, _router, server, _near, far = path
     lab.nft(server, "table inet echo {\n chain input {\n type filter hook input priority filter;\n"
                     " icmp type echo-request drop\n }\n}\n")
     rc, (result,), err = tracer(lab, client, "pmtu", str(far.b_v4.ip), "--port", "443", schema="pmtu-result")

@@ -68,13 +68,15 @@ from tracer.event import packet
 from tracer.probe import marker as probe_marker
 from tracer.collectors import xtrace as ipt
 from tracer.collectors.nftrace import (
-    MARK_TABLE,
     NftCollector,
     TraceMessage,
     nft_trace_msg,
     parse_trace_message,
 )
 from tracer.bpf.kallsyms import Kallsyms, KallsymsError, parse
+from tracer.netfilter import xtables
+from tracer.netfilter.constants import NFPROTO_FAMILIES
+from tracer.netfilter.marking import MARK_TABLE
 from tracer.nlmsg import (
     NFGEN_ATTRS,
     DecodeError,
@@ -676,7 +678,7 @@ def save_text(draw: st.DrawFn) -> tuple[str, dict[str, dict[str, tuple[str | Non
 @given(save_text())
 def test_parse_save_round_trip(case) -> None:
     text, tables = case
-    got = ipt.parse_save(text, "ip")
+    got = xtables.parse_save(text, "ip")
     assert set(got) == set(tables)
     for name, chains in tables.items():
         assert {c: (x.policy, list(x.rules)) for c, x in got[name].chains.items()} == chains
@@ -687,12 +689,12 @@ def test_parse_save_round_trip(case) -> None:
 @given(st.text(max_size=300) | save_text().map(lambda c: c[0]).flatmap(
     lambda t: st.integers(0, len(t)).map(lambda i: t[:i])) | save_text().map(lambda c: c[0].replace("\n", "\r")))
 def test_parse_save_never_raises(text: str) -> None:
-    for table in ipt.parse_save(text, "ip6").values():
+    for table in xtables.parse_save(text, "ip6").values():
         table.can_drop
         for chain in table.chains.values():
             for line in chain.rules:
                 table.verdict_of(line)
-                ipt.rule_comment(line)
+                xtables.rule_comment(line)
 
 
 # --- nftables: netlink notifications and the two listings ------------------------------------
@@ -729,7 +731,7 @@ def test_nft_notifications_never_raise(case: tuple[int, bytes]) -> None:
     table = nftables.table_of(msg)
     assert table is None or (isinstance(table[1], str) and 0 <= table[2] < 2**32 and 0 <= table[3] < 2**64)
     change = nftables.change_of(sub, msg)
-    assert change is None or (change[0] in ("table", "chain", "rule") and change[1] in nftables.FAMILIES.values())
+    assert change is None or (change[0] in ("table", "chain", "rule") and change[1] in NFPROTO_FAMILIES.values())
 
 
 @runs(ROUND_TRIP)
@@ -740,7 +742,7 @@ def test_nft_table_message_round_trip(name: str, flags: int, handle: int, family
     attrs = nla(1, name.encode() + b"\0") + nla(2, struct.pack(">I", flags)) + nla(4, struct.pack(">Q", handle))
     msg = nlmsg(NFNL_SUBSYS_NFTABLES << 8, nfgen(family, attrs))
     assert nftables.table_of(msg) == (family, name, flags, handle)
-    assert nftables.change_of(0, msg) == ("table", nftables.FAMILIES[family], name, None)
+    assert nftables.change_of(0, msg) == ("table", NFPROTO_FAMILIES[family], name, None)
 
 
 @cache

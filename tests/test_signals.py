@@ -1,6 +1,6 @@
 """A stuck reader never stops the tracer: outputs through a bounded queue, signals obeyed.
 
-The unit tests drive tracer.outputs.stream.FdWriter against real pipes that nobody
+The unit tests drive tracer.outputs.writer.FdWriter against real pipes that nobody
 reads (or whose reader went away); the end-to-end tests run `tracer watch`
 with a stdout pipe the test never reads, fill it with real drops in a lab,
 and check that SIGTERM/SIGINT still end the watch within 2 s, with the host's
@@ -23,12 +23,8 @@ import orjson
 import pytest
 
 from tests.support import root_ruleset, tracer_cmd, wait_for, wait_ready
-from tracer.outputs.stream import (
-    PIPE_BUF,
-    Delivery,
-    FdWriter,
-    undelivered_line,
-)
+from tracer.outputs.base import Delivery, undelivered_line
+from tracer.outputs.writer import PIPE_BUF, FdWriter
 
 
 def pipe_bytes(fd: int) -> int:

@@ -12,7 +12,6 @@ cost of tracing stays proportional to what the user wants to see.
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import math
 import os
 import re
@@ -20,7 +19,7 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -49,9 +48,6 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
 _PROTO_NAME = re.compile(r"^[a-z][a-z0-9._+-]{0,63}$")
 _NETNS_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,255}$")
 _REASON = re.compile(r"^[A-Z0-9_]+$")
-
-Hook = Literal["prerouting", "output"]
-
 
 @dataclass(frozen=True)
 class Scope:
@@ -413,61 +409,3 @@ def _as_list(value: Any) -> list[Any]:
     if isinstance(value, Sequence):
         return list(value)
     raise ConfigError(f"{value!r} is not a value or a list of values")
-
-
-def _set(items: Iterable[str]) -> str:
-    values = list(items)
-    return values[0] if len(values) == 1 else "{ " + ", ".join(values) + " }"
-
-
-def _proto_clause(f: Scope) -> str | None:
-    if f.proto is None:
-        return "meta l4proto { tcp, udp, sctp, udplite, dccp }" if f.ports else None
-    if f.ports:
-        return None  # `tcp dport` carries its own protocol check
-    return f"meta l4proto {PROTO_NAMES.get(f.proto, f.proto)}"
-
-
-def _port_clauses(f: Scope) -> list[str | None]:
-    if not f.ports:
-        return [None]
-    ports = _set(str(p) for p in f.ports)
-    # Without a protocol, `th` reads the ports of any port protocol and the
-    # l4proto clause guards it.
-    header = f.proto or "th"
-    return [f"{header} sport {ports}", f"{header} dport {ports}"]
-
-
-def _host_clauses(f: Scope) -> list[str | None]:
-    if not f.hosts:
-        return [None]
-    clauses: list[str | None] = []
-    for version, keyword in ((4, "ip"), (6, "ip6")):
-        if (f.proto == "icmp" and version == 6) or (f.proto == "icmpv6" and version == 4):
-            continue
-        nets = [str(h) for h in f.hosts if h.version == version]
-        if nets:
-            clauses += [f"{keyword} saddr {_set(nets)}", f"{keyword} daddr {_set(nets)}"]
-    return clauses
-
-
-def nft_match_rules(f: Scope, hook: Hook = "prerouting") -> list[str]:
-    """nft match expressions, one per marking rule; a packet matching any is traced.
-
-    nft has no "saddr or daddr" match, so each either/or of the filter
-    becomes separate rules: (saddr, daddr) x (sport, dport) per address
-    family. Several ports or hosts go in one anonymous set. The interface
-    is matched as `iifname` on prerouting and `oifname` on output. An empty
-    filter gives one empty expression: a rule that matches every packet.
-    """
-    iface = None
-    if f.iface is not None:
-        iface = f'{"iifname" if hook == "prerouting" else "oifname"} "{f.iface}"'
-    proto = _proto_clause(f)
-    rules: list[str] = []
-    for host, port in itertools.product(_host_clauses(f), _port_clauses(f)):
-        parts = [p for p in (iface, host, proto, port) if p]
-        rule = " ".join(parts)
-        if rule not in rules:
-            rules.append(rule)
-    return rules

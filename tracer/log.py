@@ -41,7 +41,7 @@ class _LineStream(io.TextIOBase):
     """
 
     def __init__(self, fd: int, encoding: str) -> None:
-        from tracer.outputs.stream import FdWriter
+        from tracer.outputs.writer import FdWriter
 
         self.writer = FdWriter(fd, name="stderr", max_items=STDERR_LINES, max_bytes=4 << 20)
         self._encoding = encoding

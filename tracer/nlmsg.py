@@ -1,4 +1,4 @@
-"""Netlink messages read by hand, and the thread that reads a netlink socket.
+"""Netlink messages read by hand, and the reader that drains a netlink socket on the event loop.
 
 Why by hand: both trace readers (nftables' NFT_MSG_TRACE, iptables-legacy's
 nfnetlink_log packets) get several messages for each traced packet, so
@@ -13,8 +13,8 @@ Why plain sockets: a pyroute2 socket reads the kernel's datagrams in an
 event loop of the thread that uses it and keeps the decoded messages in its
 own queue, so `poll()` on its descriptor can report nothing while messages
 wait, and every message pays for the generic decoder. A plain AF_NETLINK
-socket buffers nothing in user space: `poll()` on it and on a wake pipe is
-exact, and closing the reader wakes it at once.
+socket buffers nothing in user space: epoll on it (tracer.loop) is exact,
+and one loop thread serves the sockets of every namespace.
 
 Why the sender is checked: a netlink socket that the tracer opens inside a
 namespace can be written to by anyone holding CAP_NET_ADMIN over that
@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import functools
 import os
-import select
+import resource
 import socket
 import struct
 import threading
@@ -46,7 +48,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tracer import loop as loop_mod
 from tracer import netns as netns_mod
+from tracer.loop import EventLoop, Reader, Timer
 from tracer.netns import Netns
 
 NETLINK_NETFILTER = 12
@@ -66,6 +70,11 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 #: The port id of the kernel: the sender of every message we want to read.
 KERNEL_PORT_ID = 0
+
+#: glibc's select() limit: no descriptor libnftables uses may be this high (above_select_limit).
+FD_SETSIZE = 1024
+#: Descriptors the limit must allow beyond FD_SETSIZE before we put ours up there.
+_FD_HEADROOM = 64
 
 
 class DecodeError(ValueError):
@@ -123,34 +132,76 @@ def nfgen_family(msg: bytes) -> int:
 
 
 def netfilter_socket(ns: Netns, groups: int = 0) -> socket.socket:
-    """A NETLINK_NETFILTER socket of the namespace, bound to multicast `groups` (a bit mask)."""
+    """A NETLINK_NETFILTER socket of the namespace, bound to multicast `groups` (a bit mask),
+    on a descriptor above FD_SETSIZE when the limit allows (see above_select_limit)."""
     with netns_mod.entered(ns):
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
     try:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
         sock.bind((0, groups))
+        return above_select_limit(sock)
     except BaseException:
         sock.close()
         raise
-    return sock
+
+
+def above_select_limit(sock: socket.socket) -> socket.socket:
+    """`sock` moved to a descriptor number >= FD_SETSIZE, if the process may have one.
+
+    Why: libnftables waits for its own netlink socket with select(), and
+    glibc aborts the whole process (FORTIFY_SOURCE) when that descriptor is
+    1024 or more. Each watched namespace has a libnftables context open for
+    good, so with hundreds of namespaces the low numbers must be kept for
+    them: our own sockets, which only epoll sees, go above. Where the limit
+    does not allow it (a soft RLIMIT_NOFILE of 1024), the process cannot get
+    a number that high at all, and `sock` is returned as it is. The socket
+    given is closed when it was moved.
+    """
+    fd = sock.fileno()
+    if fd >= FD_SETSIZE or resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= FD_SETSIZE + _FD_HEADROOM:
+        return sock
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FD_SETSIZE)
+    except OSError:  # no free number up there: the low one works for us
+        return sock
+    try:
+        moved = socket.socket(fileno=high)  # family, type and protocol read from the descriptor
+    except BaseException:
+        os.close(high)
+        raise
+    sock.close()
+    return moved
 
 
 class NetlinkReader:
-    """A thread that drains one netlink socket until `close()`, which also closes the socket.
+    """Drains one netlink socket on the shared event loop (tracer.loop) until `close()`,
+    which also closes the socket.
 
     Each message goes to `on_message(type, message)`. When the kernel
     dropped messages for lack of room (ENOBUFS), `on_lost(error)` is called
     first and reading goes on: the socket stays usable. `on_drained(t)` is
     called each time a receive started at monotonic time `t` finds the
     queue empty, so every message queued before `t` has been handed over.
+    A drain runs when the socket is readable, on `wake()`, and at the
+    latest `poll_timeout()` seconds after the previous one (never more
+    than 1 s: owners rely on a drain at least every second).
     Messages that make `on_message` raise are skipped, and logged as
     `<event_prefix>.bad_message` at most every 5 s: a message the reader
     cannot handle usually comes in thousands. Datagrams that another
     process sent (any sender but the kernel, see the module docstring) are
     never handed over; they are counted in `foreign` and logged as
     `<event_prefix>.foreign_message` at most every 5 s.
+
+    Every callback runs on the loop thread, one reader at a time, so none
+    of them may block for long (see tracer.loop). A drain reads at most
+    `BATCH` datagrams before other sockets get their turn; it goes on at
+    the loop's next round, and `on_drained` comes only when the queue was
+    found empty.
     """
+
+    #: Datagrams read in one turn: a flood into one namespace must not starve the others.
+    BATCH = 256
 
     def __init__(
         self,
@@ -163,17 +214,23 @@ class NetlinkReader:
         log: Any,
         event_prefix: str,
         poll_timeout: Callable[[], float] | None = None,
+        loop: EventLoop | None = None,
     ) -> None:
         self.sock = sock
+        self.name = name
         self.log = log
         self._on_message = on_message
         self._on_lost = on_lost
         self._on_drained = on_drained
         self._prefix = event_prefix
         self._poll_timeout = poll_timeout  # seconds until the owner wants a drain without data
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._loop = loop or loop_mod.shared()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._reader: Reader | None = None
+        self._timer: Timer | None = None  # the next drain without data; loop thread only
+        self._wake_pending = False  # a wake's drain is queued: further wakes need not queue another
+        self._closed = False  # loop thread only (or after the loop gave up, see close)
+        self._broken = False
         self._bad = 0
         self._last_bad_log = 0.0
         #: Datagrams refused because a process, not the kernel, sent them (never reset).
@@ -182,60 +239,101 @@ class NetlinkReader:
         self._last_foreign_log = 0.0
 
     def start(self) -> None:
-        self._thread.start()
+        """Registers the socket with the loop; the first drain without data is due after
+        `poll_timeout()` (at most 1 s), like every later one."""
+        self._reader = self._loop.add_reader(self.sock.fileno(), self._readable, name=self.name)
+        self._loop.call_soon(self._reschedule, name=f"{self.name}.arm")
 
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
     def wake(self) -> None:
-        """Makes the reader drain the socket now (and notice a stop)."""
-        with contextlib.suppress(OSError):  # a full pipe wakes the reader just as well
-            os.write(self._wake_w, b"x")
+        """Makes the reader drain the socket now (from any thread)."""
+        if self._wake_pending or self._stopping.is_set():
+            return
+        self._wake_pending = True
+        self._loop.call_soon(self._woken, name=f"{self.name}.wake")
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stops and joins the thread, then closes the socket; safe to call twice."""
+        """Stops reading, then closes the socket; safe to call twice, from any thread.
+
+        The removal runs on the loop thread, between callbacks, so when this
+        returns no callback of this reader is running on the socket it closes.
+        """
         self._stopping.set()
-        self.wake()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self.log.warning(f"{self._prefix}.reader_did_not_stop")
+        try:
+            self._loop.run_sync(self._close_now, timeout, name=f"{self.name}.close")
+        except TimeoutError:
+            self.log.warning(f"{self._prefix}.reader_did_not_stop")
+            self._close_now()  # a stuck callback may still hold the socket: as a joined-out thread did
+
+    def _close_now(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.close()
+        if self._timer is not None:
+            self._timer.cancel()
         self.sock.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._stopping.is_set():
-            wait = 1.0 if self._poll_timeout is None else self._guarded(self._poll_timeout, 1.0)
-            wait = min(1.0, max(0.0, wait))
-            poller.poll(int(wait * 1000) + (wait > 0))
-            with contextlib.suppress(OSError):
-                os.read(self._wake_r, 4096)
-            if not self._drain():
+    # --- on the loop thread -------------------------------------------------------------
+
+    def _readable(self) -> None:
+        self._drain()
+        self._reschedule()
+
+    def _woken(self) -> None:
+        self._wake_pending = False  # first: a wake from now on queues another drain
+        self._drain()
+        self._reschedule()
+
+    def _timed(self) -> None:
+        self._drain()
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        """Keeps a drain due within `poll_timeout()` (at most 1 s) from now.
+
+        A pending timer that comes earlier is kept: an extra drain is
+        harmless, and moving the timer after every datagram would cost more.
+        """
+        if self._closed or self._broken or self._stopping.is_set():
+            return
+        wait = 1.0 if self._poll_timeout is None else self._guarded(self._poll_timeout, 1.0)
+        when = time.monotonic() + min(1.0, max(0.0, wait))
+        timer = self._timer
+        if timer is None:
+            self._timer = self._loop.call_at(when, self._timed, name=f"{self.name}.timer")
+        elif not timer.pending or timer.when > when:
+            timer.reschedule(when)
+
+    def _drain(self) -> None:
+        """Reads until the queue is empty (then on_drained) or BATCH datagrams were read."""
+        if self._closed or self._broken:
+            return
+        for _ in range(self.BATCH):
+            if self._stopping.is_set():
                 return
-
-    def _drain(self) -> bool:
-        """Reads until the queue is empty; False when the socket broke."""
-        while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 data, sender = self.sock.recvfrom(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                self._guarded(lambda: self._on_drained(started), None)
-                return True
+                self._guarded(functools.partial(self._on_drained, started), None)
+                return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    self._guarded(lambda: self._on_lost(exc), None)
+                    self._guarded(functools.partial(self._on_lost, exc), None)
                     continue
                 if not self._stopping.is_set():
                     self.log.warning(f"{self._prefix}.trace_socket_failed", error=str(exc))
-                return False
+                self._broken = True  # as the reader thread did: stop reading; close() still closes
+                if self._reader is not None:
+                    self._reader.close()
+                if self._timer is not None:
+                    self._timer.cancel()
+                return
             if sender[0] != KERNEL_PORT_ID:
                 self._foreign_message(sender)
                 continue
@@ -244,7 +342,6 @@ class NetlinkReader:
                     self._on_message(mtype, msg)
                 except Exception as exc:
                     self._bad_message(exc, mtype)
-        return True
 
     def _foreign_message(self, sender: tuple[int, int]) -> None:
         self.foreign += 1

@@ -1,9 +1,9 @@
 """Benchmarks of `tracer watch`, in a lab of network namespaces made here.
 
-Run as root: `.venv/bin/python -m tests.bench.run` (about 3.5 minutes; see README.md).
+Run as root: `.venv/bin/python -m tests.bench.run` (about 5 minutes; see README.md).
 
 Benchmarks print figures and ratios measured side by side in one run; they
-assert nothing about absolute times. Four phases:
+assert nothing about absolute times. Five phases:
 
 1. latency: from the kernel's drop (the event's `@timestamp`, the drop time
    converted to wall clock) to the NDJSON line read from `tracer watch
@@ -17,17 +17,26 @@ assert nothing about absolute times. Four phases:
 3. overhead: sender packet rate and a TCP transfer between two namespaces
    without a tracer, with one filtered to unrelated traffic, and with one
    printing every drop (or watching all the transfer's packets);
-4. idle CPU of `tracer watch` over 30 s.
+4. idle CPU of `tracer watch` over 30 s;
+5. scale: one tracer over 1, 10, 100 and 300 namespaces, each with a
+   ruleset: the time from launching it to the last namespace's first drop
+   printed with its rule, its threads, RSS and CPU while idle.
 
 Safety: all traffic stays between namespaces created here (198.18.0.0/15
-only, no default route); every tracer is started with `--netns` on a lab
-namespace, so no firewall outside the lab is touched; tracers, senders and
+only, no default route; the scale phase's on each namespace's loopback);
+every tracer of phases 1-4 is started with `--netns` on a lab namespace, so
+no firewall outside the lab is touched. The scale phase's tracer watches
+every namespace (that is what it measures), for one UDP port only; it runs
+only when the host's own ruleset has no hooked chain, so it never marks the
+host (other namespaces with rulesets get its owner-flagged marking table
+while it runs, as under any `tracer watch`). Tracers, senders and
 namespaces are removed at the end, on an error and on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -75,7 +84,8 @@ TRACE_RATE, TRACE_BURST = 1000, 100
 # `dur` seconds from the wall-clock time `start_at`; prints sent, errors, seconds.
 SENDER = r"""
 import socket, sys, time
-dst, port, rate, dur, start_at, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), min(float(sys.argv[4]), 60.0), float(sys.argv[5]), int(sys.argv[6])
+dst, port, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+dur, start_at, size = min(float(sys.argv[4]), 60.0), float(sys.argv[5]), int(sys.argv[6])
 s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
 send, addr, data = s.sendto, (dst, port), b"b" * size
 tried = err = 0
@@ -283,6 +293,7 @@ class Tracer:
         self.log_events: Counter[str] = Counter()
         self.log_samples: list[dict] = []
         self.ring_lost_at_exit = 0
+        self.watching_at = 0.0  # when its "watching" line (everything attached) was read
         self._cond = threading.Condition()
         self._map_id: int | None = None
         self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
@@ -311,10 +322,8 @@ class Tracer:
             if hit >= 0:  # the oldest line of the measured flow in this chunk
                 start = done.rfind(b"\n", 0, hit) + 1
                 if done.startswith(b'{"@timestamp":"', start):
-                    try:
+                    with contextlib.suppress(ValueError):
                         lag = now - iso_to_epoch(done[start + 15:start + 42].decode())
-                    except ValueError:
-                        pass
             with self._cond:
                 self.lines += done.count(b"\n")
                 for pat in self.patterns:
@@ -338,6 +347,7 @@ class Tracer:
                 self.ring_lost_at_exit = int(rec.get("lost", 0))
             elif name == "watching":
                 Tracer.watching = {k: rec.get(k) for k in ("drop_program", "netfilter_context", "nftrace")}
+                self.watching_at = time.time()
             if self.log_events[name] <= 3 and rec.get("level") in ("warning", "error", None):
                 self.log_samples.append(rec)
 
@@ -453,7 +463,7 @@ class Net:
     def udp_snmp(self, ns: netns_mod.Netns) -> dict[str, int]:
         lines = [ln.split() for ln in self.lab.run(ns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
                  if ln.startswith("Udp:")]
-        return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
+        return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True)}
 
     def nft_drops(self) -> int:
         """Packets the `bench drop` rule counted in rcv."""
@@ -515,7 +525,8 @@ def phase_latency(net: Net, n: int, spacing: float) -> dict:
     results: dict[str, Any] = {}
     try:
         results["startup_s"] = net.sentinel(tr)
-        for case, port in (("nft rule (nftrace)", NFT_PORT_BASE + 1), ("closed port (NO_SOCKET)", CLOSED_PORT_BASE + 1)):
+        cases = (("nft rule (nftrace)", NFT_PORT_BASE + 1), ("closed port (NO_SOCKET)", CLOSED_PORT_BASE + 1))
+        for case, port in cases:
             pat = port_pat(port)
             tr.watch(pat)
             t0 = time.perf_counter()
@@ -704,7 +715,7 @@ def phase_idle(net: Net, secs: float, traffic_pps: int) -> dict:
     trs = [Tracer(["--netns", ns.name]) for _, ns, _ in cases]
     out: dict[str, Any] = {}
     try:
-        for tr, (_, _, dst) in zip(trs, cases):
+        for tr, (_, _, dst) in zip(trs, cases, strict=True):
             net.sentinel(tr, dst)
         senders = net.flood(UDP_SINK_PORT, traffic_pps, secs + 2, background=True)
         time.sleep(1.0)
@@ -713,7 +724,7 @@ def phase_idle(net: Net, secs: float, traffic_pps: int) -> dict:
         time.sleep(secs)
         c1, n1 = [tr.cpu() for tr in trs], [tr.lines for tr in trs]
         t1 = time.time()
-        for tr, (name, _, _), a, b, m0, m1 in zip(trs, cases, c0, c1, n0, n1):
+        for tr, (name, _, _), a, b, m0, m1 in zip(trs, cases, c0, c1, n0, n1, strict=True):
             out[name] = {"cpu": (b - a) / CLK_TCK / (t1 - t0) * 100, "rss_mib": rss_mib(tr.proc.pid),
                          "printed": m1 - m0}
         sent, _, _ = collect_senders(senders, secs + 2)
@@ -732,6 +743,7 @@ class ScaleRun:
     build_s: float = 0.0  # creating the namespaces and loading their rulesets (the bench's own cost)
     start_s: float = 0.0  # launching `tracer watch` -> the last namespace's drop printed with its rule
     first_event_s: float = 0.0  # launching -> the first event of the last namespace (with or without rule)
+    ready_s: float = 0.0  # launching -> the tracer's "watching" line (collectors set up, ring buffer read)
     threads: int = 0
     rss_mib: float = 0.0
     hwm_mib: float = 0.0  # peak RSS (VmHWM)
@@ -740,6 +752,11 @@ class ScaleRun:
     marked: int = 0  # `nft.marking_table_added` lines: namespaces the tracer marked
     stop_s: float = 0.0  # SIGINT -> exit (every marking table removed)
     error: str | None = None
+
+
+#: Seconds between the last namespace's first drop and the idle window: each namespace lists
+#: its ruleset again about a second after it was marked, which is start-up, not idling.
+SCALE_SETTLE = 2.0
 
 
 def root_has_base_chains() -> bool:
@@ -794,8 +811,9 @@ def scale_run(count: int, idle_secs: float, timeout: float = 60.0) -> ScaleRun:
                     run.start_s = t_read - tr.started
                     break
         pid = tr.proc.pid
+        run.ready_s = tr.watching_at - tr.started if tr.watching_at else 0.0
         run.threads = len(os.listdir(f"/proc/{pid}/task"))
-        time.sleep(0.5)  # the last drops' output settles
+        time.sleep(SCALE_SETTLE)  # start-up work still under way (snapshots after marking) settles
         c0, t0 = tr.cpu(), time.time()
         time.sleep(idle_secs)
         run.idle_cpu = (tr.cpu() - c0) / CLK_TCK / (time.time() - t0) * 100
@@ -879,12 +897,14 @@ def report(lat: dict | None, steps: list[Step] | None, over: dict | None, idle: 
             above = ""
             if bad:
                 b = bad[0]
-                above = (f"; above it ({b.pps:.0f} pps): printed {b.printed}/{b.kernel}, ring buffer lost {b.ring_lost}, "
+                above = (f"; above it ({b.pps:.0f} pps): printed {b.printed}/{b.kernel}, "
+                         f"ring buffer lost {b.ring_lost}, "
                          f"Python queue lost {b.queue_full}, not printed {b.drain_s:.1f}s after the flood {b.backlog}")
             lines.append(f"   {kind}: highest rate printed without loss {best}{above}")
         for s in steps:
             if s.filtered:
-                lines.append(f"   --port {UNRELATED_PORT} (flood on other ports, in-kernel filter): {s.pps:.0f} pps sent, "
+                lines.append(f"   --port {UNRELATED_PORT} (flood on other ports, in-kernel filter): "
+                             f"{s.pps:.0f} pps sent, "
                              f"BPF seen {s.bpf.get('seen', 0)} filtered {s.bpf.get('filtered', 0)} "
                              f"emitted {s.bpf.get('emitted', 0)}, tracer CPU {s.cpu_flood:.1f}% of a core")
         lines.append("")
@@ -906,19 +926,20 @@ def report(lat: dict | None, steps: list[Step] | None, over: dict | None, idle: 
         lines.append("4. Idle CPU of `tracer watch` (utime+stime over the window, % of one core)")
         for name, v in idle.items():
             if isinstance(v, dict):
-                lines.append(f"   {name:<48}{v['cpu']:>6.2f}%   RSS {v['rss_mib']:.0f} MiB   events printed {v['printed']}")
+                lines.append(f"   {name:<48}{v['cpu']:>6.2f}%   RSS {v['rss_mib']:.0f} MiB   "
+                             f"events printed {v['printed']}")
         lines.append("")
     if scale:
-        lines += ["5. Namespaces (one tracer over N namespaces, each with a ruleset; start = launch -> "
-                  "the last namespace's drop printed with its rule)",
-                  (f"   {'netns':>6}{'start':>8}{'1st ev':>8}{'threads':>8}{'RSS MiB':>9}{'peak':>6}"
+        lines += [("5. Namespaces (one tracer over N namespaces, each with a ruleset; start = launch -> "
+                   "the last namespace's drop printed with its rule)"),
+                  (f"   {'netns':>6}{'start':>8}{'ready':>8}{'1st ev':>8}{'threads':>8}{'RSS MiB':>9}{'peak':>6}"
                    f"{'idle cpu%':>10}{'marked':>7}{'stop':>7}{'build':>7}")]
         for r in scale:
             if r.error:
                 lines.append(f"   {r.namespaces:>6}  failed: {r.error}")
                 continue
-            lines.append(f"   {r.namespaces:>6}{r.start_s:>7.2f}s{r.first_event_s:>7.2f}s{r.threads:>8}"
-                         f"{r.rss_mib:>9.0f}{r.hwm_mib:>6.0f}{r.idle_cpu:>10.2f}{r.marked:>7}"
+            lines.append(f"   {r.namespaces:>6}{r.start_s:>7.2f}s{r.ready_s:>7.2f}s{r.first_event_s:>7.2f}s"
+                         f"{r.threads:>8}{r.rss_mib:>9.0f}{r.hwm_mib:>6.0f}{r.idle_cpu:>10.2f}{r.marked:>7}"
                          f"{r.stop_s:>6.1f}s{r.build_s:>6.1f}s")
         lines.append(f"   (idle CPU over {scale[0].idle_s:.0f} s without traffic; build = the bench making "
                      "the namespaces, not the tracer)")

@@ -2,25 +2,50 @@
 
 Filtering in the kernel means a busy host pays only for the drops a user
 watches: everything else is discarded before a ring-buffer record exists.
+The flag bits are those of the object the struct was laid out from
+(`enum filter_flags` in bpf/tracer.h, read from its BTF).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import socket
+from dataclasses import dataclass
 
+from tracer.bpf.layout import BtfStruct, Constants
 from tracer.config import PROTO_NUMBERS, Scope
 
-FILTER_PORTS = 1 << 0
-FILTER_PROTO = 1 << 1
-FILTER_NETS = 1 << 2
-FILTER_NETNS = 1 << 3
-FILTER_IFACE = 1 << 4
-FILTER_REASONS = 1 << 5
-FILTER_IP_ONLY = 1 << 6
 
-NO_REASON = 0xFFFFFFFF
+@dataclass(frozen=True)
+class FilterFlags:
+    """`enum filter_flags` and `FILTER_NO_REASON` of bpf/tracer.h, by meaning."""
+
+    ports: int
+    proto: int
+    nets: int
+    netns: int
+    iface: int
+    reasons: int
+    ip_only: int
+    no_reason: int  # filter_cfg.ignore_reason when no reason is ignored
+
+    @classmethod
+    def of(cls, constants: Constants) -> FilterFlags:
+        """Read by name, so a renamed or missing member fails here and not in the kernel."""
+
+        def flag(name: str) -> int:
+            return constants.value("filter_flags", name)
+
+        return cls(
+            ports=flag("FILTER_PORTS"),
+            proto=flag("FILTER_PROTO"),
+            nets=flag("FILTER_NETS"),
+            netns=flag("FILTER_NETNS"),
+            iface=flag("FILTER_IFACE"),
+            reasons=flag("FILTER_REASONS"),
+            ip_only=flag("FILTER_IP_ONLY"),
+            no_reason=constants.value("filter_reason", "FILTER_NO_REASON"),
+        )
 
 
 def protocol_number(proto: str | int | None) -> int | None:
@@ -47,25 +72,26 @@ def protocol_number(proto: str | int | None) -> int | None:
     return number
 
 
-def build(cfg: ctypes.Structure, f: Scope, *, reasons: list[int],
-          netns_inode: int | None, consumed_reason: int | None) -> ctypes.Structure:
+def build(cfg: BtfStruct, f: Scope, *, reasons: list[int],
+          netns_inode: int | None, consumed_reason: int | None) -> BtfStruct:
     """Fills `cfg` (a fresh filter_cfg) from the filter; returns it."""
-    cfg.ignore_reason = NO_REASON if consumed_reason is None else consumed_reason
+    bits = FilterFlags.of(type(cfg).constants)
+    cfg.ignore_reason = bits.no_reason if consumed_reason is None else consumed_reason
     if len(f.ports) > len(cfg.ports):
         raise ValueError(f"at most {len(cfg.ports)} ports can be watched at once")
     if f.ports:
-        cfg.flags |= FILTER_PORTS
+        cfg.flags |= bits.ports
         cfg.nports = len(f.ports)
         for i, port in enumerate(f.ports):
             cfg.ports[i] = port
     proto = protocol_number(f.proto)
     if proto is not None:
-        cfg.flags |= FILTER_PROTO
+        cfg.flags |= bits.proto
         cfg.l4proto = proto
     if f.hosts:
         if len(f.hosts) > len(cfg.nets):
             raise ValueError(f"at most {len(cfg.nets)} hosts or networks can be watched at once")
-        cfg.flags |= FILTER_NETS
+        cfg.flags |= bits.nets
         cfg.nnets = len(f.hosts)
         for i, net in enumerate(f.hosts):
             slot = cfg.nets[i]
@@ -74,22 +100,23 @@ def build(cfg: ctypes.Structure, f: Scope, *, reasons: list[int],
             packed = net.network_address.packed
             ctypes.memmove(slot.addr, packed, len(packed))
     if f.ports or f.hosts or proto is not None:
-        cfg.flags |= FILTER_IP_ONLY
+        cfg.flags |= bits.ip_only
     if netns_inode is not None:
-        cfg.flags |= FILTER_NETNS
+        cfg.flags |= bits.netns
         cfg.netns_ino = netns_inode
     if f.iface:
         name = f.iface.encode()
-        if len(name) > 15:
-            raise ValueError(f"interface name {f.iface!r} is longer than 15 characters")
-        cfg.flags |= FILTER_IFACE
+        longest = type(cfg).iface.size - 1  # char iface[IFNAMSIZ], NUL-terminated
+        if len(name) > longest:
+            raise ValueError(f"interface name {f.iface!r} is longer than {longest} characters")
+        cfg.flags |= bits.iface
         cfg.iface = name  # a char[] field reads back as a bytes copy: assign, don't memmove
     words = len(cfg.reasons)
     kernel_side = [r for r in reasons if r < words * 64]
     if reasons and len(kernel_side) == len(reasons):
         # Subsystem reasons (high bits set) do not fit the bitmap: those
         # filters stay in user space (see Engine).
-        cfg.flags |= FILTER_REASONS
+        cfg.flags |= bits.reasons
         for r in kernel_side:
             cfg.reasons[r // 64] |= 1 << (r % 64)
     return cfg

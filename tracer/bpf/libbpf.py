@@ -47,7 +47,8 @@ _SAMPLE_FN = _c.CFUNCTYPE(_c.c_int, _vp, _vp, _c.c_size_t)
 _LIBBPF_WARN, _LIBBPF_INFO, _LIBBPF_DEBUG = 0, 1, 2
 
 
-def _bind(lib: ctypes.CDLL, name: str, restype, *argtypes) -> None:
+def _bind(lib: ctypes.CDLL, name: str, restype: type[ctypes._CData] | None,
+          *argtypes: type[ctypes._CData]) -> None:
     fn = getattr(lib, name)
     fn.restype = restype
     fn.argtypes = list(argtypes)
@@ -337,23 +338,23 @@ BTF_KIND_ENUM64 = 19
 
 
 class _BtfType(_c.Structure):
-    _fields_ = [("name_off", _c.c_uint32), ("info", _c.c_uint32), ("size_or_type", _c.c_uint32)]
+    _fields_ = (("name_off", _c.c_uint32), ("info", _c.c_uint32), ("size_or_type", _c.c_uint32))
 
 
 class _BtfMember(_c.Structure):
-    _fields_ = [("name_off", _c.c_uint32), ("type", _c.c_uint32), ("offset", _c.c_uint32)]
+    _fields_ = (("name_off", _c.c_uint32), ("type", _c.c_uint32), ("offset", _c.c_uint32))
 
 
 class _BtfEnum(_c.Structure):
-    _fields_ = [("name_off", _c.c_uint32), ("val", _c.c_int32)]
+    _fields_ = (("name_off", _c.c_uint32), ("val", _c.c_int32))
 
 
 class _BtfEnum64(_c.Structure):
-    _fields_ = [("name_off", _c.c_uint32), ("val_lo32", _c.c_uint32), ("val_hi32", _c.c_uint32)]
+    _fields_ = (("name_off", _c.c_uint32), ("val_lo32", _c.c_uint32), ("val_hi32", _c.c_uint32))
 
 
 class _BtfArray(_c.Structure):
-    _fields_ = [("type", _c.c_uint32), ("index_type", _c.c_uint32), ("nelems", _c.c_uint32)]
+    _fields_ = (("type", _c.c_uint32), ("index_type", _c.c_uint32), ("nelems", _c.c_uint32))
 
 
 @dataclass(frozen=True)

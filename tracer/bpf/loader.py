@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from tracer.bpf.layout import object_structs
+from tracer.bpf.layout import BtfStruct, Constants, object_structs
 from tracer.bpf.libbpf import (
     BpfError,
     BpfObject,
@@ -122,8 +122,8 @@ def _try(obj_path: Path, programs: list[str]) -> ProbeResult:
         return ProbeResult(False, first)
 
 
-def probe(obj_path: Path | None = None, *, drop_modes=tuple(DROP_PROGRAMS),
-          nf_modes=NF_MODES, stop_at_first: bool = True) -> Capabilities:
+def probe(obj_path: Path | None = None, *, drop_modes: tuple[str, ...] = tuple(DROP_PROGRAMS),
+          nf_modes: tuple[str, ...] = NF_MODES, stop_at_first: bool = True) -> Capabilities:
     """Tries each program kind; with stop_at_first, stops at the first that works."""
     obj_path = obj_path or default_object_path()
     caps = Capabilities()
@@ -169,13 +169,15 @@ class LoadedTracer:
         self.obj_path = obj_path or default_object_path()
         self.structs = object_structs(str(self.obj_path))
         self.Event = self.structs["drop_event"]
+        self.constants: Constants = self.Event.constants
         caps = probe(self.obj_path, drop_modes=(drop_mode,) if drop_mode else tuple(DROP_PROGRAMS),
                      nf_modes=NF_MODES if nf_mode == "auto" else ((nf_mode,) if nf_mode else ()))
         self.capabilities = caps
-        self.drop_mode = caps.drop_mode
-        if self.drop_mode is None:
+        drop_mode = caps.drop_mode
+        if drop_mode is None:
             errors = "; ".join(f"{m}: {r.error}" for m, r in caps.drop.items())
             raise BpfError(f"no kfree_skb program type could be attached ({errors})", 1)
+        self.drop_mode: str = drop_mode
         self.nf_mode = caps.nf_mode
         self.nf_functions = sorted(caps.nf_functions) if self.nf_mode else []
         self._obj = BpfObject(str(self.obj_path))
@@ -216,7 +218,7 @@ class LoadedTracer:
     def set_filter(self, cfg: ctypes.Structure) -> None:
         self._obj.map("filter").update(ctypes.c_uint32(0), cfg)
 
-    def new_filter(self) -> ctypes.Structure:
+    def new_filter(self) -> BtfStruct:
         return self.structs["filter_cfg"]()
 
     def ring_buffer(self, callback: Callable[[bytes], None]) -> RingBuffer:
@@ -225,14 +227,13 @@ class LoadedTracer:
         return rb
 
     def stats(self) -> dict[str, int]:
-        """Sums of the per-CPU counters kept by the drop program."""
+        """Sums of the per-CPU counters kept by the drop program, by name ("seen", "lost"...)."""
         ncpu = num_possible_cpus()
-        names = ("seen", "filtered", "emitted", "lost")
         out = {}
         stats = self._obj.map("stats")
-        for i, name in enumerate(names):
+        for name, index in counter_indices(self.constants).items():
             vals = (ctypes.c_uint64 * ncpu)()
-            stats.lookup(ctypes.c_uint32(i), vals)
+            stats.lookup(ctypes.c_uint32(index), vals)
             out[name] = sum(vals)
         return out
 
@@ -244,6 +245,12 @@ class LoadedTracer:
             rb.close()
         self._rings = []
         self._obj.close()
+
+
+def counter_indices(constants: Constants) -> dict[str, int]:
+    """`enum drop_counter` of bpf/tracer.h as name -> index: STAT_SEEN -> "seen" (STAT_MAX is the count)."""
+    return {member.removeprefix("STAT_").lower(): index
+            for member, index in constants.members("drop_counter").items() if member != "STAT_MAX"}
 
 
 def _ring_size(n: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from tracer.pipeline.engine import Engine
 from tracer.config import Config, Scope
 from tracer.lab import Lab, routed_path
-from tracer.outputs.stream import NdjsonSink, TerminalSink
+from tracer.outputs.stdout import NdjsonSink, TerminalSink
 from tracer.config import host_networks
 
 SERVER_RULESET = """
@@ -210,7 +210,8 @@ def _server_side_case(lab: Lab, path, v4: str) -> None:
 
     import orjson
 
-    from tracer.outputs.stream import one_line
+    from tracer.event.model import DropEvent
+    from tracer.event.text import one_line
 
     server = path.server.name or ""
     sys.stdout.write(f"--- the server's own tracer sees the probe\n$ tracer watch --netns {server} "
@@ -226,7 +227,7 @@ def _server_side_case(lab: Lab, path, v4: str) -> None:
         line = watch.stdout.readline()
         if line:
             event = orjson.loads(line)
-            sys.stdout.write(f"server: {one_line(event)}\n\n")
+            sys.stdout.write(f"server: {one_line(DropEvent.from_ecs(event))}\n\n")
     finally:
         watch.kill()
         watch.wait()

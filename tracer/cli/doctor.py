@@ -189,7 +189,7 @@ def _root_ruleset():
 
 
 def _check_firewalls(r: Report) -> None:
-    from tracer.outputs.stream import printable
+    from tracer.event.text import printable
 
     rs = _root_ruleset()
     tables = [] if rs is None else [f"{t.family} {t.name}" for t in rs.tables.values()]
@@ -236,6 +236,22 @@ def _check_conntrack(r: Report) -> None:
               "raise net.netfilter.nf_conntrack_max before it fills" if pct > 80 else None)
 
 
+def _check_collectors(r: Report) -> None:
+    """What each collector says about running here (the same answer `tracer watch` acts on)."""
+    from tracer.collectors.conntrack import ConntrackCollector
+    from tracer.collectors.links import LinksCollector
+    from tracer.collectors.netfilter import NftraceCollector, XtraceCollector
+    from tracer.config import Config
+    from tracer.netfilter.marking import MarkingCoordinator
+
+    config = Config()
+    marking = MarkingCoordinator()  # never started: only asked, nothing on the host changes
+    xtrace = XtraceCollector(config, marking)
+    for collector in (NftraceCollector(config, marking), xtrace, ConntrackCollector(), LinksCollector()):
+        why = collector.unavailable()
+        r.add(f"collector {collector.name}", OK if why is None else WARN, why or "can run")
+
+
 def diagnose() -> Report:
     r = Report()
     config = kernel_config()
@@ -245,6 +261,7 @@ def diagnose() -> Report:
     _check_bpf(r)
     _check_firewalls(r)
     _check_conntrack(r)
+    _check_collectors(r)
     r.add("watch", OK if r.watch_possible else FAIL,
           f"`tracer watch` can run (drops via {r.drop_program}, netfilter context via "
           f"{r.netfilter_probes or 'stack + nftrace'})" if r.watch_possible else

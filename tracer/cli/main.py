@@ -303,8 +303,9 @@ def _wait_for_netns(name: str, signals: _Signals, deadline: float | None) -> boo
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from tracer.outputs.base import undelivered_line
+    from tracer.outputs.stdout import choose
     from tracer.pipeline.engine import Engine
-    from tracer.outputs.stream import choose, undelivered_line
 
     began = time.monotonic()
     config = _watch_config(args)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tracer.event.sections import ConntrackInfo
 from tracer.netfilter.constants import (
     CT_STATE_BITS,
     IP_CT_ESTABLISHED,
@@ -30,27 +31,6 @@ if TYPE_CHECKING:
 
 #: What the BPF side stores in place of enum ip_conntrack_info when the packet has no entry.
 CT_INFO_NONE = 0xFF
-
-
-@dataclass(frozen=True)
-class ConntrackInfo:
-    state: str  # new, established, related, invalid, untracked
-    direction: str | None = None  # original, reply
-    status: tuple[str, ...] = ()
-    zone: int | None = None
-    mark: int | None = None
-
-    def to_ecs(self) -> dict:
-        out: dict = {"state": self.state}
-        if self.direction:
-            out["direction"] = self.direction
-        if self.state not in ("invalid", "untracked"):
-            out["status"] = list(self.status)
-            if self.zone is not None:
-                out["zone"] = self.zone
-            if self.mark is not None:
-                out["mark"] = self.mark
-        return out
 
 
 def from_record(info: int, status: int, zone: int, mark: int) -> ConntrackInfo | None:
@@ -148,6 +128,8 @@ class ConntrackCollector:
     name = "conntrack"
 
     def unavailable(self) -> str | None:
+        if table_fill() is None:
+            return "nf_conntrack is not loaded here: drops carry no connection state until a ruleset uses it"
         return None
 
     def start(self, namespaces: Sequence[Netns]) -> None:
@@ -162,8 +144,12 @@ class ConntrackCollector:
             info = evidence.verdict.conntrack
         nf, rs = event.netfilter, evidence.ruleset
         if info is None and nf is not None and rs is not None:
-            active = tracking_active([r.text for r in rs.rules.values()], [c.type for c in rs.chains.values()])
-            base = rs.chain(nf.family, nf.table, nf.base_chain) if nf.base_chain and nf.table else None
+            # A rule whose text could not be told for certain (Rule.text None) says nothing here.
+            texts = [r.text for r in rs.rules.values() if r.text is not None]
+            active = tracking_active(texts, [c.type for c in rs.chains.values()])
+            base = None
+            if nf.family and nf.table and nf.base_chain:
+                base = rs.chain(nf.family, nf.table, nf.base_chain)
             info = invalid_if_tracked(active, nf.hook, base.priority if base else None)
         event.conntrack = info
 

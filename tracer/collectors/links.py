@@ -16,9 +16,9 @@ import structlog
 from pyroute2 import IPRoute
 
 from tracer.collectors.base import Evidence
-from tracer.event.model import DropEvent, Interface
+from tracer.event.model import DropEvent, Interface, Interfaces
+from tracer.netfilter.constants import IPTABLES_CHAINS
 from tracer.netns import Netns, entered
-from tracer.pipeline.attribution import IPTABLES_CHAINS
 
 log = structlog.get_logger("tracer.links")
 
@@ -92,7 +92,7 @@ class LinksCollector:
                 ingress = None
         elif not drop.iif and drop.ifindex and hook not in IPTABLES_CHAINS:
             ingress = None
-        event.ingress, event.egress = ingress, egress
+        event.interfaces = None if ingress is None and egress is None else Interfaces(ingress, egress)
 
     def stop(self) -> None:
         pass

@@ -13,15 +13,22 @@ whole `verdict_wait`.
 
 from __future__ import annotations
 
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from tracer.collectors.base import Evidence
 from tracer.collectors.nftrace import NftCollector
-from tracer.collectors.xtrace import LegacyCollector, loaded_tables
+from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
 from tracer.event.model import DropEvent
+from tracer.netfilter.marking import MarkingCoordinator
+from tracer.netfilter.nftables import NftContext, NftError
+from tracer.netfilter.xtables import loaded_tables
 from tracer.netns import Netns
+
+#: linux/netlink.h: the nfnetlink family (nftrace, nfnetlink_log).
+NETLINK_NETFILTER = 12
 
 #: How long "this namespace has iptables-legacy tables" is believed.
 _PRESENT_TTL = 5.0
@@ -30,19 +37,31 @@ _PRESENT_TTL = 5.0
 class XtraceCollector:
     name = "xtrace"
 
-    def __init__(self, config: Config, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, config: Config, marking: MarkingCoordinator) -> None:
         self.config = config
-        self.legacy = LegacyCollector(config.scope, trace=config.nftrace, on_ready=on_ready)
+        self.legacy = LegacyCollector(config.scope, trace=config.nftrace, marking=marking)
         self._present: dict[int, tuple[float, bool]] = {}
 
     def unavailable(self) -> str | None:
-        return None if self.config.nftrace else "tracing is off (--no-nftrace)"
+        if not self.config.nftrace:
+            return "tracing is off (--no-nftrace)"
+        try:
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER).close()
+        except OSError as exc:
+            return f"no nfnetlink socket ({exc.strerror or exc}): iptables-legacy TRACE cannot be read"
+        return None
+
+    # Started, followed and stopped by the MarkingCoordinator, which alone knows the order
+    # the two trace collectors' host changes need (see tracer/netfilter/marking.py).
 
     def start(self, namespaces: Sequence[Netns]) -> None:
-        self.legacy.start(namespaces)
+        pass
 
     def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
-        self.legacy.update_namespaces(namespaces)
+        pass
+
+    def stop(self) -> None:
+        pass
 
     def enrich(self, event: DropEvent, evidence: Evidence) -> None:
         evidence.legacy_present = self._tables_loaded(evidence.netns)
@@ -77,26 +96,34 @@ class XtraceCollector:
         self._present[ns.inode] = (now, present)
         return present
 
-    def stop(self) -> None:
-        self.legacy.stop()
 
 
 class NftraceCollector:
     name = "nftrace"
 
-    def __init__(self, config: Config, xtrace: XtraceCollector | None) -> None:
+    def __init__(self, config: Config, marking: MarkingCoordinator) -> None:
         self.config = config
-        self.nft = NftCollector(config.scope, rate=config.trace_rate,
-                                mark_legacy=xtrace.legacy if xtrace is not None else None)
+        self.nft = NftCollector(config.scope, rate=config.trace_rate, marking=marking)
 
     def unavailable(self) -> str | None:
+        try:
+            with NftContext():
+                pass
+        except (OSError, NftError) as exc:
+            return f"libnftables cannot be used ({exc}): drops get no rule text"
         return None
 
+    # Started, followed and stopped by the MarkingCoordinator, which alone knows the order
+    # the two trace collectors' host changes need (see tracer/netfilter/marking.py).
+
     def start(self, namespaces: Sequence[Netns]) -> None:
-        self.nft.start(namespaces)
+        pass
 
     def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
-        self.nft.update_namespaces(namespaces)
+        pass
+
+    def stop(self) -> None:
+        pass
 
     def enrich(self, event: DropEvent, evidence: Evidence) -> None:
         drop = evidence.drop
@@ -112,5 +139,3 @@ class NftraceCollector:
     def watching(self) -> int:
         return len(self.nft.watched)
 
-    def stop(self) -> None:
-        self.nft.stop()

@@ -11,10 +11,14 @@ can never be stale when a drop is reported.
 The marking table is created with the `owner` flag through a libnftables
 context we keep open: the kernel deletes it by itself when that socket
 closes (tracer crash, SIGKILL), and a user's `flush ruleset` leaves it alone.
+Which namespaces are marked, and when, the marking coordinator decides
+(tracer.netfilter.marking): it also knows the iptables-legacy side.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 import subprocess
@@ -22,9 +26,10 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pyroute2.common import hexdump
@@ -37,20 +42,18 @@ from pyroute2.netlink.nfnetlink import (
 )
 
 from tracer import netns as netns_mod
+from tracer.config import Scope
 from tracer.event import packet
-from tracer.collectors.xtrace import rule_comment
-from tracer.config import Scope, nft_match_rules
-from tracer.netns import Netns
-from tracer.nlmsg import (
-    NFGEN_ATTRS,
-    NetlinkReader,
-    attributes,
-    fixed_size,
-    netfilter_socket,
-    nfgen_family,
+from tracer.loop import EventLoop
+from tracer.netfilter.constants import (
+    CT_DIRECTIONS,
+    CT_STATE_BITS,
+    NFPROTO_FAMILIES,
+    NFPROTO_PACKET_FAMILIES,
+    ct_status_names,
 )
+from tracer.netfilter.marking import MARK_TABLE, MarkingCoordinator
 from tracer.netfilter.nftables import (
-    FAMILIES,
     IPTABLES_FAMILIES,
     IPTABLES_TABLES,
     Chain,
@@ -58,47 +61,27 @@ from tracer.netfilter.nftables import (
     NftError,
     Rule,
     Ruleset,
-    Table,
     change_of,
     generation_of,
+)
+from tracer.netfilter.xtables import rule_comment, split_iptables_rules
+from tracer.netns import Netns
+from tracer.nlmsg import (
+    FD_SETSIZE,
+    NFGEN_ATTRS,
+    NetlinkReader,
+    attributes,
+    fixed_size,
+    netfilter_socket,
+    nfgen_family,
 )
 
 if TYPE_CHECKING:
     from tracer.collectors.conntrack import ConntrackInfo
 
-MARK_TABLE = "tracer_mark"
-#: Before raw (-300) and conntrack (-200): the trace then covers both.
-MARK_PRIORITY = -350
-MARK_COMMENT = "tracer: sets nftrace on watched packets; removed when tracer stops"
-
 NFT_TRACETYPE_POLICY = 1
 NFT_TRACETYPE_RETURN = 2
 NFT_TRACETYPE_RULE = 3
-
-#: NF_CT_STATE_*_BIT values as NFTA_TRACE_CT_STATE carries them.
-CT_STATES = {1: "invalid", 2: "established", 4: "related", 8: "new", 64: "untracked"}
-CT_DIRECTIONS = {0: "original", 1: "reply"}
-#: NFTA_TRACE_NFPROTO: the protocol family of the packet itself.
-NFPROTO_NAMES = {2: "ipv4", 10: "ipv6", 3: "arp", 7: "bridge"}
-#: enum ip_conntrack_status bit numbers, named as the drop-event spec wants.
-CT_STATUS_BITS = (
-    "expected",
-    "seen_reply",
-    "assured",
-    "confirmed",
-    "src_nat",
-    "dst_nat",
-    "seq_adjust",
-    "src_nat_done",
-    "dst_nat_done",
-    "dying",
-    "fixed_timeout",
-    "template",
-    "nat_clash",
-    "helper",
-    "offload",
-    "hw_offload",
-)
 
 _TRACE_STATE_TTL = 5.0
 #: A drop comes microseconds after its trace (the same call chain frees the packet);
@@ -300,10 +283,6 @@ def _verdict_code(code: int | None) -> int | None:
     return code & 0xFF
 
 
-def ct_status_names(status: int) -> tuple[str, ...]:
-    return tuple(name for bit, name in enumerate(CT_STATUS_BITS) if status & (1 << bit))
-
-
 def _ct_status(ct: dict[str, Any]) -> tuple[str, ...] | None:
     if ct.get("status") is not None:
         return ct_status_names(ct["status"])
@@ -311,74 +290,58 @@ def _ct_status(ct: dict[str, Any]) -> tuple[str, ...] | None:
     return () if ct.get("id") is not None else None
 
 
-class LegacyMarking(Protocol):
-    """What marking needs from iptables-legacy tracing (tracer.collectors.xtrace).
+#: Namespaces set up side by side when several appear at once (a start over hundreds): the
+#: libnftables calls take turns (one at a time in the process), but what waits without them
+#: (sockets made inside the namespace, /proc, the legacy side's nfnetlink_log binding and
+#: iptables-legacy-save before marking) overlaps, so one slow namespace does not hold up the
+#: rest. The threads live only while an update sets namespaces up.
+_SETUP_WORKERS = 3
 
-    Legacy ip_tables trace packets carrying the same nf_trace bit, so a
-    namespace with legacy tables but no nftables base chains is worth
-    marking too, and a namespace about to be marked must first have its
-    TRACE lines routed away from the kernel log.
+#: A command that needs neither the kernel nor a ruleset cache. Running it makes libnftables
+#: (1.0.x) free the cache the command before it filled: about 512 KiB for every table listed or
+#: changed (each table's four 8192-bucket hash tables), which the context we keep open per
+#: namespace would otherwise hold until it is closed: 1-2 MiB a namespace, most of the RSS.
+_CACHE_RELEASE = "describe meta nftrace"
+
+
+def _nft_context(ns: Netns) -> NftContext:
+    """A libnftables context inside `ns`, tried once more when it failed with EBADF:
+    NftContext finds its new socket among all the process's descriptors, and one that
+    another thread (another namespace's set-up) closed meanwhile makes it fail.
+
+    Refused (OSError EMFILE) when its socket would get a descriptor of FD_SETSIZE or
+    more: libnftables select()s on it, and glibc aborts the process for such a number.
+    One namespace then goes unwatched, with a warning, instead of the tracer dying.
     """
-
-    def wants_marking(self, ns: Netns) -> bool: ...
-
-    def before_marking(self, ns: Netns) -> None: ...
-
-
-def mark_commands(table: str, f: Scope, rate: int, burst: int) -> str:
-    """nft commands that create the marking table (one atomic batch)."""
-    lines = [f'add table inet {table} {{ flags owner; comment "{MARK_COMMENT}"; }}']
-    for hook in ("prerouting", "output"):
-        lines.append(
-            f"add chain inet {table} {hook} {{ type filter hook {hook} priority {MARK_PRIORITY}; policy accept; }}"
-        )
-        for match in nft_match_rules(f, hook):  # type: ignore[arg-type]
-            stmt = f"limit rate {rate}/second burst {burst} packets meta nftrace set 1"
-            lines.append(f"add rule inet {table} {hook} {match} {stmt}".replace("  ", " "))
-    return "\n".join(lines) + "\n"
+    if _lowest_free_fd() >= FD_SETSIZE - _NFT_CONTEXT_FDS:
+        raise OSError(errno.EMFILE, f"no descriptor below {FD_SETSIZE} left for libnftables (it uses select())")
+    try:
+        with netns_mod.entered(ns):
+            return NftContext()
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+    with netns_mod.entered(ns):
+        return NftContext()
 
 
-def stale_marking_tables(rs: Ruleset) -> list[tuple[str, str]]:
-    """Marking tables without the owner flag: left by a crashed older tracer."""
-    return [(t.family, t.name) for t in _stale_tables(rs)]
+#: Descriptors a new NftContext takes: libnftables' socket and NftContext's own netlink socket.
+_NFT_CONTEXT_FDS = 2
 
 
-def _stale_tables(rs: Ruleset) -> list[Table]:
-    return [t for t in rs.tables.values() if t.name.startswith(MARK_TABLE) and not t.owned and t.handle is not None]
+def _lowest_free_fd() -> int:
+    """The number the next descriptor gets (the lowest free one), as of now."""
+    fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    os.close(fd)
+    return fd
 
 
-def _remove_stale(ctx: NftContext, rs: Ruleset, log: Any) -> int:
-    """Deletes stale marking tables by handle: a table's name is chosen by whoever made it
-    (`tracer_mark; flush ruleset` is a valid name), so it never goes into a command."""
-    removed = 0
-    for table in _stale_tables(rs):
-        family, name = table.family, table.name
-        try:
-            ctx.cmd(f"delete table {family} handle {int(table.handle or 0)}")
-            removed += 1
-            log.info("nft.stale_marking_table_removed", family=family, table=name)
-        except NftError as exc:
-            log.warning("nft.stale_marking_table_not_removed", family=family, table=name, error=exc.stderr)
-    return removed
-
-
-def remove_stale_marking_tables(namespaces: Iterable[Netns], log: Any = None) -> int:
-    """Deletes un-owned `tracer_mark*` tables (from a crashed earlier tracer) in each namespace.
-
-    Owned marking tables belong to a running tracer and are left alone (the
-    kernel would refuse anyway). Returns how many tables were removed.
-    """
-    log = log or structlog.get_logger("tracer.nft")
-    removed = 0
-    for ns in namespaces:
-        try:
-            with netns_mod.entered(ns):
-                ctx = NftContext()
-            with ctx:
-                removed += _remove_stale(ctx, ctx.ruleset(), log.bind(netns=ns.label))
-        except (OSError, NftError) as exc:
-            log.warning("nft.stale_check_failed", netns=ns.label, error=str(exc))
-    return removed
+def _release_cache(ctx: NftContext) -> None:
+    """Frees libnftables' ruleset cache of `ctx` (see _CACHE_RELEASE); the next command refills
+    it from the kernel, which a listing of a new generation does anyway."""
+    if not ctx.closed:
+        with contextlib.suppress(ValueError):  # closed meanwhile
+            ctx.run(_CACHE_RELEASE)
 
 
 #: How long a drop verdict waits, after it was read, for a generation change that
@@ -427,28 +390,6 @@ class _Pending:
     crossed: int | None = None  # the first generation announced while this waited; -1: unknown (messages lost)
 
 
-def split_iptables_rules(listing: str) -> dict[str, list[str]]:
-    """`-A CHAIN ...` records of `iptables -S` output, by chain, in order.
-
-    A rule's comment may hold newlines (iptables prints it raw between
-    quotes), so a line that does not start a record continues the one before.
-    A chain name is the word after `-A` as iptables prints it; callers check
-    the count of records against the chain's rules before trusting positions.
-    """
-    records: list[str] = []
-    for line in listing.removesuffix("\n").split("\n"):
-        if line.startswith("-") or not records:
-            records.append(line)
-        else:
-            records[-1] += "\n" + line
-    chains: dict[str, list[str]] = {}
-    for rec in records:
-        if rec.startswith("-A "):
-            chain = rec[3:].split(" ", 1)[0]
-            chains.setdefault(chain, []).append(rec)
-    return chains
-
-
 class _NetnsWatch:
     """Marking table, trace reader and ruleset snapshots of one namespace.
 
@@ -492,8 +433,7 @@ class _NetnsWatch:
 
     def start(self) -> None:
         """Subscribes first, then snapshots and marks: no trace of a marked packet can be missed."""
-        with netns_mod.entered(self.ns):
-            self._ctx = NftContext()
+        self._ctx = _nft_context(self.ns)
         try:
             # A plain socket, not pyroute2's: its per-thread reader decodes every message
             # generically (~1 ms of CPU per traced packet) and buffers them where poll()
@@ -511,11 +451,12 @@ class _NetnsWatch:
             log=self.log,
             event_prefix="nft",
             poll_timeout=self._until_due,
+            loop=self.collector.loop,
         )
         self._generation = self._current_generation()
         self._snapshot()
         rs = self._latest
-        if rs is not None and _remove_stale(self._ctx, rs, self.log):
+        if rs is not None and self.collector.marking.remove_stale_tables(self._ctx, rs, self.log):
             self._generation = self._current_generation()
             self._snapshot()
         self._reader.start()
@@ -525,11 +466,7 @@ class _NetnsWatch:
         self._stopping.set()
         with self._lock:
             if self.marked and self._ctx is not None:
-                try:
-                    self._ctx.cmd(f"delete table inet {self.marked}")
-                    self.log.info("nft.marking_table_removed", table=self.marked)
-                except NftError as exc:
-                    self.log.warning("nft.marking_table_remove_failed", table=self.marked, error=exc.stderr)
+                self.collector.marking.unmark(self._ctx, self.marked, self.log)
                 self.marked = None
         if self._reader is not None:
             self._reader.close()
@@ -545,7 +482,7 @@ class _NetnsWatch:
     # --- marking -------------------------------------------------------------------
 
     def _mark_if_needed(self) -> None:
-        """Marks only namespaces with base chains of their own: otherwise nothing can drop."""
+        """Marks the namespace if the coordinator says it should be (MarkingCoordinator.mark)."""
         with self._lock:
             if self.marked or self._stopping.is_set() or self._ctx is None:
                 return
@@ -553,41 +490,14 @@ class _NetnsWatch:
             if rs is None:
                 return
             c = self.collector
-            legacy = c.mark_legacy
-            if not rs.base_chains(skip_prefix=MARK_TABLE) and not (legacy and legacy.wants_marking(self.ns)):
-                return
-            if legacy is not None:
-                legacy.before_marking(self.ns)
-            taken = {t.name for t in rs.tables.values() if t.family == "inet"}
-            name = MARK_TABLE if MARK_TABLE not in taken else f"{MARK_TABLE}_{os.getpid()}"
             try:
-                self._ctx.cmd(mark_commands(name, c.filter, c.rate, c.burst))
-            except NftError as exc:
-                self.log.warning("nft.marking_failed", table=name, error=exc.stderr)
+                name = c.marking.mark(self._ctx, self.ns, rs, scope=c.filter, rate=c.rate, burst=c.burst, log=self.log)
+            finally:
+                _release_cache(self._ctx)
+            if name is None:
                 return
             self.marked = name
             self._want_snapshot = True
-            if legacy is None:
-                self._warn_legacy_trace()
-            self.log.info("nft.marking_table_added", table=name, rate=c.rate, burst=c.burst)
-
-    def _warn_legacy_trace(self) -> None:
-        """Warns that iptables-legacy treats our nftrace mark like its own TRACE target."""
-        names: list[str] = []
-        try:
-            with netns_mod.entered(self.ns):
-                for proc_file in ("ip_tables_names", "ip6_tables_names"):
-                    with open(f"/proc/thread-self/net/{proc_file}") as fh:
-                        names += fh.read().split()
-        except OSError:
-            return
-        if names:
-            self.log.warning(
-                "nft.legacy_iptables_present",
-                tables=names,
-                note="iptables-legacy logs a TRACE line per rule for marked packets to the kernel log "
-                "(initial namespace, or all with net.netfilter.nf_log_all_netns=1)",
-            )
 
     # --- generations and snapshots -----------------------------------------------------
 
@@ -611,9 +521,15 @@ class _NetnsWatch:
         """
         if self._ctx is None or self._ctx.closed:
             return
+        try:
+            self._list_snapshot(self._ctx)
+        finally:
+            _release_cache(self._ctx)
+
+    def _list_snapshot(self, ctx: NftContext) -> None:
         for _ in range(3):
             try:
-                rs = self._ctx.ruleset()
+                rs = ctx.ruleset()
             except (NftError, OSError, ValueError) as exc:
                 self.log.warning("nft.ruleset_list_failed", error=str(exc))
                 continue  # a listing cut short by a concurrent change: try again
@@ -790,7 +706,7 @@ class _NetnsWatch:
         get = msg.attrs.get
         trace_id = get("NFTA_TRACE_ID")
         table, chain = get("NFTA_TRACE_TABLE"), get("NFTA_TRACE_CHAIN")
-        family = FAMILIES.get(msg.family)
+        family = NFPROTO_FAMILIES.get(msg.family)
         if trace_id is None or table is None or chain is None or family is None:
             self.log.warning("nft.malformed_trace", trace_id=trace_id, table=table, chain=chain)
             return
@@ -927,11 +843,11 @@ class _NetnsWatch:
             verdict="reject" if rule is not None and rule.reject else "drop",
             backend=backend,
             iptables=iptables,
-            ct_state=CT_STATES.get(ct["state"]) if ct.get("state") is not None else None,
+            ct_state=CT_STATE_BITS.get(ct["state"]) if ct.get("state") is not None else None,
             ct_direction=CT_DIRECTIONS.get(ct["direction"]) if ct.get("direction") is not None else None,
             ct_status=_ct_status(ct),
             ct_id=ct.get("id"),
-            nfproto=NFPROTO_NAMES.get(p.nfproto) if p.nfproto is not None else None,
+            nfproto=NFPROTO_PACKET_FAMILIES.get(p.nfproto) if p.nfproto is not None else None,
             iif=p.iif,
             oif=p.oif,
             mark=p.mark,
@@ -1017,9 +933,16 @@ class NftCollector:
     `rate` and `burst` bound how many packets per second and namespace are
     traced (each marking rule has its own limit). `on_verdict` is called in
     the reader thread for every drop verdict, also those without packet
-    headers, which wait_verdict cannot find. `mark_legacy` (the iptables-legacy
-    collector) also gets namespaces marked that only have legacy tables, and
-    is told before any namespace is marked.
+    headers, which wait_verdict cannot find. `marking` is the coordinator that
+    adds and removes the marking tables and decides which namespaces get one
+    (shared with the iptables-legacy collector, which then also gets
+    namespaces marked that only have legacy tables); without one, the
+    collector makes its own and works alone.
+
+    Every namespace's trace socket is read by one event loop (tracer.loop):
+    `loop` if given (its owner closes it), else one of the collector's own,
+    made on first use and closed by stop(). Its thread, `nft-trace-loop`,
+    is the "reader thread" above; no thread is started per namespace.
     """
 
     def __init__(
@@ -1030,8 +953,9 @@ class NftCollector:
         burst: int | None = None,
         verdict_ttl: float = 5.0,
         on_verdict: Callable[[TraceVerdict], None] | None = None,
-        mark_legacy: LegacyMarking | None = None,
+        marking: MarkingCoordinator | None = None,
         log: Any = None,
+        loop: EventLoop | None = None,
     ) -> None:
         if rate < 1:
             raise ValueError(f"trace rate must be at least 1 packet/second, not {rate}")
@@ -1042,7 +966,7 @@ class NftCollector:
             raise ValueError(f"trace burst must be at least 1 packet, not {self.burst}")
         self.verdict_ttl = verdict_ttl
         self.on_verdict = on_verdict
-        self.mark_legacy = mark_legacy
+        self.marking = marking if marking is not None else MarkingCoordinator()
         self.log = log or structlog.get_logger("tracer.nft")
         self._watches: dict[int, _NetnsWatch] = {}
         self._lock = threading.Lock()  # _watches
@@ -1051,8 +975,18 @@ class NftCollector:
         self._verdicts: OrderedDict[tuple[int, bytes], deque[TraceVerdict]] = OrderedDict()
         self._published = 0
         self._stopped = False
+        self.marking.attach_nft(self)
+        self._own_loop = loop is None
+        self._loop = loop
 
     # --- lifecycle -------------------------------------------------------------------
+
+    @property
+    def loop(self) -> EventLoop:
+        """The loop the trace sockets are read on (made on first use when none was given)."""
+        if self._loop is None:
+            self._loop = EventLoop("nft-trace-loop", self.log)
+        return self._loop
 
     def start(self, namespaces: Iterable[Netns]) -> None:
         """Starts watching namespaces (those the filter's `netns` selects)."""
@@ -1063,8 +997,8 @@ class NftCollector:
     def update_namespaces(self, namespaces: Iterable[Netns]) -> None:
         """Watches new namespaces and drops the ones no longer listed (no error if gone).
 
-        With `mark_legacy`, unmarked namespaces are checked again too: legacy
-        tables announce no changes, so their collector asks for this.
+        With a legacy collector at the coordinator, unmarked namespaces are
+        checked again too: legacy tables announce no changes.
         Ignored after stop(), so a late namespace scan cannot re-add marking tables.
         """
         with self._update_lock:
@@ -1084,20 +1018,46 @@ class NftCollector:
             else:
                 w.log.warning("nft.netns_vanished", path=w.ns.path, action="watch stopped")
             w.stop()
-        for ns in new:
-            watch = _NetnsWatch(ns, self)
-            try:
-                watch.start()
-            except (OSError, NftError) as exc:
-                self.log.warning("nft.netns_watch_failed", netns=ns.label, netns_inode=ns.inode, error=str(exc))
-                continue
-            with self._lock:
-                self._watches[ns.inode] = watch
-        if self.mark_legacy is not None:
-            with self._lock:
-                unmarked = [w for w in self._watches.values() if w.marked is None and w.ns not in new]
-            for w in unmarked:
-                w._mark_if_needed()
+        self._start_watches(new)
+        if self.marking.legacy_attached:
+            self._mark_unmarked(skip=new)
+
+    def _start_watches(self, new: list[Netns]) -> None:
+        """Sets up the new namespaces, several side by side (_SETUP_WORKERS), each watched
+        from the moment its own set-up is done."""
+        if len(new) <= 1:
+            for ns in new:
+                self._start_watch(ns)
+            return
+        workers = min(_SETUP_WORKERS, len(new))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nft-setup") as pool:
+            for _ in pool.map(self._start_watch, new):
+                pass  # re-raises what a set-up raised beyond the errors it reports itself
+
+    def _start_watch(self, ns: Netns) -> None:
+        watch = _NetnsWatch(ns, self)
+        try:
+            watch.start()
+        except (OSError, NftError) as exc:
+            self.log.warning("nft.netns_watch_failed", netns=ns.label, netns_inode=ns.inode, error=str(exc))
+            return
+        with self._lock:
+            self._watches[ns.inode] = watch
+
+    def recheck_marking(self) -> None:
+        """Marks the watched namespaces that should be marked by now and are not (the
+        coordinator asks when legacy tables became worth tracing); ignored after stop()."""
+        with self._update_lock:
+            if not self._stopped:
+                self._mark_unmarked(skip=())
+
+    def _mark_unmarked(self, skip: Iterable[Netns]) -> None:
+        """Asks each unmarked watch (but those just started, `skip`) to mark if it should."""
+        skipped = set(skip)
+        with self._lock:
+            unmarked = [w for w in self._watches.values() if w.marked is None and w.ns not in skipped]
+        for w in unmarked:
+            w._mark_if_needed()
 
     def stop(self) -> None:
         """Removes marking tables, closes sockets, joins threads; safe to call twice."""
@@ -1109,6 +1069,9 @@ class NftCollector:
                 w.stop()
             except Exception as exc:
                 w.log.warning("nft.stop_failed", error=repr(exc))
+        if self._own_loop and self._loop is not None:
+            self._loop.close()  # its thread ends; a later start() makes another
+            self._loop = None
         with self._cond:
             self._cond.notify_all()
 

@@ -23,31 +23,26 @@ warning (pid and command), and retried on every poll.
 
 The nf_log binding is host state, so it is journalled under /run/tracer
 before it is changed and put back on stop, but only by the last running
-tracer that uses it (BindingJournal); a tracer that starts after a crash
-puts back what the crashed one left. Legacy rules are only ever read: the
-listing tool runs in the namespace with no name in its argv, and what it
-prints is checked against the kernel's own chain layout.
+tracer that uses it; a tracer that starts after a crash puts back what the
+crashed one left (tracer.netfilter.marking, whose coordinator also decides
+with the nftables collector which namespaces are marked). Legacy rules are
+only ever read (tracer.netfilter.xtables): the listing tool runs in the
+namespace with no name in its argv, and what it prints is checked against
+the kernel's own chain layout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import functools
-import hashlib
-import json
 import os
-import secrets
-import shlex
 import socket
 import struct
 import subprocess
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -58,13 +53,11 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
 
 from tracer import netns as netns_mod
-from tracer.event import packet
 from tracer.collectors.xtrace_relay import (
     RelayClient,
     RelayServer,
     check_state_dir,
     cleanup_stale_sockets,
-    file_lock,
     group_holder,
     netns_cookie,
     printable,
@@ -72,6 +65,22 @@ from tracer.collectors.xtrace_relay import (
     remove_if_stale,
 )
 from tracer.config import Scope
+from tracer.event import packet
+from tracer.loop import EventLoop
+from tracer.netfilter.constants import IPTABLES_CHAINS, NF_INET_HOOKS
+from tracer.netfilter.marking import STATE_DIR, MarkingCoordinator
+from tracer.netfilter.xtables import (
+    FAMILIES,
+    PF_FAMILIES,
+    TABLE_ORDER,
+    TableLayout,
+    XtFamily,
+    XtTable,
+    loaded_tables,
+    parse_save,
+    rule_comment,
+    table_layout,
+)
 from tracer.netns import Netns
 from tracer.nlmsg import (
     NFGEN_ATTRS,
@@ -94,26 +103,7 @@ NFULNL_COPY_PACKET = 2
 TRACE_GROUP = 0
 #: Enough for an IPv4 header with options or IPv6 with extension headers, plus ports.
 COPY_RANGE = 256
-NF_LOGGER = "nfnetlink_log"
 TRACE_PREFIX = "TRACE: "
-STATE_DIR = Path("/run/tracer")
-
-HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
-#: The built-in chain each hook runs (the kernel calls it `hookname` in traces).
-HOOK_CHAINS = {hook: hook.upper() for hook in HOOKS}
-#: Order the kernel runs legacy tables within a hook (priorities -300 .. 50).
-TABLE_ORDER = ("raw", "mangle", "nat", "filter", "security")
-
-#: Targets after which a packet goes on (or is accepted): never the reason for a drop.
-NON_DROPPING_TARGETS = frozenset(
-    {
-        "ACCEPT", "RETURN", "LOG", "NFLOG", "ULOG", "MARK", "CONNMARK", "CT", "NOTRACK", "TRACE",
-        "DSCP", "TOS", "TTL", "HL", "TCPMSS", "TCPOPTSTRIP", "CLASSIFY", "SECMARK", "CONNSECMARK",
-        "CHECKSUM", "AUDIT", "IDLETIMER", "LED", "SET", "TEE", "DNAT", "SNAT", "MASQUERADE",
-        "REDIRECT", "NETMAP", "HMARK", "RATEEST", "TPROXY", "CLUSTERIP", "ECN", "SYNPROXY_ACCEPT",
-    }
-)  # fmt: skip
-
 _TRACE_STATE_TTL = 5.0
 _MAX_TRACES = 65536
 _PACKET_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
@@ -124,27 +114,6 @@ _CONNECT_PAUSE = 0.1
 #: After a holder left: how long, and how often, to retry before the normal poll takes over.
 _FAST_RETRY_WINDOW = 5.0
 _FAST_RETRY_INTERVAL = 0.2
-
-
-@dataclass(frozen=True)
-class _Family:
-    """What differs between ip_tables and ip6_tables."""
-
-    name: str  # ip / ip6, as the drop event's netfilter.family spells it
-    pf: int  # NFPROTO_IPV4 / NFPROTO_IPV6: the nf_log sysctl index
-    save: str  # the listing tool
-    names_file: str  # /proc/net file listing the loaded tables
-    sock_family: int
-    level: int  # getsockopt level of IPT_SO_GET_INFO / IP6T_SO_GET_INFO
-    next_offset: int  # offsetof(struct ipt_entry / ip6t_entry, next_offset)
-    counters: int  # offsetof(..., counters); 16 bytes of packet/byte counts
-
-
-FAMILIES = {
-    "ip": _Family("ip", 2, "iptables-legacy-save", "ip_tables_names", socket.AF_INET, socket.SOL_IP, 90, 96),
-    "ip6": _Family("ip6", 10, "ip6tables-legacy-save", "ip6_tables_names", socket.AF_INET6, 41, 142, 152),
-}
-PF_FAMILIES = {f.pf: f for f in FAMILIES.values()}
 
 
 # --- nfnetlink_log messages -----------------------------------------------------------
@@ -313,725 +282,6 @@ def payload_fingerprint(payload: bytes) -> bytes | None:
     return packet.fingerprint(payload[:40], l4 if len(l4) >= 4 else b"")
 
 
-# --- legacy rulesets as iptables-legacy-save prints them -------------------------------------
-
-
-@dataclass(frozen=True)
-class XtChain:
-    """A chain: built-in ones have a policy, user chains have None.
-
-    `trusted` is False when the listing cannot be matched rule for rule to
-    the table the kernel has (a name or comment with a line break in the
-    wrong place, or rules changed while they were listed): the chain then
-    lends no rule text to any verdict, rather than a wrong one.
-    """
-
-    name: str
-    policy: str | None
-    rules: tuple[str, ...] = ()  # full `-A CHAIN ...` lines, in order
-    trusted: bool = True
-
-
-@dataclass(frozen=True)
-class XtTable:
-    family: str
-    name: str
-    chains: dict[str, XtChain]
-
-    @functools.cached_property
-    def spaced(self) -> tuple[str, ...]:
-        """spaced_names of this table's chains, worked out once."""
-        return spaced_names(self.chains)
-
-    def rule(self, chain: str, number: int) -> str | None:
-        """The `-A` line of rule `number` (1-based) in `chain`."""
-        c = self.chains.get(chain)
-        if c is None or not c.trusted or not 1 <= number <= len(c.rules):
-            return None
-        return c.rules[number - 1]
-
-    def verdict_of(self, line: str) -> str | None:
-        """`drop`/`reject` when this rule ends a packet, None when it lets it go on."""
-        target, _ = rule_target(line, self.spaced)
-        if target is None or target in NON_DROPPING_TARGETS or target in self.chains:
-            return None
-        return "reject" if target == "REJECT" else "drop"
-
-    def can_drop_from(self, chain: str) -> bool:
-        """Whether a packet entering `chain` can be dropped: a DROP policy, or a
-        dropping rule in it or in any chain reachable by jump/goto. A chain we
-        could not read rule for rule counts as one that can."""
-        start = self.chains.get(chain)
-        if start is None:
-            return False
-        if start.policy == "DROP":
-            return True
-        seen, todo = {chain}, [chain]
-        while todo:
-            c = self.chains[todo.pop()]
-            if not c.trusted:
-                return True
-            for line in c.rules:
-                if self.verdict_of(line) is not None:
-                    return True
-                target, _ = rule_target(line, self.spaced)
-                if target in self.chains and target not in seen:
-                    seen.add(target)
-                    todo.append(target)
-        return False
-
-    @property
-    def can_drop(self) -> bool:
-        return any(self.can_drop_from(c.name) for c in self.chains.values() if c.policy is not None)
-
-
-#: Options iptables-save follows with a chain or target name, printed bare whatever it holds.
-_NAME_OPTIONS = frozenset({"-A", "-j", "-g", "--jump", "--goto"})
-
-
-def spaced_names(chains: Iterable[str]) -> tuple[str, ...]:
-    """The chain names a space-split would cut, longest first: what split_words needs to know."""
-    return tuple(sorted((c for c in chains if " " in c), key=len, reverse=True))
-
-
-def split_words(line: str, spaced: Sequence[str] = ()) -> list[str]:
-    """The words of an iptables-save line, unquoted as xtables quotes them.
-
-    xtables_save_string() puts a value with anything but letters, digits,
-    `_` and `-` in double quotes and escapes `"`, `\\` and `'` inside with a
-    backslash; nothing else is special (shlex would also take single
-    quotes, which xtables prints bare). A quote only opens at the start of
-    a word. The chain after `-A` and the target after `-j`/`-g` are printed
-    bare, so a name like `"q` is one word there; `spaced` (spaced_names of
-    the known chains) lets a name with spaces be one word too.
-    """
-    words: list[str] = []
-    cur: list[str] = []
-    in_word = quoted = False
-    i, n = 0, len(line)
-    while i < n:
-        ch = line[i]
-        if quoted:
-            if ch == "\\" and i + 1 < n:
-                cur.append(line[i + 1])
-                i += 2
-                continue
-            if ch == '"':
-                quoted = False
-            else:
-                cur.append(ch)
-        elif ch == " ":
-            if in_word:
-                words.append("".join(cur))
-                cur, in_word = [], False
-        elif not in_word and words and words[-1] in _NAME_OPTIONS:
-            rest = line[i:]
-            name = next((c for c in spaced if rest == c or rest.startswith(c + " ")), None)
-            if name is None:
-                name = rest.split(" ", 1)[0]
-            words.append(name)
-            i += len(name)
-            continue
-        elif ch == '"' and not in_word:
-            quoted = in_word = True
-        else:
-            cur.append(ch)
-            in_word = True
-        i += 1
-    if in_word:
-        words.append("".join(cur))
-    return words
-
-
-def _quote_open(text: str, skip: int = 0) -> bool:
-    """Whether a quoted value (as split_words reads them) is still open at the end of `text`.
-
-    `skip`: characters at the start that are a raw name, printed without
-    quotes whatever they contain.
-    """
-    quoted = False
-    prev = " "
-    i, n = skip, len(text)
-    while i < n:
-        ch = text[i]
-        if quoted:
-            if ch == "\\":
-                i += 2
-                prev = "x"
-                continue
-            if ch == '"':
-                quoted = False
-        elif ch == '"' and prev == " ":
-            quoted = True
-        prev = ch
-        i += 1
-    return quoted
-
-
-def rule_target(line: str, spaced: Sequence[str] = ()) -> tuple[str | None, bool]:
-    """The target of an `-A` line (`-j` or `-g`) and whether it is a goto."""
-    words = split_words(line, spaced)
-    for i, word in enumerate(words[:-1]):
-        if word in ("-j", "--jump", "-g", "--goto"):
-            return words[i + 1], word in ("-g", "--goto")
-    return None, False
-
-
-def rule_comment(line: str, spaced: Sequence[str] = ()) -> str | None:
-    """The `-m comment --comment` text of a rule, if it has one (exactly, control characters too)."""
-    words = split_words(line, spaced)
-    for i, word in enumerate(words[:-1]):
-        if word == "--comment":
-            return words[i + 1]
-    return None
-
-
-@dataclass(frozen=True)
-class TableLayout:
-    """What the kernel says a legacy table is: a digest of its rules, and its chains.
-
-    `chains`: chain name -> its entries, the closing policy (built-in) or
-    RETURN (user chain) included, so one more than its rules. The names are
-    exact (the kernel's bytes); the listing tool prints them raw.
-    """
-
-    digest: bytes
-    chains: dict[str, int]
-
-
-class _ChainNames:
-    """Chain names for reading a listing around them: fast for plain names, exact for odd ones."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self.names = set(names)
-        # Names a space-split would cut, longest first (a name may be another's prefix).
-        self.spaced = sorted((n for n in self.names if " " in n or not n), key=len, reverse=True)
-
-    def at(self, text: str) -> str | None:
-        """The declared name `text` starts with (followed by a space or the end)."""
-        for name in self.spaced:
-            if text == name or text.startswith(name + " "):
-                return name
-        word = text.split(" ", 1)[0]
-        return word if word in self.names else None
-
-
-def _listed_chain(line: str, names: _ChainNames) -> str | None:
-    """The chain an `-A <chain> ...` line appends to."""
-    return names.at(line[3:]) if line.startswith("-A ") else None
-
-
-def _declared_chain(line: str, names: _ChainNames | None) -> tuple[str, str | None]:
-    """(name, policy) of a `:<name> <policy> [<packets>:<bytes>]` line; the name may hold spaces."""
-    body = line[1:]
-    name = names.at(body) if names is not None else None
-    if name is not None and body != name:
-        policy = body[len(name) + 1 :].split(" ", 1)[0]
-        return name, None if policy == "-" else policy
-    parts = body.rsplit(" ", 2) if body.endswith("]") else body.split(" ", 2)
-    name = parts[0]
-    policy = parts[1] if len(parts) > 1 else "-"
-    return name, None if policy == "-" else policy
-
-
-def _starts_statement(line: str) -> bool:
-    return line.startswith(("*", ":", "-A ", "#")) or line == "COMMIT" or line == ""
-
-
-def _logical_lines(text: str, chain_names: _ChainNames, quotes: bool) -> list[str]:
-    """Lines of an iptables-save listing, with the line breaks inside a name or comment mended.
-
-    The tool prints names and comments as they are, line breaks included.
-    A physical line continues the previous one when it starts no statement
-    of the format (a line break in a name printed without quotes) or, with
-    `quotes`, when a quoted value is still open there (a line break in a
-    comment, which may be followed by what looks like a rule). Only "\\n"
-    breaks lines: a CR or any other control character is part of the text.
-    """
-    out: list[str] = []
-    for line in text.split("\n"):
-        prev = out[-1] if out else ""
-        if prev.startswith(("-A ", ":")) and (
-            not _starts_statement(line) or (quotes and prev.startswith("-A ") and _rule_quote_open(prev, chain_names))
-        ):
-            out[-1] += "\n" + line
-        else:
-            out.append(line)
-    return out
-
-
-def _rule_quote_open(line: str, chain_names: _ChainNames) -> bool:
-    if '"' not in line:
-        return False
-    chain = _listed_chain(line, chain_names)
-    skip = 3 + len(chain) if chain is not None else 0
-    # Jump targets are chain names too, printed raw: mask them before looking for quotes.
-    for flag in (" -j ", " -g "):
-        at = line.find(flag, skip)
-        while at >= 0:
-            name = chain_names.at(line[at + len(flag) :])
-            if name:
-                start = at + len(flag)
-                line = line[:start] + "x" * len(name) + line[start + len(name) :]
-            at = line.find(flag, at + 1)
-    return _quote_open(line, skip)
-
-
-def parse_save(text: str, family: str, layouts: dict[str, TableLayout] | None = None) -> dict[str, XtTable]:
-    """Tables of `iptables-legacy-save` output (its `-A` lines are those of `iptables -S`).
-
-    Names and comments are hostile: a chain may be called `-Z` or `"q` or
-    hold spaces, a comment may hold line breaks followed by what looks like
-    a rule or a COMMIT. With `layouts` (the kernel's own chain names and
-    sizes, table_layout), chain names are matched exactly, tables the
-    kernel does not have are ignored, and the listing is read twice: with
-    line breaks inside quoted values mended, and line by line (a bare word
-    that starts with a quote, say an interface name, would otherwise open
-    a "quote" that swallows the rules after it). Each table is taken from
-    the reading that matches the kernel's chains best, and a chain whose
-    rules still do not add up is marked untrusted, so it never lends a
-    wrong rule. Without layouts the listing is read line by line.
-    """
-    if layouts is None:
-        return _parse_save(text, family, None, quotes=False)
-    quoted = _parse_save(text, family, layouts, quotes=True)
-    if all(c.trusted for t in quoted.values() for c in t.chains.values()) and quoted.keys() == layouts.keys():
-        return quoted
-    plain = _parse_save(text, family, layouts, quotes=False)
-    best: dict[str, XtTable] = {}
-    for name in layouts:
-        candidates = [t for t in (quoted.get(name), plain.get(name)) if t is not None]
-        if candidates:
-            best[name] = min(candidates, key=lambda t: sum(not c.trusted for c in t.chains.values()))
-    return best
-
-
-def _parse_save(text: str, family: str, layouts: dict[str, TableLayout] | None, *, quotes: bool) -> dict[str, XtTable]:
-    tables: dict[str, XtTable] = {}
-    known = _ChainNames(c for layout in (layouts or {}).values() for c in layout.chains)
-    # The declared names first, so that `-A` lines and their quotes can be read around them.
-    declared = set(known.names)
-    for line in text.split("\n"):
-        if line.startswith(":"):
-            declared.add(_declared_chain(line, known if layouts else None)[0])
-    names = _ChainNames(declared)
-    name: str | None = None
-    policies: dict[str, str | None] = {}
-    rules: dict[str, list[str]] = {}
-    for line in _logical_lines(text, names, quotes):
-        if line.startswith("*"):
-            name, policies, rules = line[1:].strip(), {}, {}
-        elif name is None:
-            continue
-        elif line.startswith(":"):
-            chain, policy = _declared_chain(line, known if layouts else names)
-            policies[chain] = policy
-            rules.setdefault(chain, [])
-        elif line.startswith("-A "):
-            chain = _listed_chain(line, names) or line.split(" ", 2)[1]
-            rules.setdefault(chain, []).append(line)
-        elif line.strip() == "COMMIT":
-            tables[name] = _table(family, name, policies, rules, (layouts or {}).get(name) if layouts else None)
-            name = None
-    if layouts is not None:
-        tables = {t: table for t, table in tables.items() if t in layouts}
-    return tables
-
-
-def _table(
-    family: str,
-    name: str,
-    policies: dict[str, str | None],
-    rules: dict[str, list[str]],
-    layout: TableLayout | None,
-) -> XtTable:
-    if layout is None:
-        return XtTable(family, name, {c: XtChain(c, policies.get(c), tuple(rules.get(c, ()))) for c in rules})
-    chains = {}
-    for c, entries in layout.chains.items():
-        listed = tuple(rules.get(c, ()))
-        chains[c] = XtChain(c, policies.get(c), listed, trusted=len(listed) == entries - 1)
-    return XtTable(family, name, chains)
-
-
-# --- reading tables without changing them -------------------------------------------------
-
-_libc: ctypes.CDLL | None = None
-
-
-def _getsockopt(fd: int, level: int, option: int, buf: bytes) -> bytes:
-    """getsockopt(2) with an input buffer (Python's own cannot pass the table name in)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    cbuf = ctypes.create_string_buffer(buf, len(buf))
-    size = ctypes.c_uint32(len(buf))
-    if _libc.getsockopt(fd, level, option, cbuf, ctypes.byref(size)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return cbuf.raw[: size.value]
-
-
-_SO_GET_INFO, _SO_GET_ENTRIES = 64, 65  # IPT_SO_GET_INFO / IP6T_SO_GET_INFO, ..._ENTRIES
-_GET_INFO_SIZE = 84  # struct ipt_getinfo
-_GET_ENTRIES_HEADER = 40  # struct ipt_get_entries up to its 8-byte aligned entry table
-
-
-_TARGET_NAME = slice(2, 31)  # struct xt_entry_target: __u16 target_size; char name[29]; __u8 revision
-_TARGET_DATA = 32
-_ERROR_TARGET = b"ERROR"  # heads each user chain, its data the chain's name; also ends the table
-
-
-def table_layout(sock: socket.socket, fam: _Family, table: str) -> TableLayout:
-    """A digest of a loaded table's rules (counters left out), and its chains as the kernel has them.
-
-    Legacy iptables sends no change notifications and has no generation
-    number; the digest is what tells a cached listing from a stale one
-    without running a program. The chains, with exact names and sizes, are
-    what a listing is checked against (parse_save). Only ever call it for
-    tables listed in /proc/net/ip*_tables_names: asking for another name
-    makes the kernel create that table.
-    """
-    name = table.encode().ljust(32, b"\0")
-    for _ in range(5):
-        info = _getsockopt(sock.fileno(), fam.level, _SO_GET_INFO, name + bytes(_GET_INFO_SIZE - 32))
-        valid_hooks = struct.unpack_from("=I", info, 32)[0]
-        hook_entry = struct.unpack_from("=5I", info, 36)
-        size = struct.unpack_from("=I", info, 80)[0]
-        request = name + struct.pack("=I", size) + bytes(_GET_ENTRIES_HEADER - 36 + size)
-        try:
-            blob = bytearray(_getsockopt(sock.fileno(), fam.level, _SO_GET_ENTRIES, request)[_GET_ENTRIES_HEADER:])
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:  # replaced between the two calls
-                continue
-            raise
-        starts = {hook_entry[h]: HOOK_CHAINS[hook] for h, hook in enumerate(HOOKS) if valid_hooks & (1 << h)}
-        chains = _chain_sizes(blob, fam, starts)
-        off = 0
-        while off + fam.counters + 16 <= len(blob):
-            step = struct.unpack_from("=H", blob, off + fam.next_offset)[0]
-            blob[off + fam.counters : off + fam.counters + 16] = bytes(16)
-            if step == 0:
-                break
-            off += step
-        return TableLayout(hashlib.blake2b(blob, digest_size=16).digest(), chains)
-    raise OSError(errno.EAGAIN, f"table {table} kept changing")
-
-
-def _chain_sizes(blob: bytes | bytearray, fam: _Family, starts: dict[int, str]) -> dict[str, int]:
-    """Entries of each chain, counted as ipt_do_table numbers rules in its traces.
-
-    A built-in chain starts at its hook's entry; a user chain at an ERROR
-    entry naming it (not counted: the kernel numbers from the entry after).
-    The last entry of the table is an ERROR entry too.
-    """
-    chains: dict[str, int] = {}
-    current: str | None = None
-    off = 0
-    while off + fam.next_offset + 2 <= len(blob):
-        target_offset, step = struct.unpack_from("=HH", blob, off + fam.next_offset - 2)
-        if step == 0:
-            break
-        if off in starts:
-            current = starts[off]
-            chains.setdefault(current, 0)
-        t = off + target_offset
-        target = bytes(blob[t + _TARGET_NAME.start : t + _TARGET_NAME.stop]).split(b"\0", 1)[0]
-        if target == _ERROR_TARGET and off not in starts:
-            if off + step >= len(blob):
-                break  # the table's end
-            data = bytes(blob[t + _TARGET_DATA : off + step]).split(b"\0", 1)[0]
-            current = data.decode(errors="replace")
-            chains[current] = 0
-        elif current is not None:
-            chains[current] += 1
-        off += step
-    return chains
-
-
-def table_generation(sock: socket.socket, fam: _Family, table: str) -> bytes:
-    """The digest of table_layout alone."""
-    return table_layout(sock, fam, table).digest
-
-
-def loaded_tables(ns: Netns) -> dict[str, tuple[str, ...]]:
-    """family -> legacy tables loaded in the namespace (reading does not load any)."""
-    found: dict[str, tuple[str, ...]] = {}
-    with netns_mod.entered(ns):
-        for fam in FAMILIES.values():
-            try:
-                with open(f"/proc/thread-self/net/{fam.names_file}") as fh:
-                    names = tuple(fh.read().split())
-            except FileNotFoundError:
-                names = ()
-            if names:
-                found[fam.name] = names
-    return found
-
-
-def _nf_log_path(pf: int) -> str:
-    return f"/proc/sys/net/netfilter/nf_log/{pf}"
-
-
-def read_nf_log(ns: Netns, pf: int) -> str:
-    """The logger bound for a protocol family in the namespace (`NONE` when none)."""
-    with netns_mod.entered(ns), open(_nf_log_path(pf)) as fh:  # /proc/sys/net follows the thread's netns
-        return fh.read().strip()
-
-
-def write_nf_log(ns: Netns, pf: int, logger: str) -> None:
-    with netns_mod.entered(ns), open(_nf_log_path(pf), "w") as fh:
-        fh.write(logger)
-
-
-# --- the journal of nf_log bindings we changed ------------------------------------------------
-
-
-def _start_time(pid: int) -> int | None:
-    """Process start time in clock ticks: tells a live tracer from a reused PID."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-NF_LOG_LOCK = "nf_log.lock"
-
-
-class BindingJournal:
-    """`/run/tracer/nf_log.<pid>.<id>.json`: the nf_log bindings this collector uses.
-
-    Written before each change, so that after a crash the next tracer knows
-    what to put back. One file per collector: several may run at once, in
-    one process or several, and the binding is one per namespace and
-    family. So each entry says what was bound when this collector came
-    (`previous`: nfnetlink_log when another tracer had bound it already),
-    and every collector watching a namespace has an entry for it: it is a
-    live user of the binding while its process runs.
-
-    The rules, each applied under one lock file (`nf_log.lock`):
-    - bind: read the binding, journal it, then bind nfnetlink_log.
-    - release with other live users: put nothing back. A collector that
-      knows the original binding leaves it in a handover journal
-      (`nf_log.handover.<id>.json`, owned by no process).
-    - release as the last live user: put back what we changed, then what
-      any handover or dead tracer's journal says for that binding.
-    Only a binding that still reads nfnetlink_log is ever put back: one an
-    admin changed meanwhile is theirs.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = directory / f"nf_log.{os.getpid()}.{secrets.token_hex(4)}.json"
-        self._entries: dict[tuple[int, int], dict[str, Any]] = {}
-        self._lock = threading.Lock()
-
-    def check_writable(self) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not os.access(self.directory, os.W_OK):
-            raise PermissionError(errno.EACCES, f"{self.directory} is not writable")
-
-    def bind(self, ns: Netns, pf: int) -> str:
-        """Binds nfnetlink_log for `pf` in `ns`, journalled first; returns what was bound before."""
-        self.check_writable()
-        with file_lock(self.directory / NF_LOG_LOCK):
-            previous = read_nf_log(ns, pf)
-            self.add(ns, pf, previous)
-            if previous != NF_LOGGER:
-                try:
-                    write_nf_log(ns, pf, NF_LOGGER)
-                except OSError:
-                    self.remove(ns.inode, pf)
-                    raise
-            return previous
-
-    def release(self, ns: Netns, pf: int, previous: str, *, gone: bool, log: Any) -> None:
-        """Stops using the binding; puts it back only when no other live tracer uses it.
-
-        Raises OSError when it could not be put back: the entry stays
-        journalled, and the next tracer to start tries again.
-        """
-        key = (ns.inode, pf)
-        with file_lock(self.directory / NF_LOG_LOCK):
-            users = _live_users(self.directory, key, exclude=self.path)
-            if users:
-                with self._lock:
-                    entry = self._entries.get(key)
-                if previous != NF_LOGGER and entry is not None:
-                    _write_handover(self.directory, entry)
-                log.info("legacy.nf_log_left_bound", pf=pf, still_used_by_pids=sorted(users))
-                self.remove(*key)
-                return
-            if not gone:
-                restore_binding(ns, pf, previous, log)
-            self.remove(*key)
-            _restore_stale_locked(self.directory, log, only=key)
-
-    def add(self, ns: Netns, pf: int, previous: str) -> None:
-        with self._lock:
-            self._entries[(ns.inode, pf)] = {
-                "netns_inode": ns.inode,
-                "path": ns.path,
-                "name": ns.name,
-                "pf": pf,
-                "previous": previous,
-            }
-            self._write()
-
-    def remove(self, inode: int, pf: int) -> None:
-        with self._lock:
-            if self._entries.pop((inode, pf), None) is not None:
-                self._write()
-
-    def _write(self) -> None:
-        if not self._entries:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return
-        doc = {"pid": os.getpid(), "start_time": _start_time(os.getpid()), "bindings": list(self._entries.values())}
-        _write_journal(self.path, doc)
-
-
-def _write_journal(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_handover(directory: Path, entry: dict[str, Any]) -> None:
-    """A journal no process owns: the original binding, for the last user to put back."""
-    _write_journal(directory / f"nf_log.handover.{secrets.token_hex(4)}.json", {"handover": True, "bindings": [entry]})
-
-
-def _read_journals(directory: Path, log: Any) -> list[tuple[Path, dict[str, Any], bool]]:
-    """(path, document, live) of every journal; live: its tracer's process still runs."""
-    found = []
-    try:
-        paths = sorted(directory.glob("nf_log.*.json"))
-    except OSError:
-        return []
-    for path in paths:
-        try:
-            doc = json.loads(path.read_text())
-            if not isinstance(doc, dict) or not isinstance(doc.get("bindings", []), list):
-                raise ValueError("not a journal")
-            live = False
-            if not doc.get("handover"):
-                pid, started = int(doc["pid"]), doc.get("start_time")
-                live = _start_time(pid) is not None and _start_time(pid) == started
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            if log is not None:
-                log.warning("legacy.journal_unreadable", path=str(path), error=str(exc))
-            continue
-        found.append((path, doc, live))
-    return found
-
-
-def _entry_key(entry: Any) -> tuple[int, int] | None:
-    try:
-        return int(entry["netns_inode"]), int(entry["pf"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _live_users(directory: Path, key: tuple[int, int], exclude: Path | None = None) -> set[int]:
-    """PIDs of running tracers (other than the journal `exclude`) that use this binding."""
-    return {
-        int(doc["pid"])
-        for path, doc, live in _read_journals(directory, None)
-        if live and path != exclude and any(_entry_key(e) == key for e in doc.get("bindings", []))
-    }
-
-
-def _find_netns(entry: dict[str, Any]) -> Netns | None:
-    """The journalled namespace if it still exists, by its path or else by inode."""
-    ns = Netns(inode=int(entry["netns_inode"]), path=str(entry["path"]), name=entry.get("name"))
-    if netns_mod.exists(ns):
-        return ns
-    try:
-        return netns_mod.discover().get(ns.inode)
-    except OSError:
-        return None
-
-
-def restore_binding(ns: Netns, pf: int, previous: str, log: Any) -> bool:
-    """Puts `previous` back if the binding is still ours; True if it was changed."""
-    current = read_nf_log(ns, pf)
-    if current != NF_LOGGER:
-        if current != previous:
-            log.info("legacy.nf_log_changed_by_others", netns=ns.label, pf=pf, current=current, left=True)
-        return False
-    if previous == NF_LOGGER:
-        return False
-    write_nf_log(ns, pf, previous)
-    log.info("legacy.nf_log_restored", netns=ns.label, pf=pf, binding=previous)
-    return True
-
-
-def restore_stale_bindings(directory: Path = STATE_DIR, log: Any = None) -> int:
-    """Undoes the nf_log bindings of tracers that died without restoring them.
-
-    A journal whose process is gone (or whose PID now belongs to another
-    process) is stale, and so is a handover. Its bindings are put back
-    unless a running tracer still uses them; namespaces that vanished
-    since need nothing. Returns how many bindings were put back.
-    """
-    log = log or structlog.get_logger("tracer.iptables")
-    if not directory.is_dir():
-        return 0
-    try:
-        with file_lock(directory / NF_LOG_LOCK):
-            return _restore_stale_locked(directory, log)
-    except OSError as exc:
-        log.warning("legacy.stale_journals_unreadable", error=str(exc))
-        return 0
-
-
-def _restore_stale_locked(directory: Path, log: Any, only: tuple[int, int] | None = None) -> int:
-    """restore_stale_bindings with the lock held; `only`: just entries for this binding."""
-    restored = 0
-    journals = _read_journals(directory, log)
-    in_use = {
-        _entry_key(e) for _, doc, live in journals if live for e in doc.get("bindings", [])
-    }
-    for path, doc, live in journals:
-        if live:
-            continue
-        left: list[Any] = []
-        for entry in doc.get("bindings", []):
-            key = _entry_key(entry)
-            if key is None:
-                continue
-            if key in in_use or (only is not None and key != only):
-                left.append(entry)  # a running tracer needs it bound still, or not asked about
-                continue
-            try:
-                ns = _find_netns(entry)
-                if ns is None:
-                    log.info("legacy.journalled_netns_gone", netns_inode=entry.get("netns_inode"))
-                    continue
-                restored += restore_binding(ns, key[1], str(entry["previous"]), log)
-            except (OSError, KeyError, TypeError, ValueError) as exc:
-                log.warning("legacy.nf_log_restore_failed", netns_inode=key[0], error=str(exc))
-                left.append(entry)
-        try:
-            if left:
-                if left != doc.get("bindings"):
-                    _write_journal(path, {**doc, "bindings": left})
-                continue  # kept for a later try
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        except OSError as exc:
-            log.warning("legacy.journal_update_failed", path=str(path), error=str(exc))
-            continue
-        log.info("legacy.stale_journal_done", path=str(path), crashed_pid=doc.get("pid"))
-    return restored
-
-
 # --- verdicts -----------------------------------------------------------------------------------
 
 
@@ -1198,15 +448,17 @@ class _TraceSocket:
     def _start_holder(self, sock: socket.socket, cookie: int) -> None:
         """Reads group 0 ourselves and serves it to other tracers (without a relay if that fails)."""
         ns = self.owner.ns
-        relay: RelayServer | None = RelayServer(
+        server = RelayServer(
             state_dir=self.owner.collector.state_dir,
             netns_inode=ns.inode,
             cookie=cookie,
             wake_source=self._wake_reader,
             log=self.log,
+            loop=self.owner.collector.loop,
         )
+        relay: RelayServer | None = server
         try:
-            relay.start()
+            server.start()
         except OSError as exc:
             relay = None
             self.log.warning(
@@ -1222,6 +474,7 @@ class _TraceSocket:
             on_drained=self._group_drained,
             log=self.log,
             event_prefix="legacy",
+            loop=self.owner.collector.loop,
         )
         with self._cond:
             self._reader, self._relay = reader, relay
@@ -1240,6 +493,7 @@ class _TraceSocket:
             on_lost=lambda reason: self._lost(OSError(errno.ENOBUFS, f"relayed: {reason}")),
             on_closed=lambda reason: self._source_closed(client, reason),
             log=self.log,
+            loop=self.owner.collector.loop,
         )
         check_state_dir(self.owner.collector.state_dir)
         with self._cond:
@@ -1389,7 +643,7 @@ class _TraceSocket:
         if fp is None:
             return
         hook_no = logged.hook
-        hook = HOOKS[hook_no] if hook_no is not None and 0 <= hook_no < len(HOOKS) else None
+        hook = NF_INET_HOOKS[hook_no] if hook_no is not None and 0 <= hook_no < len(NF_INET_HOOKS) else None
         now = time.monotonic()
         with self._cond:
             if self._discarding:
@@ -1460,7 +714,7 @@ class _LegacyNetns:
     def _generation_of(layouts: dict[str, TableLayout] | None) -> tuple[tuple[str, bytes], ...] | None:
         return None if layouts is None else tuple((name, layout.digest) for name, layout in layouts.items())
 
-    def _layouts(self, fam: _Family, names: tuple[str, ...]) -> dict[str, TableLayout] | None:
+    def _layouts(self, fam: XtFamily, names: tuple[str, ...]) -> dict[str, TableLayout] | None:
         try:
             sock = self._probe.get(fam.name)
             if sock is None:
@@ -1571,7 +825,8 @@ class _LegacyNetns:
         )
 
     def _bind_pf(self, pf: int) -> None:
-        """Journal first, then bind (BindingJournal.bind): a crash in between leaves nothing unrecorded."""
+        """Journal first, then bind (marking.BindingJournal.bind): a crash in between leaves nothing
+        unrecorded."""
         try:
             self.bound[pf] = self.collector.journal.bind(self.ns, pf)
         except OSError as exc:
@@ -1620,12 +875,21 @@ class _LegacyNetns:
 class LegacyCollector:
     """Attributes netfilter drops to iptables-legacy rules and policies.
 
-    Works together with the nftables collector, which sets the trace bit:
-    pass this collector as its `mark_legacy`. Namespaces are traced when the
-    watch covers them, legacy tables are loaded there, and those tables can
-    drop a packet (or nftables marks the namespace anyway). `on_ready` is
-    called, outside any lock, when a namespace becomes traced after start:
-    the nftables collector should then re-check its marking.
+    Works together with the nftables collector, which sets the trace bit,
+    through a `MarkingCoordinator` given to both (without one, it makes its
+    own and works alone). Namespaces are traced when the watch covers them,
+    legacy tables are loaded there, and those tables can drop a packet (or
+    nftables marks the namespace anyway). When a namespace becomes traced
+    after start, the coordinator hears of it (outside any lock here) and has
+    nftables check its marking again. Its journal records the nf_log
+    bindings; `state_dir`, if given, must be the coordinator's.
+
+    Trace sockets and relay connections of every namespace are read by one
+    event loop (tracer.loop): `loop` if given (its owner closes it), else
+    one of the collector's own, `legacy-trace-loop`, made on first use and
+    closed by stop(). The one other thread is `legacy-poll`, which looks
+    for new legacy tables: listing them runs iptables-legacy-save, too slow
+    for the loop.
     """
 
     def __init__(
@@ -1635,16 +899,21 @@ class LegacyCollector:
         log: Any = None,
         trace: bool = True,
         poll_interval: float = 2.0,
-        state_dir: Path = STATE_DIR,
-        on_ready: Callable[[], None] | None = None,
+        state_dir: Path | None = None,
+        marking: MarkingCoordinator | None = None,
+        loop: EventLoop | None = None,
     ) -> None:
+        if marking is None:
+            marking = MarkingCoordinator(state_dir=state_dir or STATE_DIR)
+        elif state_dir is not None and state_dir != marking.state_dir:
+            raise ValueError(f"state_dir {state_dir} is not the marking coordinator's ({marking.state_dir})")
         self.filter = filter
         self.log = log or structlog.get_logger("tracer.iptables")
         self.trace_enabled = trace
         self.poll_interval = poll_interval
-        self.state_dir = state_dir
-        self.on_ready = on_ready
-        self.journal = BindingJournal(state_dir)
+        self.marking = marking
+        self.state_dir = marking.state_dir
+        self.journal = marking.journal
         self._namespaces: dict[int, _LegacyNetns] = {}
         self._lock = threading.Lock()  # _namespaces
         self._update_lock = threading.Lock()
@@ -1652,13 +921,25 @@ class LegacyCollector:
         self._kick = threading.Event()  # wakes the poller early (a holder left)
         self._poller: threading.Thread | None = None
         self._stopped = False
+        self._own_loop = loop is None
+        self._loop = loop
+        self._loop_lock = threading.Lock()
+        marking.attach_legacy(self)
 
     # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> EventLoop:
+        """The loop trace sockets and relays are read on (made on first use when none was given)."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = EventLoop("legacy-trace-loop", self.log)
+            return self._loop
 
     def start(self, namespaces: Iterable[Netns]) -> None:
         """Undoes what a crashed tracer left, then starts on the namespaces the filter covers."""
         if self.trace_enabled:
-            restore_stale_bindings(self.state_dir, self.log)
+            self.marking.restore_stale_bindings(self.log)
             cleanup_stale_sockets(self.state_dir, self.log)
         with self._update_lock:
             with self._lock:
@@ -1709,6 +990,10 @@ class LegacyCollector:
                 n.close()
             except Exception as exc:
                 n.log.warning("legacy.stop_failed", error=repr(exc))
+        with self._loop_lock:
+            loop, self._loop = (self._loop, None) if self._own_loop else (None, self._loop)
+        if loop is not None:
+            loop.close()  # its thread ends; a later start() makes another
         if self.trace_enabled and namespaces:
             with contextlib.suppress(OSError):
                 cleanup_stale_sockets(self.state_dir, self.log)
@@ -1754,17 +1039,13 @@ class LegacyCollector:
         self._kick.set()
 
     def _notify_ready(self) -> None:
-        if self.on_ready is not None:
-            try:
-                self.on_ready()
-            except Exception as exc:
-                self.log.warning("legacy.on_ready_failed", error=repr(exc))
+        self.marking.legacy_ready()
 
     def _get(self, inode: int) -> _LegacyNetns | None:
         with self._lock:
             return self._namespaces.get(inode)
 
-    # --- what the nftables collector asks (its `mark_legacy`) ------------------------------------
+    # --- what the marking coordinator asks, for the nftables collector -------------------------
 
     def wants_marking(self, ns: Netns) -> bool:
         """Whether to mark a namespace with no nftables base chains: we trace legacy tables
@@ -1833,7 +1114,7 @@ class LegacyCollector:
         chain = table.chains.get(point.chain)
         if chain is None or not chain.trusted:
             return None
-        base = HOOK_CHAINS.get(last.hook or "")
+        base = IPTABLES_CHAINS.get(last.hook or "")
         common: dict[str, Any] = {
             "netns_inode": n.ns.inode,
             "time": last.time,
@@ -1877,7 +1158,7 @@ class LegacyCollector:
         the table of a legacy drop. Chains reached by jump/goto count.
         """
         n = self._get(netns_inode)
-        chain = HOOK_CHAINS.get(hook)
+        chain = IPTABLES_CHAINS.get(hook)
         if n is None or chain is None or family not in FAMILIES:
             return []
         try:

@@ -41,11 +41,11 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import itertools
 import math
 import os
 import secrets
-import select
 import socket
 import stat
 import struct
@@ -56,9 +56,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracer import loop as loop_mod
 from tracer import netns as netns_mod
+from tracer.loop import EventLoop, Reader
 from tracer.netns import Netns
-from tracer.nlmsg import NLMSG_HEADER, NFGEN_ATTRS
+from tracer.nlmsg import NFGEN_ATTRS, NLMSG_HEADER
 
 RELAY_VERSION = 1
 #: Frame header: payload length, frame type.
@@ -280,7 +282,8 @@ class GroupHolder:
 
     def describe(self, netns_label: str) -> str:
         who = f"pid {self.pid} ({printable(self.comm or '?')})" if self.pid is not None else "an unknown process"
-        return f"nfnetlink_log group {self.group} in netns {printable(netns_label)} is held by {who}, port id {self.portid}"
+        where = f"nfnetlink_log group {self.group} in netns {printable(netns_label)}"
+        return f"{where} is held by {who}, port id {self.portid}"
 
 
 def _group_portid(text: str, group: int) -> int | None:
@@ -364,15 +367,21 @@ class _Subscriber:
     overflowed: bool = False
     dropped: int = 0  # messages dropped since the overflow began
     reader: FrameReader = field(default_factory=lambda: FrameReader({F_DRAIN: 0}))
+    handle: Reader | None = None  # its connection on the event loop
+    writing: bool = False  # the loop calls us back when the connection takes more
 
 
 class RelayServer:
     """The holder's socket: forwards what its group-0 reader reads to every subscriber.
 
-    `message`, `drained` and `lost` are called by the reader thread and
-    never block; a thread of our own accepts, answers DRAIN requests by
+    Served by an event loop (tracer.loop; the process-wide one unless
+    `loop` is given): the listener and every subscriber's connection are
+    descriptors of that loop, which accepts, answers DRAIN requests by
     calling `wake_source` (which makes the reader drain and so send a fresh
-    DRAINED marker) and writes the queues out without blocking.
+    DRAINED marker) and writes the queues out without blocking, waiting
+    for a full connection to take more. `message`, `drained` and `lost`
+    may be called from any thread (the group-0 reader calls them on the
+    loop thread) and never block.
     """
 
     def __init__(
@@ -383,6 +392,7 @@ class RelayServer:
         cookie: int,
         wake_source: Callable[[], None],
         log: Any,
+        loop: EventLoop | None = None,
     ) -> None:
         self.path = relay_path(state_dir, netns_inode)
         self.state_dir = state_dir
@@ -390,14 +400,15 @@ class RelayServer:
         self.cookie = cookie
         self.log = log
         self._wake_source = wake_source
-        self._lock = threading.Lock()
+        self._loop = loop or loop_mod.shared()
+        self._lock = threading.Lock()  # _subs and their queues
         self._subs: list[_Subscriber] = []
         self._listener: socket.socket | None = None
+        self._listening: Reader | None = None
         self._ident: tuple[int, int] | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._wake_pending = False
+        self._flush_pending = False  # a flush is queued on the loop
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"legacy-trace-relay-{netns_inode}", daemon=True)
+        self._name = f"legacy-trace-relay-{netns_inode}"
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -415,49 +426,50 @@ class RelayServer:
                 os.replace(tmp, self.path)
                 st = os.lstat(self.path)
             self._ident = (st.st_dev, st.st_ino)
+            self._listening = self._loop.add_reader(listener.fileno(), self._guarded(self._on_accept), name=self._name)
         except BaseException:
             listener.close()
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            self._close_pipe()
             raise
         self._listener = listener
-        self._thread.start()
         self.log.info("legacy.relay_serving", path=str(self.path))
 
     def close(self) -> None:
         """Removes the socket file (if still ours) and closes every connection: subscribers see EOF."""
         self._stopping.set()
-        self._wake()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5)
         if self._ident is not None:
             with contextlib.suppress(OSError), file_lock(self.state_dir / RELAY_LOCK):
                 st = os.lstat(self.path)
                 if (st.st_dev, st.st_ino) == self._ident:
                     self.path.unlink()
             self._ident = None
+        try:
+            self._loop.run_sync(self._close_connections, 5.0, name=f"{self._name}.close")
+        except TimeoutError:
+            self.log.warning("legacy.relay_did_not_stop")
+            self._close_connections()
+
+    def _close_connections(self) -> None:
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
         with self._lock:
             subs, self._subs = self._subs, []
         for sub in subs:
+            if sub.handle is not None:
+                sub.handle.close()
             sub.sock.close()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        self._close_pipe()
-
-    def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
     @property
     def subscribers(self) -> int:
         with self._lock:
             return len(self._subs)
 
-    # --- called by the group-0 reader thread -------------------------------------------------
+    # --- called by the group-0 reader ------------------------------------------------------
 
     def message(self, msg: bytes) -> None:
         if not self._subs:  # the usual case: one tracer; no copy then (a racy read is harmless)
@@ -468,7 +480,7 @@ class RelayServer:
             for sub in self._subs:
                 wake |= self._append(sub, data, marker=False)
         if wake:
-            self._wake()
+            self._flush_soon()
 
     def drained(self, started: float) -> None:
         if not self._subs:
@@ -479,7 +491,7 @@ class RelayServer:
                 self._append(sub, data, marker=True)
             busy = bool(self._subs)
         if busy:
-            self._wake()
+            self._flush_soon()
 
     def lost(self, reason: str) -> None:
         if not self._subs:
@@ -490,10 +502,10 @@ class RelayServer:
                 self._append(sub, data, marker=False)
             busy = bool(self._subs)
         if busy:
-            self._wake()
+            self._flush_soon()
 
     def _append(self, sub: _Subscriber, data: bytes, *, marker: bool) -> bool:
-        """Queues one frame (lock held); True when the sender should be woken early.
+        """Queues one frame (lock held); True when the queue should be written out now.
 
         A marker replaces an unsent marker right before it: the newer one
         says all the older one did. A subscriber whose queue is full loses
@@ -518,84 +530,81 @@ class RelayServer:
         sub.last_is_marker = marker
         return sub.queued >= _EARLY_WAKE_BYTES
 
-    def _wake(self) -> None:
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+    def _flush_soon(self) -> None:
+        """Writes the queues out: at once on the loop thread, else queued there (once)."""
+        if self._loop.in_loop():
+            self._flush_all()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._guarded(self._queued_flush), name=f"{self._name}.flush")
 
-    # --- the relay thread ---------------------------------------------------------------------
+    def _queued_flush(self) -> None:
+        self._flush_pending = False  # first: what is queued from now on asks again
+        self._flush_all()
 
-    def _run(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                self._serve_once()
-        except Exception as exc:  # never let the relay take the tracer down
-            self.log.warning("legacy.relay_failed", error=repr(exc), consequence="subscribers are let go")
-            with self._lock:
-                subs, self._subs = self._subs, []
-            for sub in subs:
-                sub.sock.close()  # they see EOF, and no longer wait for markers that cannot come
+    # --- on the loop thread ----------------------------------------------------------------------
 
-    def _serve_once(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        poller = select.poll()
-        poller.register(listener.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        with self._lock:
-            subs = list(self._subs)
-        by_fd = {}
-        for sub in subs:
-            by_fd[sub.sock.fileno()] = sub
-            poller.register(sub.sock.fileno(), select.POLLIN | (select.POLLOUT if sub.frames else 0))
-        events = poller.poll(1000)
-        self._wake_pending = False
-        with contextlib.suppress(OSError):
-            os.read(self._wake_r, 4096)
+    def _guarded(self, call: Callable[[], None]) -> Callable[[], None]:
+        """`call` such that a bug in it lets the subscribers go instead of leaving them waiting
+        for markers that cannot come; the relay never takes the tracer down."""
+
+        def run() -> None:
+            try:
+                call()
+            except Exception as exc:
+                self.log.warning("legacy.relay_failed", error=repr(exc), consequence="subscribers are let go")
+                with self._lock:
+                    subs, self._subs = self._subs, []
+                for sub in subs:
+                    if sub.handle is not None:
+                        sub.handle.close()
+                    sub.sock.close()  # they see EOF
+
+        return run
+
+    def _flush_all(self) -> None:
         if self._stopping.is_set():
             return
-        wake_source = False
-        for fd, ev in events:
-            if fd == listener.fileno():
-                self._accept(listener)
-                wake_source = True  # a new subscriber wants its first DRAINED marker soon
-                continue
-            sub = by_fd.get(fd)
-            if sub is None:
-                continue
-            if ev & select.POLLIN:
-                ok, asked = self._read_requests(sub)
-                wake_source |= asked
-                if not ok:
-                    continue
-            if ev & (select.POLLERR | select.POLLNVAL):
-                self._drop(sub, "connection error")
         with self._lock:
             for sub in list(self._subs):
                 if sub.frames:
                     self._flush(sub)
-        if wake_source:
+
+    def _on_accept(self) -> None:
+        listener = self._listener
+        if listener is None or self._stopping.is_set():
+            return
+        if self._accept(listener):
+            self._flush_all()
+            self._wake_source()  # a new subscriber wants its first DRAINED marker soon
+
+    def _on_readable(self, sub: _Subscriber) -> None:
+        ok, asked = self._read_requests(sub)
+        if ok and asked:
             self._wake_source()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _on_writable(self, sub: _Subscriber) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._flush(sub)
+
+    def _accept(self, listener: socket.socket) -> bool:
         try:
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self.log.debug("legacy.relay_accept_failed", error=str(exc))
-            return
+            return False
         try:
             pid, uid, _ = peer_credentials(conn)
         except OSError:
             conn.close()
-            return
+            return False
         if uid != 0:
             self.log.warning("legacy.relay_peer_refused", pid=pid, uid=uid, reason="not root")
             conn.close()
-            return
+            return False
         conn.setblocking(False)
         sub = _Subscriber(conn, pid)
         hello = frame(F_HELLO, _HELLO.pack(RELAY_VERSION, self.netns_inode, self.cookie))
@@ -603,11 +612,15 @@ class RelayServer:
             if len(self._subs) >= MAX_SUBSCRIBERS:
                 self.log.warning("legacy.relay_peer_refused", pid=pid, reason=f"{MAX_SUBSCRIBERS} subscribers already")
                 conn.close()
-                return
+                return False
+            sub.handle = self._loop.add_reader(
+                conn.fileno(), self._guarded(functools.partial(self._on_readable, sub)), name=f"{self._name}.sub"
+            )
             sub.frames.append(hello)
             sub.queued = len(hello)
             self._subs.append(sub)
         self.log.debug("legacy.relay_subscriber", pid=pid)  # the subscriber logs it at info
+        return True
 
     def _read_requests(self, sub: _Subscriber) -> tuple[bool, bool]:
         """(connection still up, a drain was asked for)."""
@@ -629,13 +642,15 @@ class RelayServer:
         return True, bool(frames)
 
     def _flush(self, sub: _Subscriber) -> None:
-        """Writes what the socket takes now (lock held); never waits."""
+        """Writes what the socket takes now (lock held); never waits. What is left is
+        written when the loop finds the connection writable again."""
         while sub.frames:
-            batch = [memoryview(sub.frames[0])[sub.sent :], *itertools.islice(sub.frames, 1, 64)]
+            batch: list[bytes | memoryview] = [memoryview(sub.frames[0])[sub.sent :]]
+            batch += itertools.islice(sub.frames, 1, 64)
             try:
                 n = sub.sock.sendmsg(batch, [], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:
                 self._drop_locked(sub, str(exc))
                 return
@@ -648,14 +663,21 @@ class RelayServer:
             sub.sent = n
             if not sub.frames:
                 sub.last_is_marker = False
+        want = bool(sub.frames)
+        if want != sub.writing and sub.handle is not None:
+            sub.writing = want
+            sub.handle.set_on_write(self._guarded(functools.partial(self._on_writable, sub)) if want else None)
 
     def _drop(self, sub: _Subscriber, reason: str, *, warn: bool = False) -> None:
         with self._lock:
             self._drop_locked(sub, reason, warn=warn)
 
     def _drop_locked(self, sub: _Subscriber, reason: str, *, warn: bool = False) -> None:
+        """On the loop thread only: closing the subscriber's handle there never waits."""
         if sub in self._subs:
             self._subs.remove(sub)
+        if sub.handle is not None:
+            sub.handle.close()
         sub.sock.close()
         (self.log.warning if warn else self.log.debug)("legacy.relay_subscriber_gone", pid=sub.pid, reason=reason)
 
@@ -664,13 +686,18 @@ class RelayServer:
 
 
 class RelayClient:
-    """A connection to the holder of a namespace's group 0, read by a thread of its own.
+    """A connection to the holder of a namespace's group 0, read on an event loop (tracer.loop;
+    the process-wide one unless `loop` is given).
 
     Frames are handed to the callbacks as a netlink reader would hand its
     own messages: `on_message(type, message)`, `on_drained(t)`,
     `on_lost(reason)`; `on_closed(reason)` once when the holder goes away
-    or breaks the protocol (not after `close()`).
+    or breaks the protocol (not after `close()`). Callbacks run on the loop
+    thread and must not block.
     """
+
+    #: Receives in one turn before other descriptors of the loop get theirs.
+    BATCH = 16
 
     def __init__(
         self,
@@ -683,6 +710,7 @@ class RelayClient:
         on_lost: Callable[[str], None],
         on_closed: Callable[[str], None],
         log: Any,
+        loop: EventLoop | None = None,
     ) -> None:
         self.path = path
         self.netns_inode = netns_inode
@@ -699,8 +727,9 @@ class RelayClient:
         )
         self._last_marker = 0.0
         self._stopping = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread = threading.Thread(target=self._run, name=f"legacy-trace-sub-{netns_inode}", daemon=True)
+        self._loop = loop or loop_mod.shared()
+        self._handle: Reader | None = None
+        self._done = False  # the connection ended (loop thread)
 
     def connect(self, timeout: float = 0.5) -> int:
         """Connects, checks who answers, reads its HELLO and starts reading; returns the holder's pid.
@@ -723,16 +752,19 @@ class RelayClient:
             if inode != self.netns_inode or (cookie and self.cookie and cookie != self.cookie):
                 raise RelayError(errno.ESTALE, f"{self.path} serves another namespace")
             sock.setblocking(False)
+            self._sock = sock
+            self.holder_pid = pid
+            self._handle = self._loop.add_reader(
+                sock.fileno(), self._readable, name=f"legacy-trace-sub-{self.netns_inode}"
+            )
         except BaseException:
+            self._sock = None
             sock.close()
             raise
-        self._sock = sock
-        self.holder_pid = pid
-        self._thread.start()
         return pid
 
     def _read_hello(self, sock: socket.socket, deadline: float) -> bytes:
-        """Reads exactly the HELLO frame; what follows is the reading thread's."""
+        """Reads exactly the HELLO frame; what follows is the loop's to read."""
         want = FRAME_HEADER.size + _HELLO.size
         data = b""
         while len(data) < want:
@@ -758,50 +790,54 @@ class RelayClient:
             sock.send(frame(F_DRAIN), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
     def close(self) -> None:
-        """Stops the thread and closes the connection; safe to call twice."""
+        """Stops reading and closes the connection; safe to call twice, from any thread.
+
+        When it returns, no callback of this client runs any more.
+        """
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        handle = self._handle
+        if handle is not None and not handle.close(5.0):
+            self.log.warning("legacy.relay_client_did_not_stop")
         if self._sock is not None:
             self._sock.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
-    def _run(self) -> None:
-        reason = "holder closed the connection"
-        try:
-            reason = self._read_loop()
-        except RelayError as exc:
-            reason = f"protocol error: {exc.strerror or exc}"
-            self.log.warning("legacy.relay_protocol_error", holder_pid=self.holder_pid, error=str(exc))
-        except Exception as exc:  # a callback failed: the state may be off, so start again
-            reason = f"failed: {exc!r}"
-            self.log.warning("legacy.relay_client_failed", error=repr(exc))
-        if not self._stopping.is_set():
-            self._on_closed(reason)
+    # --- on the loop thread -------------------------------------------------------------------
 
-    def _read_loop(self) -> str:
+    def _readable(self) -> None:
         sock = self._sock
-        assert sock is not None
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._stopping.is_set():
-            poller.poll(1000)
+        if sock is None or self._done or self._stopping.is_set():
+            return
+        for _ in range(self.BATCH):
             try:
                 data = sock.recv(1 << 17)
             except (BlockingIOError, InterruptedError):
-                continue
+                return
             except OSError as exc:
-                return str(exc)
+                self._finish(str(exc))
+                return
             if not data:
-                return "holder closed the connection"
-            self._dispatch(self._reader.feed(data))
-        return "stopped"
+                self._finish("holder closed the connection")
+                return
+            try:
+                self._dispatch(self._reader.feed(data))
+            except RelayError as exc:
+                self.log.warning("legacy.relay_protocol_error", holder_pid=self.holder_pid, error=str(exc))
+                self._finish(f"protocol error: {exc.strerror or exc}")
+                return
+            except Exception as exc:  # a callback failed: the state may be off, so start again
+                self.log.warning("legacy.relay_client_failed", error=repr(exc))
+                self._finish(f"failed: {exc!r}")
+                return
+            if self._stopping.is_set():
+                return
+
+    def _finish(self, reason: str) -> None:
+        """The connection is over: stop reading it and tell the owner (unless it closed us)."""
+        self._done = True
+        if self._handle is not None:
+            self._handle.close()
+        if not self._stopping.is_set():
+            self._on_closed(reason)
 
     def _dispatch(self, frames: list[tuple[int, bytes]]) -> None:
         for kind, payload in frames:

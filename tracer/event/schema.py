@@ -15,14 +15,16 @@ imported only when a validator is built, so `load_schema` works without it.
 from __future__ import annotations
 
 import functools
+import importlib
 import ipaddress
 import json
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import ValidationError
+# jsonschema ships no type information (its stubs are a separate package, not
+# a dependency): its validator and errors are `Any` here.
+Validator = Any
+ValidationError = Any
 
 DROP_EVENT = "drop-event"
 SCHEMAS = (DROP_EVENT, "probe-result", "pmtu-result")
@@ -54,7 +56,8 @@ def _schema_text(name: str) -> str:
 
 def load_schema(name: str = DROP_EVENT) -> dict[str, Any]:
     """A fresh copy of a schema, so callers may modify it without affecting `validator()`."""
-    return json.loads(_schema_text(name))
+    loaded: dict[str, Any] = json.loads(_schema_text(name))
+    return loaded
 
 
 def _is_canonical_ipv4(value: object) -> bool:
@@ -76,23 +79,25 @@ def _is_canonical_ipv6(value: object) -> bool:
     return ipaddress.IPv6Address(value).compressed == value
 
 
-def _format_checker() -> Any:
-    from jsonschema import FormatChecker
+def _jsonschema() -> Any:
+    """The jsonschema module, imported when a validator is first built (not a runtime dependency)."""
+    return importlib.import_module("jsonschema")
 
-    checker = FormatChecker()  # every format jsonschema knows, on a private copy
+
+def _format_checker() -> Any:
+    checker = _jsonschema().FormatChecker()  # every format jsonschema knows, on a private copy
     checker.checks("ipv4", raises=ValueError)(_is_canonical_ipv4)
     checker.checks("ipv6", raises=ValueError)(_is_canonical_ipv6)
     return checker
 
 
 @functools.cache
-def validator(name: str = DROP_EVENT) -> Draft202012Validator:
+def validator(name: str = DROP_EVENT) -> Validator:
     """The compiled validator, built once: checking the schema itself costs more than an event."""
-    from jsonschema import Draft202012Validator
-
+    draft = _jsonschema().Draft202012Validator
     schema = load_schema(name)
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=_format_checker())
+    draft.check_schema(schema)
+    return draft(schema, format_checker=_format_checker())
 
 
 def _rule_for(error: ValidationError, name: str) -> str | None:

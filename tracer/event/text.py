@@ -71,9 +71,8 @@ def one_line(event: DropEvent) -> str:
     if event.netns is not None and (ns := event.netns.text()):
         parts.append(ns)
     parts.append(event.netfilter.text() if event.netfilter is not None else event.drop.text())
-    for section in (event.conntrack, event.process, event.probe, event.summary):
-        if section is not None and (part := section.text()):
-            parts.append(part)
+    tail = (event.conntrack, event.process, event.probe, event.summary)
+    parts.extend(part for section in tail if section is not None and (part := section.text()))
     return "  ".join(parts)
 
 

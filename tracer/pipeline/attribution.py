@@ -21,8 +21,8 @@ from tracer.netfilter.constants import IPTABLES_CHAINS
 from tracer.sources.drop import KernelDrop
 
 if TYPE_CHECKING:
-    from tracer.collectors.xtrace import LegacyVerdict
     from tracer.collectors.nftrace import TraceVerdict
+    from tracer.collectors.xtrace import LegacyVerdict
 
 
 class RulesetView(Protocol):

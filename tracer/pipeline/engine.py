@@ -18,6 +18,7 @@ once, not once per drop.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -33,8 +34,12 @@ from tracer.collectors.links import LinksCollector
 from tracer.collectors.netfilter import NftraceCollector, XtraceCollector
 from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
-from tracer.event.model import DropEvent
+from tracer.event.model import DropEvent, Namespace, Packet, Probe, Process
+from tracer.event.sections import Drop
+from tracer.event.rendered import Rendered
+from tracer.netfilter.marking import MarkingCoordinator
 from tracer.netns import Netns
+from tracer.outputs.base import Sink
 from tracer.pipeline import attribution
 from tracer.pipeline.namespaces import NO_NETNS, Namespaces
 from tracer.probe import marker as probe_marker
@@ -48,7 +53,7 @@ QUEUE_DROPS = 100_000
 
 
 class Engine:
-    def __init__(self, config: Config, sink: Any) -> None:
+    def __init__(self, config: Config, sink: Sink | None) -> None:
         self.config = config
         self.sink = sink
         self.emitted = 0
@@ -58,6 +63,7 @@ class Engine:
         self.xtrace: XtraceCollector | None = None
         self.nftrace: NftraceCollector | None = None
         self.collectors: list[Collector] = []
+        self.marking: MarkingCoordinator | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue[KernelDrop] = queue.Queue(maxsize=QUEUE_DROPS)
         self._threads: list[threading.Thread] = []
@@ -82,13 +88,14 @@ class Engine:
         target = self.namespaces.target()
         self.source.load(target)
         watched = self.namespaces.watched(target)
-        # xtrace first: it binds nfnetlink_log before nftables marks (and so traces) anything.
-        self.xtrace = XtraceCollector(cfg, on_ready=self._legacy_ready)
+        self.marking = MarkingCoordinator()
+        self.xtrace = XtraceCollector(cfg, self.marking)
         self.collectors = [self.xtrace]
         if cfg.nftrace:
-            self.nftrace = NftraceCollector(cfg, self.xtrace)
+            self.nftrace = NftraceCollector(cfg, self.marking)
             self.collectors.append(self.nftrace)
         self.collectors += [ConntrackCollector(), LinksCollector()]
+        self.marking.start(watched)  # the trace collectors, in the order their host changes need
         for c in self.collectors:
             c.start(watched)
         self.source.start(self._deliver)
@@ -148,14 +155,10 @@ class Engine:
                 self._namespaces_changed(self.namespaces.watched(target))
 
     def _namespaces_changed(self, watched: Sequence[Netns]) -> None:
-        # nftrace first: a namespace leaving the watch is unmarked before its nf_log is restored.
-        for c in sorted(self.collectors, key=lambda c: c is self.xtrace):
+        if self.marking is not None:
+            self.marking.update_namespaces(watched)
+        for c in self.collectors:
             c.namespaces_changed(watched)
-
-    def _legacy_ready(self) -> None:
-        """A namespace's legacy tables became traceable: let nftables mark it."""
-        if self.nftrace is not None:
-            self.nftrace.namespaces_changed(self.namespaces.watched(self.source.netns_inode))
 
     # ---------------------------------------------------------- events
 
@@ -177,7 +180,8 @@ class Engine:
                 event = self.build_event(drop)
                 if event is None:
                     continue
-                self.sink.write(event.to_ecs())
+                if self.sink is not None:
+                    self.sink.submit(Rendered(event))
                 self.emitted += 1
                 if cfg.count is not None and self.emitted >= cfg.count:
                     break
@@ -192,19 +196,16 @@ class Engine:
         if not self.source.wanted(drop):
             return None
         ns = self.namespaces.get(drop.netns)
+        process = drop.process
+        probe_id = probe_marker.recognise(drop.packet)
         event = DropEvent(
             timestamp_ns=drop.wall_ns,
-            reason=drop.reason,
-            location=drop.location or None,
-            stack=drop.stack if self.config.stack else None,
-            packet=drop.packet,
-            length=drop.length,
-            mark=drop.mark,
-            netns_inode=drop.netns or None,
-            netns_name=ns.name if ns else None,
-            process=drop.process,
-            hook=drop.hook,
-            probe_id=probe_marker.recognise(drop.packet),
+            drop=Drop(drop.reason, drop.location or None,
+                      tuple(drop.stack) if self.config.stack else None, hook=drop.hook),
+            packet=Packet(drop.packet, drop.length, drop.mark),
+            netns=Namespace(drop.netns, ns.name if ns else None) if drop.netns else None,
+            process=Process(*process) if process is not None else None,
+            probe=Probe(probe_id) if probe_id else None,
         )
         evidence = Evidence(drop, ns)
         for c in self.collectors:
@@ -227,7 +228,7 @@ class Engine:
                 nf = attribution.with_legacy_table(nf, self.xtrace.table_candidates(drop.netns, nf.hook, family))
         event.netfilter = nf
         event.action = "rejected" if nf is not None and nf.verdict == "reject" else "dropped"
-        event.subsystem = attribution.subsystem(drop, nf)
+        event.drop = dataclasses.replace(event.drop, subsystem=attribution.subsystem(drop, nf))
 
     # ---------------------------------------------------------- stop
 
@@ -246,10 +247,13 @@ class Engine:
         self._threads = []
         if stuck:
             log.warning("threads did not stop", threads=stuck)
-        # nftrace first: its marking tables come off before xtrace restores the nf_log bindings.
-        for c in sorted(self.collectors, key=lambda c: c is self.xtrace):
-            c.stop()
-        self.collectors, self.nftrace, self.xtrace = [], None, None
+        try:
+            if self.marking is not None:
+                self.marking.stop()  # marking tables off, then nf_log bindings back
+        finally:
+            for c in self.collectors:
+                c.stop()
+            self.collectors, self.nftrace, self.xtrace, self.marking = [], None, None, None
         self.source.close()
         self._warn_queue_lost(final=True)  # the source has stopped: what is left to say
         if self.config.debug_stats:

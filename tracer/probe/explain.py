@@ -13,9 +13,11 @@ import time
 from collections import defaultdict
 
 from tracer import netns
-from tracer.pipeline.engine import Engine
 from tracer.config import Config, Scope
-from tracer.outputs.stream import describe_rule
+from tracer.event.rendered import Rendered
+from tracer.event.sections import Netfilter
+from tracer.event.text import describe_rule
+from tracer.pipeline.engine import Engine
 from tracer.probe.reach import ProbeResult
 
 _ANSWER_FLAGS = ("SYN", "ACK")
@@ -29,19 +31,16 @@ class LocalDrops:
 
         filt = Scope(hosts=host_networks(addresses), netns=str(netns.current_inode()))
         self.engine = Engine(Config(scope=filt), self)
-        self.by_probe: dict[str, list[dict]] = defaultdict(list)
+        self.by_probe: dict[str, list[Rendered]] = defaultdict(list)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    # the engine's sink
-    def write(self, event: dict) -> None:
-        pid = event.get("probe", {}).get("id")
-        if pid:
+    # the engine's sink: keeps the probes' events, rendered only when `drops` asks for them
+    def submit(self, rendered: Rendered) -> None:
+        probe = rendered.event.probe
+        if probe is not None and probe.id:
             with self._lock:
-                self.by_probe[pid].append(event)
-
-    def flush(self) -> None:
-        pass
+                self.by_probe[probe.id].append(rendered)
 
     def __enter__(self) -> LocalDrops:
         self.engine.start()
@@ -58,7 +57,7 @@ class LocalDrops:
 
     def drops(self, ids: list[str]) -> list[dict]:
         with self._lock:
-            return [ev for i in ids for ev in self.by_probe.get(i, [])]
+            return [r.ecs() for i in ids for r in self.by_probe.get(i, [])]
 
 
 def sentence(event: dict) -> str:
@@ -69,7 +68,7 @@ def sentence(event: dict) -> str:
         return f"{what} here by the kernel: {event['drop']['reason']} at {event['drop'].get('location', '?')}"
     hook = nf.get("hook", "")
     if nf.get("policy"):
-        return f"{what} here by the {hook} policy of chain {nf.get('chain')} ({describe_rule(nf)})"
+        return f"{what} here by the {hook} policy of chain {nf.get('chain')} ({describe_rule(Netfilter.from_ecs(nf))})"
     rule = nf.get("rule")
     if rule:
         table = " ".join(x for x in (nf.get("family"), nf.get("table")) if x)
@@ -86,7 +85,7 @@ def explain(result: ProbeResult, drops: list[dict]) -> None:
     if drops:
         first = drops[0]
         flags = first.get("tcp", {}).get("flags", [])
-        own = not (first.get("source", {}).get("ip") == result.target.ip)
+        own = first.get("source", {}).get("ip") != result.target.ip
         packet = "your probe" if own else ("the answer " + ("(" + ",".join(flags) + ")" if flags else ""))
         result.detail = f"{packet.strip()} to {result.target} was {sentence(first)}"
         result.next_steps = ["change or remove that rule on this host, then probe again"]

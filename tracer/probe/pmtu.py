@@ -11,15 +11,17 @@ sent it. A size that vanished without an ICMP error is the black hole.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+from scapy.packet import Packet
 
-from tracer.probe import reach as probemod
 from tracer.probe import marker
+from tracer.probe import reach as probemod
 from tracer.probe.reach import Target, Wire
 
 MIN_MTU = {4: 68, 6: 1280}
@@ -94,7 +96,7 @@ def route_mtus(dst: str) -> tuple[int | None, int | None]:
     return iface_mtu, route_mtu
 
 
-def _too_big(pkt) -> int | None:
+def _too_big(pkt: Packet) -> int | None:
     """The next-hop MTU of an ICMP fragmentation-needed / packet-too-big."""
     if pkt.haslayer(ICMP) and pkt[ICMP].type == 3 and pkt[ICMP].code == 4:
         return pkt[ICMP].nexthopmtu
@@ -103,8 +105,8 @@ def _too_big(pkt) -> int | None:
     return None
 
 
-def _src(pkt) -> str:
-    return pkt[IP].src if pkt.haslayer(IP) else pkt[IPv6].src
+def _src(pkt: Packet) -> str:
+    return str(pkt[IP].src if pkt.haslayer(IP) else pkt[IPv6].src)
 
 
 class _Search:
@@ -124,14 +126,11 @@ class _Search:
             if self.wire.send(pkt) is not None:
                 step = Step(size, "local_error")
                 break
-            got = self.wire.receive(lambda p, n=self.n: probemod.matches(self.target, n, p), self.timeout)
+            got = self.wire.receive(functools.partial(probemod.matches, self.target, self.n), self.timeout)
             if got is None:
                 continue
             mtu = _too_big(got)
-            if mtu is not None:
-                step = Step(size, "too_big", _src(got), mtu)
-            else:
-                step = Step(size, "answered", _src(got))
+            step = Step(size, "answered" if mtu is None else "too_big", _src(got), mtu)
             break
         else:
             step = Step(size, "silent")
@@ -185,8 +184,8 @@ def _finish(result: PmtuResult, search: _Search) -> PmtuResult:
         last = too_big[-1]
         result.hop, result.next_hop_mtu = last.hop, last.next_hop_mtu
     if result.path_mtu is None:
-        result.fix = ["check that the target answers this protocol (try `tracer probe`), "
-                      "or use --proto tcp with an open --port"]
+        result.fix = [("check that the target answers this protocol (try `tracer probe`), "
+                       "or use --proto tcp with an open --port")]
         return result
     v6 = ipaddress.ip_address(result.target.ip).version == 6
     icmp_name = "ICMPv6 type 2 (packet too big)" if v6 else "ICMP type 3 code 4 (fragmentation needed)"
@@ -197,8 +196,8 @@ def _finish(result: PmtuResult, search: _Search) -> PmtuResult:
         accept = "icmpv6 type packet-too-big accept" if v6 else "icmp type destination-unreachable accept"
         result.fix = [
             f"allow {icmp_name} through every firewall on the path (nft: `{accept}`)",
-            "or clamp the TCP MSS to the path: "
-            "`nft add rule inet filter forward tcp flags syn tcp option maxseg size set rt mtu`",
+            ("or clamp the TCP MSS to the path: "
+             "`nft add rule inet filter forward tcp flags syn tcp option maxseg size set rt mtu`"),
             f"or lower the MTU of the route: `ip route change {result.target.ip} ... mtu {result.path_mtu}`",
         ]
     elif result.interface_mtu and result.path_mtu < result.interface_mtu:
@@ -206,8 +205,8 @@ def _finish(result: PmtuResult, search: _Search) -> PmtuResult:
         via = f" ({result.hop} announced next-hop MTU {result.next_hop_mtu})" if result.hop else ""
         result.detail = (f"path MTU {result.path_mtu} is below the interface MTU {result.interface_mtu}"
                          f"{via}; path MTU discovery works")
-        result.fix = ["nothing is broken; for tunnels or many small flows, clamping the TCP MSS avoids "
-                      "the first round of retransmissions"]
+        result.fix = [("nothing is broken; for tunnels or many small flows, clamping the TCP MSS avoids "
+                       "the first round of retransmissions")]
     else:
         result.verdict = "ok"
         result.detail = f"the full interface MTU {result.path_mtu} passes"

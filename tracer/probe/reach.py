@@ -132,13 +132,13 @@ def build(target: Target, n: int, size: int = 0, source: str = "") -> Packet:
         IPv6(src=src, dst=target.ip)
     hdr = len(ip)
     if target.protocol == "tcp":
-        l4 = TCP(sport=marker.source_port(n), dport=target.port, flags="S", seq=marker.tcp_sequence(n),
-                 window=64240, options=[("MSS", 1460)])
-        pad = max(0, size - hdr - len(l4))
-        return ip / l4 / (b"\0" * pad) if pad else ip / l4
+        syn = TCP(sport=marker.source_port(n), dport=target.port, flags="S", seq=marker.tcp_sequence(n),
+                  window=64240, options=[("MSS", 1460)])
+        pad = max(0, size - hdr - len(syn))
+        return ip / syn / (b"\0" * pad) if pad else ip / syn
     if target.protocol == "udp":
-        l4 = UDP(sport=marker.source_port(n), dport=target.port)
-        return ip / l4 / marker.payload(n, max(12, size - hdr - 8))
+        udp = UDP(sport=marker.source_port(n), dport=target.port)
+        return ip / udp / marker.payload(n, max(12, size - hdr - 8))
     echo = ICMP(type=8, id=marker.MAGIC, seq=n) if target.version == 4 else \
         ICMPv6EchoRequest(id=marker.MAGIC, seq=n)
     return ip / echo / marker.payload(n, max(12, size - hdr - 8))
@@ -337,7 +337,8 @@ def probe_one(wire: Wire, target: Target, n: int, *, retries: int = 2, timeout: 
         sent = time.monotonic()
         err = wire.send(pkt)
         if err is not None:
-            verdict, detail = _LOCAL_ERRORS.get(err, ("unreachable", f"sending failed: {errno.errorcode.get(err, err)}"))
+            failed = f"sending failed: {errno.errorcode.get(err, err)}"
+            verdict, detail = _LOCAL_ERRORS.get(err, ("unreachable", failed))
             return ProbeResult(target, verdict, marker.probe_id(n), attempts, detail, responder="local")
         got = wire.receive(lambda p: matches(target, n, p), timeout)
         if got is not None:
@@ -365,7 +366,7 @@ def resolve(host: str, want_v6: bool) -> str:
         infos = socket.getaddrinfo(host, None, family, socket.SOCK_RAW)
     except socket.gaierror as exc:
         raise ProbeError(f"cannot resolve {host!r}: {exc.strerror}") from None
-    return infos[0][4][0]
+    return str(infos[0][4][0])
 
 
 def targets(host: str, ports: list[int], protocol: str, v6: bool) -> list[Target]:

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tracer.bpf.kallsyms import Kallsyms
+from tracer.bpf.layout import BtfStruct, Constants, LayoutError
 from tracer.bpf.libbpf import Btf
-from tracer.event.packet import PacketHeaders
 from tracer.collectors import conntrack as ct
+from tracer.event.packet import IPV6_MAX_EXT_HEADERS, PacketHeaders
 from tracer.sources import skb as skbmod
 
 REASON_PREFIX = "SKB_DROP_REASON_"
@@ -217,7 +218,7 @@ def netfilter_drop(reason: str, location: str) -> bool:
 
 
 def subsystem_from_stack(functions: list[str], location: str, reason: str) -> str:
-    names = [_fn(location)] + list(functions)
+    names = [_fn(location), *functions]
     if netfilter_drop(reason, location):
         # Frames past the first nf_hook_slow belong to an outer hook, not this drop.
         end = next((i for i, f in enumerate(names) if f in ("nf_hook_slow", "nf_hook_slow_list")), len(names))
@@ -258,21 +259,44 @@ class _Where:
     subsystem: str
 
 
+def check_shared_constants(constants: Constants) -> None:
+    """Refuses an object whose numbers differ from the Python decoders' own.
+
+    The packet and conntrack decoders (tracer.event.packet,
+    tracer.collectors.conntrack) know nothing of BPF, so they keep their
+    own value of the two numbers the record shares with them; this is
+    where both meet, and a mismatch stops the start with a message instead
+    of decoding some records wrongly.
+    """
+    shared = (
+        ("tracer_limits", "TRACER_IPV6_MAX_EXT", IPV6_MAX_EXT_HEADERS,
+         "tracer.event.packet.IPV6_MAX_EXT_HEADERS"),
+        ("tracer_ct_info", "TRACER_CT_INFO_NONE", ct.CT_INFO_NONE, "tracer.collectors.conntrack.CT_INFO_NONE"),
+    )
+    for enum, member, python_value, python_name in shared:
+        bpf_value = constants.value(enum, member)
+        if bpf_value != python_value:
+            raise LayoutError(f"bpf/tracer.h {member} is {bpf_value} but {python_name} is {python_value}: "
+                              "they must be equal")
+
+
 class DropDecoder:
     """Turns raw ring-buffer records into KernelDrops."""
 
-    def __init__(self, event_type: type[ctypes.Structure], reasons: DropReasons,
+    def __init__(self, event_type: type[BtfStruct], reasons: DropReasons,
                  ksyms: Kallsyms | None = None) -> None:
+        check_shared_constants(event_type.constants)
         self.Event = event_type
         self.reasons = reasons
         self.ksyms = ksyms or Kallsyms()
+        self._nf_names = skbmod.nf_names(event_type.constants)
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; Python's monotonic_ns is the same clock.
         self._wall_offset = time.time_ns() - time.monotonic_ns()
-        self._stack_at: int = event_type.stack.offset  # type: ignore[attr-defined]
+        self._stack_at: int = event_type.stack.offset
         self._where_cache: dict[tuple[bytes, int, int], _Where] = {}
         self._cache_generation = self.ksyms.generation
 
-    def _where(self, raw: bytes, rec: ctypes.Structure) -> _Where:
+    def _where(self, raw: bytes, rec: BtfStruct) -> _Where:
         """Stack, call site and what they imply, cached by the raw stack bytes and call site.
 
         Naming ~20 frames and reading them costs ~20 us a drop (with the
@@ -312,7 +336,7 @@ class DropDecoder:
         """
         rec = self.Event.from_buffer_copy(raw)
         where = self._where(raw, rec)
-        nf = skbmod.nf_context(rec.nf)
+        nf = skbmod.nf_context(rec.nf, self._nf_names)
         hook = (nf.hook if nf and nf.hook else None) or where.hook
         headers, fp = skbmod.headers(rec)
         return KernelDrop(

@@ -2,14 +2,19 @@
 
 Reads the fields of `struct drop_event` that describe the packet itself;
 the numbers it turns into names are kernel UAPI constants
-(tracer.netfilter.constants), stable across kernels, unlike drop reasons.
+(tracer.netfilter.constants), stable across kernels, unlike drop reasons,
+and the tracer's own `enum nf_source` / `enum nf_backend`, read from the
+object's BTF with the record's layout.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING
 
+from tracer.bpf.layout import BtfStruct, Constants
 from tracer.event.packet import (
     ETH_P_IP,
     ETH_P_IPV6,
@@ -29,8 +34,37 @@ from tracer.netfilter.constants import (
 if TYPE_CHECKING:
     from tracer.sources.drop import NfContext
 
-_NF_SOURCES = {1: "fexit", 2: "kprobe"}
-_NF_BACKENDS = {1: "nftables", 2: "iptables-legacy", 3: "iptables-legacy"}
+#: `enum nf_source` member -> the name events carry (the fentry programs'
+#: context is complete at fexit). NF_SRC_NONE: no context.
+_SOURCE_NAMES = {"NF_SRC_FENTRY": "fexit", "NF_SRC_KPROBE": "kprobe"}
+#: `enum nf_backend` member -> backend name, and the nft family it implies
+#: (ipt_do_table is IPv4, ip6t_do_table IPv6; nft tables say their own).
+_BACKEND_NAMES: dict[str, tuple[str, str | None]] = {
+    "NF_BACKEND_NFT": ("nftables", None),
+    "NF_BACKEND_IPT": ("iptables-legacy", "ip"),
+    "NF_BACKEND_IP6T": ("iptables-legacy", "ip6"),
+}
+
+
+@dataclass(frozen=True)
+class NfNames:
+    """nf_info.source and .backend numbers of one BPF object -> names."""
+
+    sources: dict[int, str]
+    backends: dict[int, tuple[str, str | None]]
+
+    @classmethod
+    def of(cls, constants: Constants) -> NfNames:
+        return cls(
+            sources={constants.value("nf_source", m): name for m, name in _SOURCE_NAMES.items()},
+            backends={constants.value("nf_backend", m): names for m, names in _BACKEND_NAMES.items()},
+        )
+
+
+@cache
+def nf_names(constants: Constants) -> NfNames:
+    """NfNames of an object's constants, computed once per object."""
+    return NfNames.of(constants)
 
 
 def hook_name(pf: int, hook: int) -> str | None:
@@ -50,17 +84,21 @@ def _cstr(raw: bytes) -> str | None:
     return text or None
 
 
-def nf_context(nf: ctypes.Structure) -> NfContext | None:
-    """What the fentry/kprobe netfilter programs left for this packet, if any."""
+def nf_context(nf: BtfStruct, names: NfNames | None = None) -> NfContext | None:
+    """What the fentry/kprobe netfilter programs left for this packet, if any.
+
+    `names` are those of the object `nf` was laid out from (looked up when
+    not given).
+    """
     from tracer.sources.drop import NfContext
 
-    source = _NF_SOURCES.get(nf.source)
+    names = names or nf_names(type(nf).constants)
+    source = names.sources.get(nf.source)
     if source is None:
         return None
-    backend = _NF_BACKENDS.get(nf.backend, "other")
-    family = NFPROTO_FAMILIES.get(nf.family) if nf.family else None
-    if backend == "iptables-legacy":
-        family = "ip6" if nf.backend == 3 else "ip"
+    backend, family = names.backends.get(nf.backend, ("other", None))
+    if family is None and nf.family:
+        family = NFPROTO_FAMILIES.get(nf.family)
     return NfContext(
         source=source,
         backend=backend,

@@ -1,0 +1,139 @@
+"""Sinks: `submit` never blocks, the sink's own thread renders, what its queue drops is counted.
+
+Real pipes, real writer threads; the events are built from sections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.test_event_model import CountingEvent, counting_event, full_event
+from tracer.event.rendered import Rendered
+from tracer.event.text import one_line
+from tracer.outputs.base import Delivery, undelivered_line
+from tracer.outputs.stdout import NdjsonSink, TerminalSink
+from tracer.outputs.writer import FdWriter, StreamOutput
+
+
+@pytest.fixture
+def pipe() -> Iterator[dict[str, int]]:
+    r, w = os.pipe()
+    fds = {"r": r, "w": w}
+    yield fds
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def read_all(fds: dict[str, int]) -> bytes:
+    """What the writers wrote, once every write end is closed."""
+    os.close(fds.pop("w"))
+    chunks = []
+    while chunk := os.read(fds["r"], 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class SlowEvent(CountingEvent):
+    """An event whose rendering waits until the test lets it go."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def to_ecs(self) -> dict[str, Any]:
+        self.started.set()
+        assert self.go.wait(10)
+        return super().to_ecs()
+
+
+def slow_event() -> SlowEvent:
+    base = full_event()
+    return SlowEvent(timestamp_ns=base.timestamp_ns, drop=base.drop, packet=base.packet, hostname="web-1")
+
+
+def test_two_sinks_one_rendering_each_in_its_writer_thread(pipe: dict[str, int]) -> None:
+    """NDJSON and text sinks on one event: rendered once, in the writers' threads, not the caller's."""
+    json_sink = NdjsonSink(output=FdWriter(pipe["w"], name="json"))
+    text_sink = TerminalSink(output=FdWriter(pipe["w"], name="text"), stack=True)
+    event = counting_event()
+    rendered = Rendered(event)
+    json_sink.submit(rendered)
+    text_sink.submit(rendered)
+    assert json_sink.close(2) == Delivery(1, 1, 0)
+    assert text_sink.close(2) == Delivery(1, 1, 0)
+    assert event.renders == ["json-writer"]  # the text line needs no ECS dict
+    out = read_all(pipe)
+    assert orjson.dumps(event.to_ecs()) + b"\n" in out
+    assert (one_line(event) + "\n        nf_hook_slow+0xa1\n        ip_local_deliver+0xd6\n").encode() in out
+
+
+def test_submit_returns_while_the_writer_is_still_rendering(pipe: dict[str, int]) -> None:
+    sink = NdjsonSink(output=FdWriter(pipe["w"], name="t"))
+    event = slow_event()
+    began = time.monotonic()
+    sink.submit(Rendered(event))
+    assert event.started.wait(5)
+    assert time.monotonic() - began < 1.0
+    event.go.set()
+    assert sink.close(2) == Delivery(1, 1, 0)
+    assert event.renders == ["t-writer"]
+    assert read_all(pipe) == Rendered(full_event(netfilter=None, interfaces=None, netns=None,
+                                                 conntrack=None)).json()
+
+
+def test_what_a_full_queue_refuses_is_counted_and_reported(pipe: dict[str, int]) -> None:
+    """While the writer is busy, a bounded queue of 2 takes 2 more events and refuses the rest."""
+    drops: list[tuple[int, int]] = []
+    sink = NdjsonSink(output=FdWriter(pipe["w"], name="t", max_items=2, on_drop=lambda n, t: drops.append((n, t))))
+    first = slow_event()
+    sink.submit(Rendered(first))
+    assert first.started.wait(5)  # taken off the queue, being rendered
+    for _ in range(5):
+        sink.submit(Rendered(full_event()))
+    first.go.set()
+    d = sink.close(2)
+    assert d == Delivery(accepted=3, written=3, dropped=3)
+    assert drops == [(1, 1)]  # warned once a second, not once an event
+    assert undelivered_line(d, "stdout") == (
+        "3 events not delivered to stdout (3 dropped while its reader was not keeping up)")
+    assert len(read_all(pipe).splitlines()) == 3
+
+
+def test_an_event_that_cannot_be_rendered_is_lost_not_the_output(pipe: dict[str, int]) -> None:
+    class Broken(CountingEvent):
+        def to_ecs(self) -> dict[str, Any]:
+            raise RuntimeError("a bug")
+
+    broken = Broken(timestamp_ns=0, drop=full_event().drop)
+    sink = NdjsonSink(output=FdWriter(pipe["w"], name="t"))
+    sink.submit(Rendered(broken))
+    sink.submit(Rendered(full_event()))
+    d = sink.close(2)
+    assert (d.written, d.dropped, d.pending, d.error) == (1, 1, 0, None)
+    assert read_all(pipe) == Rendered(full_event()).json()
+
+
+def test_stream_output_is_synchronous_and_in_order() -> None:
+    """The demo prints its own lines between events on the same stream."""
+    out = io.StringIO()
+    sink = TerminalSink(out)
+    out.write("before\n")
+    sink.submit(Rendered(full_event()))
+    out.write("after\n")
+    assert out.getvalue() == f"before\n{one_line(full_event())}\nafter\n"
+    raw = io.BytesIO()
+    NdjsonSink(raw).submit(Rendered(full_event()))
+    assert raw.getvalue() == Rendered(full_event()).json()
+    text = io.StringIO()
+    StreamOutput(text).put(Rendered(full_event()).json)  # bytes rendered on demand, decoded for a text stream
+    assert text.getvalue() == Rendered(full_event()).json().decode()

@@ -1,0 +1,391 @@
+"""The sections of a drop event: one group of facts each, each rendering itself.
+
+As in retis, every source of knowledge fills one optional section of the
+event (the kernel's drop record the `Drop` and `Packet` sections, the
+netfilter attribution `Netfilter`, conntrack `ConntrackInfo`, the link
+names `Interfaces`...) and the model knows none of them. Each section is a
+frozen dataclass that renders its own part of the ECS document
+(docs/drop-event.md: `to_ecs`), reads it back (`from_ecs`) and writes its
+own part of the text line (`text`), so a fact's JSON and its text live
+next to each other.
+
+Unknown means absent: a field left None is left out of both forms, never
+filled with a guess. Names chosen by a namespace's owner reach the text
+line only through `printable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tracer.event.ecs import community_id, iso_time, parse_iso_time
+from tracer.event.packet import TRANSPORT_NAMES, PacketHeaders
+from tracer.event.text import NO_FLOW, printable
+
+#: An ECS object as `to_ecs` builds it and `from_ecs` reads it.
+Doc = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Why and where the kernel freed the packet (ECS `drop`); every event has one."""
+
+    reason: str  # enum skb_drop_reason name, without SKB_DROP_REASON_
+    location: str | None = None  # call site, `symbol+0xoff [module]`
+    stack: tuple[str, ...] | None = None  # innermost frame first; None unless --stack asked for it
+    subsystem: str | None = None  # nftables, iptables-legacy, conntrack, routing, socket, other
+    hook: str | None = None  # the netfilter hook the kernel stack shows; only feeds network.direction
+
+    def to_ecs(self) -> Doc:
+        out: Doc = {"reason": self.reason}
+        if self.location:
+            out["location"] = self.location
+        if self.subsystem:
+            out["subsystem"] = self.subsystem
+        if self.stack is not None:
+            out["stack"] = list(self.stack)
+        return out
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Drop:
+        """The kernel's hook is not in the JSON (only the direction it implies): it stays None."""
+        stack = d.get("stack")
+        return cls(d["reason"], d.get("location"), None if stack is None else tuple(stack), d.get("subsystem"))
+
+    def text(self) -> str:
+        """The place, when no netfilter section names a rule: the call site."""
+        return f"at {self.location or '?'}"
+
+
+def _endpoint(ip: str, port: int | None, has_port: bool) -> str:
+    if not has_port:
+        return ip
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """The dropped packet: its IP and transport headers, and the skb's length and mark.
+
+    The headers render as ECS `source`, `destination`, `tcp`, `network` (and
+    `drop.icmp`, ECS having no ICMP fields); length and mark as `packet`.
+    """
+
+    headers: PacketHeaders | None = None  # None: not an IP packet, or no header was readable
+    length: int | None = None  # skb->len at the drop
+    mark: int | None = None  # skb->mark
+
+    def add_flow_ecs(self, doc: Doc, direction: str | None) -> None:
+        """Adds the flow's objects to `doc`; `direction` (from the hooks) goes into `network`."""
+        p = self.headers
+        network: Doc = {}
+        if p is not None:
+            src: Doc = {"ip": p.src}
+            dst: Doc = {"ip": p.dst}
+            if p.sport is not None:
+                src["port"] = p.sport
+                dst["port"] = p.dport
+            doc["source"], doc["destination"] = src, dst
+            network = {"transport": p.transport, "type": f"ipv{p.version}", "iana_number": str(p.protocol)}
+            if p.tcp_flags:
+                doc["tcp"] = {"flags": list(p.tcp_flags)}
+            if p.icmp_type is not None:
+                # ECS has no ICMP fields; the spec puts such facts under `drop`.
+                doc["drop"]["icmp"] = {"type": p.icmp_type, "code": p.icmp_code}
+        if direction:
+            network["direction"] = direction
+        if p is not None:
+            cid = community_id(p)
+            if cid:
+                network["community_id"] = cid
+        if network:
+            doc["network"] = network
+
+    def to_ecs(self) -> Doc | None:
+        """ECS `packet` (length, mark), None when neither is known."""
+        out: Doc = {}
+        if self.length is not None:
+            out["length"] = self.length
+        if self.mark is not None:
+            out["mark"] = self.mark
+        return out or None
+
+    @classmethod
+    def from_ecs(cls, doc: Mapping[str, Any]) -> Packet | None:
+        """From a whole event (the section spans several of its objects); None if it has none of them."""
+        meta = doc.get("packet", {})
+        headers = _headers_from_ecs(doc)
+        if headers is None and not meta:
+            return None
+        return cls(headers, meta.get("length"), meta.get("mark"))
+
+    def text(self) -> str:
+        """`tcp 198.18.0.1:40000 > 198.18.0.2:443 [SYN]`, brackets round IPv6 addresses with a port."""
+        p = self.headers
+        if p is None:
+            return NO_FLOW
+        ports = p.sport is not None
+        out = f"{p.transport} {_endpoint(p.src, p.sport, ports)} > {_endpoint(p.dst, p.dport, ports)}"
+        if p.tcp_flags:
+            out += f" [{','.join(p.tcp_flags)}]"
+        return out
+
+
+def _headers_from_ecs(doc: Mapping[str, Any]) -> PacketHeaders | None:
+    """The header facts the JSON keeps (not the IP id, TTL or raw transport bytes)."""
+    src, dst, net = doc.get("source"), doc.get("destination"), doc.get("network", {})
+    if src is None or dst is None or "iana_number" not in net:
+        return None
+    icmp = doc["drop"].get("icmp") or {}
+    protocol = int(net["iana_number"])
+    if TRANSPORT_NAMES.get(protocol, str(protocol)) != net["transport"]:
+        raise ValueError(f"network.transport {net['transport']!r} is not protocol {protocol}")
+    return PacketHeaders(
+        version=int(net["type"].removeprefix("ipv")),
+        src=src["ip"],
+        dst=dst["ip"],
+        protocol=protocol,
+        sport=src.get("port"),
+        dport=dst.get("port"),
+        tcp_flags=tuple(doc.get("tcp", {}).get("flags", ())),
+        icmp_type=icmp.get("type"),
+        icmp_code=icmp.get("code"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    index: int
+    name: str | None = None
+
+    def to_ecs(self) -> Doc:
+        out: Doc = {"id": str(self.index)}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Interface:
+        return cls(int(d["id"]), d.get("name"))
+
+
+@dataclass(frozen=True, slots=True)
+class Interfaces:
+    """The devices the packet came in on and was leaving by (ECS `observer.ingress/egress`)."""
+
+    ingress: Interface | None = None
+    egress: Interface | None = None
+
+    def add_ecs(self, observer: Doc) -> None:
+        if self.ingress is not None:
+            observer["ingress"] = {"interface": self.ingress.to_ecs()}
+        if self.egress is not None:
+            observer["egress"] = {"interface": self.egress.to_ecs()}
+
+    @classmethod
+    def from_ecs(cls, observer: Mapping[str, Any]) -> Interfaces | None:
+        ingress, egress = observer.get("ingress"), observer.get("egress")
+        if ingress is None and egress is None:
+            return None
+        return cls(None if ingress is None else Interface.from_ecs(ingress["interface"]),
+                   None if egress is None else Interface.from_ecs(egress["interface"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """The network namespace of the drop (ECS `netns`): its inode, and its `ip netns` name if any."""
+
+    inode: int  # 0: unknown, and then the section renders nothing
+    name: str | None = None
+
+    def to_ecs(self) -> Doc | None:
+        if not self.inode:
+            return None
+        out: Doc = {"inode": self.inode}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Namespace:
+        return cls(d["inode"], d.get("name"))
+
+    def text(self) -> str | None:
+        return f"netns {printable(self.name or self.inode)}" if self.inode else None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    handle: int
+    text: str | None  # None when the rule's text could not be known for certain
+    comment: str | None = None
+    iptables: str | None = None
+
+    def to_ecs(self) -> Doc:
+        out: Doc = {"handle": self.handle}
+        if self.text is not None:
+            out["text"] = self.text
+        if self.comment is not None:
+            out["comment"] = self.comment
+        if self.iptables is not None:
+            out["iptables"] = self.iptables
+        return out
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Rule:
+        return cls(d["handle"], d.get("text"), d.get("comment"), d.get("iptables"))
+
+
+@dataclass(frozen=True, slots=True)
+class Netfilter:
+    """Where in netfilter the packet was dropped and by what."""
+
+    backend: str
+    attribution: str
+    family: str | None = None
+    hook: str | None = None
+    table: str | None = None
+    chain: str | None = None
+    base_chain: str | None = None
+    rule: Rule | None = None
+    policy: bool | None = None
+    verdict: str | None = None
+
+    def to_ecs(self) -> Doc:
+        out: Doc = {"backend": self.backend}
+        for key in ("family", "hook", "table", "chain", "base_chain"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.policy is True:
+            out["rule"] = None
+            out["policy"] = True
+        elif self.rule is not None:
+            out["rule"] = self.rule.to_ecs()
+            out["policy"] = False
+        if self.verdict is not None:
+            out["verdict"] = self.verdict
+        out["attribution"] = self.attribution
+        return out
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Netfilter:
+        rule = d.get("rule")
+        return cls(d["backend"], d["attribution"], d.get("family"), d.get("hook"), d.get("table"),
+                   d.get("chain"), d.get("base_chain"), None if rule is None else Rule.from_ecs(rule),
+                   d.get("policy"), d.get("verdict"))
+
+    def describe(self) -> str:
+        """`inet fw chain input rule 4 "tcp dport 443 drop" (legacy block)`, or the policy."""
+        where = " ".join(printable(x) for x in (self.family, self.table) if x)
+        chain = self.chain or self.base_chain
+        if chain:
+            where = f"{where} chain {printable(chain)}" if where else f"chain {printable(chain)}"
+        if self.policy is True:
+            return f"{where} policy {'drop' if self.verdict is None else self.verdict}".strip()
+        rule = self.rule
+        if rule is not None:
+            out = f"{where} rule {rule.handle}"
+            if rule.text is not None:
+                out += f' "{printable(rule.text)}"'
+            if rule.comment:
+                out += f" ({printable(rule.comment)})"
+            return out
+        return where
+
+    def text(self) -> str:
+        """`nftables/input inet fw chain input rule 4 ...`: backend, hook, then the rule."""
+        hook = f"/{self.hook}" if self.hook else ""
+        return f"{self.backend}{hook} {self.describe()}".strip()
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackInfo:
+    """The packet's connection-tracking state (ECS `conntrack`)."""
+
+    state: str  # new, established, related, invalid, untracked
+    direction: str | None = None  # original, reply
+    status: tuple[str, ...] = ()
+    zone: int | None = None
+    mark: int | None = None
+
+    def to_ecs(self) -> Doc:
+        out: Doc = {"state": self.state}
+        if self.direction:
+            out["direction"] = self.direction
+        if self.state not in ("invalid", "untracked"):
+            out["status"] = list(self.status)
+            if self.zone is not None:
+                out["zone"] = self.zone
+            if self.mark is not None:
+                out["mark"] = self.mark
+        return out
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> ConntrackInfo:
+        return cls(d["state"], d.get("direction"), tuple(d.get("status", ())), d.get("zone"), d.get("mark"))
+
+    def text(self) -> str:
+        return f"ct {self.state}" + (f"/{self.direction}" if self.direction else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    """The local process that sent the packet (ECS `process`), for drops in its own system call."""
+
+    pid: int
+    name: str  # comm: chosen by whoever runs the process
+
+    def to_ecs(self) -> Doc:
+        return {"pid": self.pid, "name": self.name}
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Process:
+        return cls(d["pid"], d["name"])
+
+    def text(self) -> str:
+        return f"by {printable(self.name)}[{self.pid}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """The tracer probe a packet belongs to (ECS `probe`): how `tracer probe --explain` finds its drops."""
+
+    id: str
+
+    def to_ecs(self) -> Doc | None:
+        return {"id": self.id} if self.id else None
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Probe:
+        return cls(d["id"])
+
+    def text(self) -> str | None:
+        return f"probe {self.id}" if self.id else None
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Many alike drops folded into one event: how many, first and last (docs: Summary events).
+
+    An event with this section is a `tracer.drop.summary`; without it, one
+    packet. A missing start or end is the event's own timestamp.
+    """
+
+    count: int
+    start_ns: int | None = None
+    end_ns: int | None = None
+
+    def add_ecs(self, event: Doc, timestamp_ns: int) -> None:
+        """Adds `start` and `end` to ECS `event` (dataset and count are the event's to set)."""
+        event["start"] = iso_time(self.start_ns or timestamp_ns)
+        event["end"] = iso_time(self.end_ns or timestamp_ns)
+
+    @classmethod
+    def from_ecs(cls, event: Mapping[str, Any]) -> Summary:
+        return cls(event["count"], parse_iso_time(event["start"]), parse_iso_time(event["end"]))
+
+    def text(self) -> str | None:
+        return f"x{self.count}" if self.count > 1 else None
