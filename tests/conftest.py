@@ -39,8 +39,8 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
             pytest.fail("the lab fixture needs root; CI=true must run as root", pytrace=False)
         pytest.skip("the lab fixture needs root")
     the_lab = Lab()
-    request.addfinalizer(the_lab.close)
-    yield the_lab
+    yield the_lab  # pytest runs what follows when the test ends, failed or not
+    the_lab.close()
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ import threading
 import time
 
 from tracer.cli import demo
-from tracer.config import host_networks
-from tracer.pipeline.engine import Engine
-from tracer.config import Config, Scope
+from tracer.config import Config, Scope, host_networks
 from tracer.event.model import DropEvent
 from tracer.event.rendered import Rendered
 from tracer.event.schema import validate
+from tracer.pipeline.engine import Engine
 
 LAB_NETS = host_networks(["198.18.0.0/15", "2001:db8::/32"])
 

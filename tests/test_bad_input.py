@@ -31,7 +31,7 @@ SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
 
 
 def run(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(tracer_cmd(*args), capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(tracer_cmd(*args), capture_output=True, text=True, timeout=timeout, **kw, check=False)
 
 
 def assert_one_error_line(stderr: str) -> str:
@@ -46,7 +46,7 @@ def assert_one_error_line(stderr: str) -> str:
 # ------------------------------------------------------------------ exit 2
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["watch", "--port", "abc"], "a port is a number from 1 to 65535"),
     (["watch", "--port", "0"], "a port is a number from 1 to 65535"),
     (["watch", "--port", "\u00b2"], "a port is a number from 1 to 65535"),  # str.isdigit() says yes
@@ -177,7 +177,7 @@ NUMBER_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("command,flag,parse", NUMBER_FLAGS, ids=lambda x: x if isinstance(x, str) else None)
+@pytest.mark.parametrize(("command", "flag", "parse"), NUMBER_FLAGS, ids=lambda x: x if isinstance(x, str) else None)
 @settings(SETTINGS, max_examples=60)
 @given(text=numbers)
 def test_numbers_are_finite_and_positive_or_exit_2(command, flag, parse, text, capsys, restore_logging):
@@ -223,7 +223,7 @@ def warning_lines(stderr: str) -> list[str]:
 
 @pytest.mark.root
 @pytest.mark.bpf
-@pytest.mark.parametrize("args,warning", [
+@pytest.mark.parametrize(("args", "warning"), [
     (["--iface", "nosuch0"], "--iface 'nosuch0': no interface by that name in any watched network namespace now"),
     (["--reason", "SKB_CONSUMED"], "--reason SKB_CONSUMED: SKB_CONSUMED marks packets freed after normal use"),
     (["--reason", "NETFILTER_DROP,SKB_CONSUMED"], "so it never matches"),
@@ -351,7 +351,7 @@ def tracer_script() -> str:
 
 def as_nobody(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*NOBODY, tracer_script(), *args], capture_output=True, text=True, timeout=60,
-                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent"})
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent"}, check=False)
 
 
 @pytest.fixture

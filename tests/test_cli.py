@@ -10,7 +10,7 @@ from tests.support import tracer_cmd
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(tracer_cmd(*args), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(tracer_cmd(*args), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.root

@@ -33,7 +33,7 @@ def test_it_is_frozen_all_the_way_down():
         config.scope.ports = (1,)  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("doc,message", [
+@pytest.mark.parametrize(("doc", "message"), [
     ({"port": ["0"]}, "--port '0': a port is a number from 1 to 65535"),
     ({"port": "80,"}, "--port '80,': empty value"),
     ({"host": ["1.2.3"]}, "neither an IP address nor a CIDR"),
@@ -61,7 +61,7 @@ def test_the_environment_is_read_in_one_place_and_flags_win():
     # Nothing below the edge reads the environment.
     root = Path(__file__).resolve().parents[1] / "tracer"
     readers = subprocess.run(["grep", "-rln", "--include=*.py", "-e", "os.environ", "-e", "getenv", "--", str(root)],
-                             capture_output=True, text=True).stdout.split()
+                             capture_output=True, text=True, check=False).stdout.split()
     assert [Path(p).relative_to(root).as_posix() for p in readers] == ["config.py"]
 
 
@@ -73,6 +73,7 @@ def test_scope_normalises_once():
 
 def test_the_cli_parses_with_the_config_parsers():
     """`tracer watch` refuses what Config refuses, with the same words (no second validator)."""
-    out = subprocess.run([sys.executable, "-m", "tracer", "watch", "--port", "0"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tracer", "watch", "--port", "0"],
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 2
     assert "--port '0': a port is a number from 1 to 65535" in out.stderr

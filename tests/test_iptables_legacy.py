@@ -362,7 +362,9 @@ def hold_group_zero(ns: Netns) -> socket.socket:
 
 
 @pytest.mark.root
-def test_fallback_names_the_table_when_only_one_can_drop(lab: Lab, fw: tuple[Netns, Netns, Link], collectors: Any) -> None:
+def test_fallback_names_the_table_when_only_one_can_drop(
+    lab: Lab, fw: tuple[Netns, Netns, Link], collectors: Any,
+) -> None:
     client, server, link = fw
     legacy(lab, server, "-t", "mangle", "-A", "PREROUTING", "-j", "MARK", "--set-mark", "1")
     legacy(lab, server, "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "7", "-j", "DROP")
@@ -442,7 +444,9 @@ def test_bindings_restored_after_sigkill_and_restart(lab: Lab, fw: tuple[Netns, 
 
 
 @pytest.mark.root
-def test_binding_changed_by_someone_else_is_left_alone(lab: Lab, fw: tuple[Netns, Netns, Link], collectors: Any) -> None:
+def test_binding_changed_by_someone_else_is_left_alone(
+    lab: Lab, fw: tuple[Netns, Netns, Link], collectors: Any,
+) -> None:
     client, server, _ = fw
     nft, col = collectors([client, server])
     assert read_nf_log(server, IPV4) == NF_LOGGER
@@ -936,9 +940,12 @@ def test_subscriber_survives_a_broken_or_malicious_holder(tmp_path: Path) -> Non
         closed = threading.Event()
         path = relay_path(tmp_path, inode)
         server = fake_holder(path, payload)
-        client = RelayClient(path, netns_inode=inode, cookie=0, on_message=lambda t, m: got.append(("msg", t, m)),
-                             on_drained=lambda t: got.append(("drained", t)), on_lost=lambda r: got.append(("lost", r)),
-                             on_closed=lambda r: (got.append(("closed", r)), closed.set()),
+        # The callbacks run during this iteration only (the client is closed at its end).
+        client = RelayClient(path, netns_inode=inode, cookie=0,
+                             on_message=lambda t, m: got.append(("msg", t, m)),  # noqa: B023
+                             on_drained=lambda t: got.append(("drained", t)),  # noqa: B023
+                             on_lost=lambda r: got.append(("lost", r)),  # noqa: B023
+                             on_closed=lambda r: (got.append(("closed", r)), closed.set()),  # noqa: B023
                              log=structlog.get_logger())  # fmt: skip
         try:
             assert client.connect() == os.getpid()
@@ -1085,7 +1092,8 @@ def test_two_engines_on_a_mixed_namespace(lab: Lab, fw: tuple[Netns, Netns, Link
     syn_from(lab, link, client, 6002, 8443)
     for w in (first, second):
         nf = w.sink.wait_for(from_port(6001, 443))["netfilter"]
-        assert (nf["backend"], nf["table"], nf["chain"], nf["rule"]) == ("iptables-legacy", "filter", "INPUT", LEGACY_443)
+        assert (nf["backend"], nf["table"], nf["chain"], nf["rule"]) == (
+            "iptables-legacy", "filter", "INPUT", LEGACY_443)
         nf = w.sink.wait_for(from_port(6002, 8443))["netfilter"]
         assert (nf["backend"], nf["table"], nf["rule"]["text"]) == ("nftables", "fw", 'tcp dport 8443 drop')
     first.stop()
@@ -1131,7 +1139,7 @@ class CliWatch:
                     if pred(item):
                         return item
                 left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None and not left:
+                if left <= 0 or (self.proc.poll() is not None and not left):
                     raise AssertionError(f"nothing matched in {timeout}s; events {self.events}, logs {self.logs}")
                 self._cond.wait(min(left, 0.5))
 

@@ -46,6 +46,7 @@ falsifying example and a `@reproduce_failure` blob instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -64,8 +65,7 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer.event import packet
-from tracer.probe import marker as probe_marker
+from tracer.bpf.kallsyms import Kallsyms, KallsymsError, parse
 from tracer.collectors import xtrace as ipt
 from tracer.collectors.nftrace import (
     NftCollector,
@@ -73,12 +73,11 @@ from tracer.collectors.nftrace import (
     nft_trace_msg,
     parse_trace_message,
 )
-from tracer.bpf.kallsyms import Kallsyms, KallsymsError, parse
+from tracer.event import packet
 from tracer.netfilter import xtables
 from tracer.netfilter.constants import NFPROTO_FAMILIES
 from tracer.netfilter.marking import MARK_TABLE
 from tracer.nlmsg import (
-    NFGEN_ATTRS,
     DecodeError,
     NetlinkReader,
     attributes,
@@ -86,6 +85,7 @@ from tracer.nlmsg import (
     nfgen_family,
     split_messages,
 )
+from tracer.probe import marker as probe_marker
 
 FRAMING, RANDOM, MUTATED, ROUND_TRIP, LIVE = 1000, 1000, 500, 500, 300
 
@@ -284,7 +284,10 @@ def trace_attr(draw: st.DrawFn) -> bytes:
     return nla(number, draw(st.binary(max_size=40)))
 
 
-def trace_messages(attrs: st.SearchStrategy[bytes] = trace_attr()) -> st.SearchStrategy[bytes]:
+_TRACE_ATTRS = trace_attr()
+
+
+def trace_messages(attrs: st.SearchStrategy[bytes] = _TRACE_ATTRS) -> st.SearchStrategy[bytes]:
     return st.builds(
         lambda family, items: nlmsg(TRACE_TYPE, nfgen(family, b"".join(items))),
         st.sampled_from((1, 2, 10)) | st.integers(0, 255),
@@ -338,7 +341,7 @@ _U = {"uint8": 8, "be16": 16, "be32": 32, "be64": 64, "uint32": 32}
 def trace_values(draw: st.DrawFn) -> dict:
     """Attribute values as pyroute2 encodes them, for a round trip (NFTA_TRACE_PAD left out: pyroute2's hex)."""
     values: dict = {}
-    for number, (name, kind) in enumerate(nft_trace_msg.nla_map):
+    for _number, (name, kind) in enumerate(nft_trace_msg.nla_map):
         if kind in ("none", "hex") or not draw(st.booleans()):
             continue
         if kind in _U:
@@ -423,10 +426,8 @@ def test_nft_reader_path_survives_hostile_traces(lab) -> None:
         @runs(LIVE)
         @given(mtypes, hostile(trace_messages(plausible_trace_attr())))
         def handle(mtype: int, msg: bytes) -> None:
-            try:
+            with contextlib.suppress(DecodeError):
                 watch._handle(mtype, msg)
-            except DecodeError:
-                pass
 
         with structlog.testing.capture_logs():
             handle()
@@ -832,10 +833,8 @@ def test_relay_frames_survive_any_chunking_and_garbage(frames, cuts, garbage: by
     except RelayError:
         pass
     for _, payload in frames:
-        try:
+        with contextlib.suppress(RelayError):
             check_packet_message(payload)
-        except RelayError:
-            pass
 
 
 # --- packets --------------------------------------------------------------------------------
@@ -1030,8 +1029,8 @@ def test_kallsyms_lookups_never_raise(kallsyms_file: str, addr: int) -> None:
 def drop_decoder():
     """The real decoder: the object's BTF layout, this kernel's drop reasons, its kallsyms."""
     from tracer.bpf.layout import object_structs
-    from tracer.sources.drop import DropDecoder, DropReasons
     from tracer.bpf.loader import default_object_path
+    from tracer.sources.drop import DropDecoder, DropReasons
 
     event_type = object_structs(str(default_object_path()))["drop_event"]
     ksyms = Kallsyms(refresh_interval=60)
@@ -1059,7 +1058,7 @@ def drop_records(draw: st.DrawFn, event_type, real_addrs: list[int]) -> bytes:
         for i, addr in enumerate(frames):
             rec.stack[i] = addr
         rec.stack_bytes = draw(st.just(8 * len(frames)) | st.integers(0, 0xFFFF))
-        rec.location = draw(st.sampled_from(real_addrs + [0]) if real_addrs else st.just(0))
+        rec.location = draw(st.sampled_from([*real_addrs, 0]) if real_addrs else st.just(0))
     rec.reason = draw(st.integers(0, 130) | st.integers(0, 2**32 - 1))
     rec.ct_info = draw(st.integers(0, 8) | st.just(0xFF) | st.integers(0, 255))
     rec.nf.source = draw(st.integers(0, 3))

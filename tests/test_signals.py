@@ -10,6 +10,7 @@ rulesets as they were and the undelivered events counted on stderr.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import os
 import re
@@ -49,10 +50,8 @@ def pipe():
     yield fds
     for fd in fds.values():
         if fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def _line(i: int, size: int = 1000) -> bytes:

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from tests.support import to_port
-from tracer.cli.doctor import diagnose
 from tracer.bpf.loader import LoadedTracer
+from tracer.cli.doctor import diagnose
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.bpf]
 
@@ -38,10 +38,10 @@ def test_auto_prefers_fentry(net):
         tracer.close()
 
 
-@pytest.mark.parametrize("mode,attribution", [("fentry", "fexit"), ("kprobe", "kprobe")])
+@pytest.mark.parametrize(("mode", "attribution"), [("fentry", "fexit"), ("kprobe", "kprobe")])
 def test_table_and_base_chain_without_nftrace(net, watch, mode, attribution):
     """Without nftrace, the probes alone name hook, family, table and base chain."""
-    lab, client, server, link = net
+    lab, client, _server, link = net
     w = watch(nftrace=False, nf_mode=mode)
     assert lab.tcp_connect(client, str(link.b_v4.ip), 443) == "timeout"
     ev = w.sink.wait_for(to_port(443), timeout=20)
@@ -53,7 +53,7 @@ def test_table_and_base_chain_without_nftrace(net, watch, mode, attribution):
 
 
 def test_nftrace_still_names_the_rule(net, watch):
-    lab, client, server, link = net
+    lab, client, _server, link = net
     w = watch()
     lab.tcp_connect(client, str(link.b_v4.ip), 443)
     ev = w.sink.wait_for(to_port(443), timeout=20)

@@ -14,7 +14,6 @@ import time
 
 import orjson
 import pytest
-
 from scapy.layers.inet import IP, TCP
 
 from tests.support import SERVER_RULESET, root_ruleset, rule_handles, to_port, tracer_cmd, wait_ready
@@ -60,7 +59,7 @@ def test_user_chain_rule(net, watch):
 
 
 def test_policy_drop(net, watch):
-    lab, client, server, link = net
+    lab, client, _server, link = net
     w = watch()
     assert lab.tcp_connect(client, str(link.b_v4.ip), 8080) == "timeout"
     ev = w.sink.wait_for(to_port(8080))
@@ -71,7 +70,7 @@ def test_policy_drop(net, watch):
 
 def test_reply_dropped_without_established_rule(net, watch):
     """The server accepts port 22; its SYN-ACK dies in the client's input chain."""
-    lab, client, server, link = net
+    lab, client, _server, link = net
     w = watch()
     assert lab.tcp_connect(client, str(link.b_v4.ip), 22) == "timeout"
     ev = w.sink.wait_for(lambda e: e.get("source", {}).get("port") == 22)
@@ -83,7 +82,7 @@ def test_reply_dropped_without_established_rule(net, watch):
 
 
 def test_invalid_packet(net, watch):
-    lab, client, server, link = net
+    lab, client, _server, link = net
     w = watch()
     lab.send_ip(client, bytes(IP(src=str(link.a_v4.ip), dst=str(link.b_v4.ip)) /
                              TCP(sport=4242, dport=9999, flags="SF")))
@@ -93,7 +92,7 @@ def test_invalid_packet(net, watch):
 
 
 def test_filters_leave_out_unwatched_traffic(net, watch):
-    lab, client, server, link = net
+    lab, client, _server, link = net
     w = watch(ports=(443,))
     lab.tcp_connect(client, str(link.b_v4.ip), 8080)
     lab.udp_send(client, str(link.b_v4.ip), 53)
@@ -104,7 +103,7 @@ def test_filters_leave_out_unwatched_traffic(net, watch):
 
 
 def test_reason_and_host_filters(net, watch):
-    lab, client, server, link = net
+    lab, client, _server, link = net
     w = watch(hosts=host_networks([str(link.b_v6.ip)]), reasons=("NETFILTER_DROP",))
     lab.tcp_connect(client, str(link.b_v4.ip), 443)
     lab.tcp_connect(client, str(link.b_v6.ip), 443)
@@ -172,7 +171,7 @@ def test_cli_watch_port_443_prints_within_a_second(net):
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_rulesets_identical_after_signal(net, sig):
-    lab, client, server, link = net
+    lab, client, server, _link = net
     root_before = root_ruleset()
     before = {ns.name: lab.nft_list(ns) for ns in (client, server)}
     proc = subprocess.Popen(tracer_cmd("watch", "--json"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -188,7 +187,7 @@ def test_rulesets_identical_after_signal(net, sig):
     if sig == "SIGKILL":
         # A new start after a crash must find and leave everything clean too.
         proc = subprocess.run(tracer_cmd("watch", "--json", "--duration", "1"),
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 0, proc.stderr
     assert {ns.name: lab.nft_list(ns) for ns in (client, server)} == before
     assert root_ruleset() == root_before

@@ -391,8 +391,7 @@ class Config:
 
 
 def _seconds_or_zero(value: Any) -> float:
-    seconds = 0.0 if value in (0, "0") else float(positive_number(value, float, MAX_TIMEOUT))
-    return seconds
+    return 0.0 if value in (0, "0") else float(positive_number(value, float, MAX_TIMEOUT))
 
 
 def _boolean(value: Any) -> bool:

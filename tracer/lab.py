@@ -52,7 +52,7 @@ class Link:
 
 
 def _run(argv: Sequence[str], *, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(list(argv), input=input, capture_output=True, text=True)
+    res = subprocess.run(list(argv), input=input, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise LabError(f"{' '.join(argv)}: exit {res.returncode}: {res.stderr.strip()}")
     return res
@@ -262,7 +262,7 @@ class Lab:
             # Anything still running inside a lab namespace was started there by a test.
             for pid in _pids_in(ns):
                 _kill_pid(pid)
-            res = subprocess.run(["ip", "netns", "del", ns.name or ""], capture_output=True, text=True)
+            res = subprocess.run(["ip", "netns", "del", ns.name or ""], capture_output=True, text=True, check=False)
             if res.returncode != 0 and os.path.exists(ns.path):
                 log.warning("lab.netns_delete_failed", netns=ns.name, stderr=res.stderr.strip())
         self.namespaces.clear()
@@ -284,7 +284,7 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
 
 
 def _pids_in(ns: Netns) -> list[int]:
-    res = subprocess.run(["ip", "netns", "pids", ns.name or ""], capture_output=True, text=True)
+    res = subprocess.run(["ip", "netns", "pids", ns.name or ""], capture_output=True, text=True, check=False)
     me = os.getpid()
     return [int(p) for p in res.stdout.split() if p.isdigit() and int(p) != me]
 

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+from typing import TextIO, cast
 
 import structlog
 
@@ -65,7 +66,7 @@ class _LineStream(io.TextIOBase):
         return os.isatty(self.writer.fd)
 
 
-def _nonblocking_stderr() -> _LineStream | io.TextIOBase:
+def _nonblocking_stderr() -> TextIO:
     """The shared non-blocking stderr stream; sys.stderr itself when it has no descriptor."""
     global _stderr
     with _stderr_lock:
@@ -76,7 +77,8 @@ def _nonblocking_stderr() -> _LineStream | io.TextIOBase:
                 _stderr = _LineStream(fd, getattr(sys.stderr, "encoding", None) or "utf-8")
             except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
                 return sys.stderr
-        return _stderr
+        # A TextIOBase with the write/flush/isatty structlog's PrintLogger uses.
+        return cast(TextIO, _stderr)
 
 
 def say(line: str) -> None:

@@ -13,11 +13,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from tracer.pipeline.engine import Engine
-from tracer.config import Config, Scope
+from tracer.config import Config, Scope, host_networks
 from tracer.lab import Lab, routed_path
 from tracer.outputs.stdout import NdjsonSink, TerminalSink
-from tracer.config import host_networks
+from tracer.pipeline.engine import Engine
 
 SERVER_RULESET = """
 table inet fw {
@@ -86,7 +85,7 @@ def run(json_out: bool = False) -> int:
             out.flush()
 
     with Lab() as lab:
-        client, server, link = _build(lab)
+        client, _server, link = _build(lab)
         say(f"lab: client {link.a_v4.ip} / {link.a_v6.ip}  <->  server {link.b_v4.ip} / {link.b_v6.ip}")
         say("tracer watches drops to and from 198.18.0.0/15 and 2001:db8::/32\n")
         opts = Config(scope=Scope(hosts=host_networks(["198.18.0.0/15", "2001:db8::/32"])))
@@ -224,6 +223,7 @@ def _server_side_case(lab: Lab, path, v4: str) -> None:
         while "tracer_mark" not in lab.nft_list(path.server) and time.monotonic() < deadline:
             time.sleep(0.1)
         _run_case(lab, path.client, "(meanwhile, on the client)", ["probe", v4, "--port", "444"])
+        assert watch.stdout is not None  # stdout=PIPE
         line = watch.stdout.readline()
         if line:
             event = orjson.loads(line)

@@ -134,8 +134,7 @@ def _check_kallsyms(r: Report) -> None:
 
 
 def _check_bpf(r: Report) -> None:
-    from tracer.bpf import libbpf
-    from tracer.bpf import loader
+    from tracer.bpf import libbpf, loader
 
     try:
         L = libbpf.lib().lib

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -50,11 +50,11 @@ class RunError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage dump) and never echo control characters."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         say(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
         sys.exit(EXIT_USAGE)
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(self, args=None, namespace=None):
         # argparse (3.11) deletes a "--" value given as `--flag=--`, leaving the
         # flag an empty list or unset; no flag takes "--", so say so here.
         for arg in sys.argv[1:] if args is None else args:
@@ -276,7 +276,7 @@ def _watch_checks(args: argparse.Namespace, config: Config):
         namespaces = netnsmod.discover()
         choice = preflight.check_netns(filt.netns, namespaces) if filt.netns is not None else None
         if filt.iface is not None and not (choice and choice.waiting):
-            watched = [choice.present] if choice else list(namespaces.values())
+            watched = [choice.present] if choice and choice.present else list(namespaces.values())
             warning = preflight.check_iface(filt.iface, watched)
             if warning:
                 warnings.append(warning)

@@ -8,10 +8,10 @@ from contextlib import nullcontext
 
 import orjson
 
-from tracer.probe import pmtu as pmtumod
 from tracer.cli import preflight
-from tracer.probe import reach as probemod
 from tracer.log import say
+from tracer.probe import pmtu as pmtumod
+from tracer.probe import reach as probemod
 from tracer.probe.reach import (
     ProbeError,
     ProbeResult,
@@ -47,7 +47,8 @@ def _privileges(explain: bool = False) -> int | None:
 
 def probe_all(targets: list[Target], *, explain: bool, retries: int, timeout: float) -> list[ProbeResult]:
     """Probes each target in turn; with `explain`, joins this host's drops to each probe."""
-    from tracer.probe.explain import LocalDrops, explain as add_explanation
+    from tracer.probe.explain import LocalDrops
+    from tracer.probe.explain import explain as add_explanation
 
     wire = Wire(targets[0].version)
     watch = LocalDrops(sorted({t.ip for t in targets})) if explain else nullcontext()
@@ -60,7 +61,7 @@ def probe_all(targets: list[Target], *, explain: bool, retries: int, timeout: fl
                                                   retries=retries, timeout=timeout))
     finally:
         wire.close()
-    if explain:
+    if isinstance(watch, LocalDrops):
         for result in results:
             add_explanation(result, watch.drops([result.probe_id]))
     return results
@@ -70,7 +71,7 @@ def render_probe(r: ProbeResult) -> str:
     rtt = f"  {r.rtt_ms:.2f} ms" if r.rtt_ms is not None else ""
     who = ("  not sent" if r.responder == "local" else
            f"  from {r.responder}" if r.responder and r.responder != r.target.ip else "")
-    lines = [f"{str(r.target):<32} {r.verdict.upper():<12}{rtt}{who}  [{r.probe_id}]",
+    lines = [f"{r.target!s:<32} {r.verdict.upper():<12}{rtt}{who}  [{r.probe_id}]",
              f"    {r.detail}"]
     lines += [f"    -> {step}" for step in r.next_steps]
     return "\n".join(lines)
@@ -102,9 +103,9 @@ def run_probe(args: argparse.Namespace, ports: tuple[int, ...]) -> int:
 
 
 def render_pmtu(r: pmtumod.PmtuResult) -> str:
-    lines = [f"{str(r.target):<32} {r.verdict.upper().replace('_', ' ')}  path MTU "
-             f"{r.path_mtu if r.path_mtu is not None else '?'} (interface {r.interface_mtu}, "
-             f"route {r.route_mtu or '-'}; {len(r.steps)} probes via {r.method})",
+    lines = [(f"{r.target!s:<32} {r.verdict.upper().replace('_', ' ')}  path MTU "
+              f"{r.path_mtu if r.path_mtu is not None else '?'} (interface {r.interface_mtu}, "
+              f"route {r.route_mtu or '-'}; {len(r.steps)} probes via {r.method})"),
              f"    {r.detail}"]
     lines += [f"    -> {fix}" for fix in r.fix]
     return "\n".join(lines)
@@ -125,10 +126,10 @@ def run_pmtu(args: argparse.Namespace) -> int:
     except ProbeError as exc:
         return _probe_error(exc)
     try:
-        result = None
+        result: pmtumod.PmtuResult | None = None
         if args.proto in ("auto", "icmp"):
             result = pmtumod.discover(wire, Target(args.host, ip, "icmp"), timeout=args.timeout)
-        if args.proto == "tcp" or (args.proto == "auto" and result.path_mtu is None):
+        if result is None or (result.path_mtu is None and args.proto == "auto"):
             result = pmtumod.discover(wire, Target(args.host, ip, "tcp", args.port), timeout=args.timeout)
     finally:
         wire.close()

@@ -978,15 +978,17 @@ class NftCollector:
         self.marking.attach_nft(self)
         self._own_loop = loop is None
         self._loop = loop
+        self._loop_lock = threading.Lock()  # set-up workers ask for the loop at once
 
     # --- lifecycle -------------------------------------------------------------------
 
     @property
     def loop(self) -> EventLoop:
         """The loop the trace sockets are read on (made on first use when none was given)."""
-        if self._loop is None:
-            self._loop = EventLoop("nft-trace-loop", self.log)
-        return self._loop
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = EventLoop("nft-trace-loop", self.log)
+            return self._loop
 
     def start(self, namespaces: Iterable[Netns]) -> None:
         """Starts watching namespaces (those the filter's `netns` selects)."""
@@ -1069,9 +1071,10 @@ class NftCollector:
                 w.stop()
             except Exception as exc:
                 w.log.warning("nft.stop_failed", error=repr(exc))
-        if self._own_loop and self._loop is not None:
-            self._loop.close()  # its thread ends; a later start() makes another
-            self._loop = None
+        with self._loop_lock:
+            loop, self._loop = (self._loop, None) if self._own_loop else (None, self._loop)
+        if loop is not None:
+            loop.close()  # its thread ends; a later start() makes another
         with self._cond:
             self._cond.notify_all()
 

@@ -31,7 +31,7 @@ class RulesetView(Protocol):
     def backend_of(self, family: str, table: str) -> str: ...
 
 
-def _traced(drop: KernelDrop, v, backend: str, rule: Rule | None) -> Netfilter:
+def _traced(drop: KernelDrop, v: TraceVerdict | LegacyVerdict, backend: str, rule: Rule | None) -> Netfilter:
     """A Netfilter from a traced verdict (nftables or iptables-legacy TRACE)."""
     return Netfilter(
         backend=backend,

@@ -35,8 +35,8 @@ from tracer.collectors.netfilter import NftraceCollector, XtraceCollector
 from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
 from tracer.event.model import DropEvent, Namespace, Packet, Probe, Process
-from tracer.event.sections import Drop
 from tracer.event.rendered import Rendered
+from tracer.event.sections import Drop
 from tracer.netfilter.marking import MarkingCoordinator
 from tracer.netns import Netns
 from tracer.outputs.base import Sink
