@@ -54,6 +54,17 @@ def _bind(lib: ctypes.CDLL, name: str, restype: type[ctypes._CData] | None,
     fn.argtypes = list(argtypes)
 
 
+#: The libbpf to load: the system's, unless the command line was told otherwise
+#: (TRACER_LIBBPF, read by tracer.config) before the first BPF call.
+LIBRARY = "libbpf.so.1"
+
+
+def use_library(name: str) -> None:
+    """Loads `name` instead of the system's libbpf.so.1; only before the first BPF call."""
+    global LIBRARY
+    LIBRARY = name
+
+
 class _Lib:
     """The loaded library with prototypes declared, plus a log capture.
 
@@ -63,7 +74,7 @@ class _Lib:
     """
 
     def __init__(self) -> None:
-        name = os.environ.get("TRACER_LIBBPF", "libbpf.so.1")
+        name = LIBRARY
         try:
             self.lib = _c.CDLL(name, use_errno=True)
         except OSError as exc:

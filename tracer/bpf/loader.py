@@ -56,11 +56,20 @@ NF_PROGRAMS = {
 NF_MODES = ("fentry", "kprobe")
 
 
+#: The object the command line was pointed at (TRACER_BPF_OBJECT, read by tracer.config).
+_chosen_object: Path | None = None
+
+
+def use_object(path: Path | None) -> None:
+    """Makes `path` the object every load uses unless given another (None: the built one)."""
+    global _chosen_object
+    _chosen_object = path
+
+
 def default_object_path() -> Path:
-    """Where the built object is: $TRACER_BPF_OBJECT, the package, or the checkout."""
-    env = os.environ.get("TRACER_BPF_OBJECT")
-    if env:
-        return Path(env)
+    """Where the built object is: the one chosen (`use_object`), the package's, or the checkout's."""
+    if _chosen_object is not None:
+        return _chosen_object
     here = Path(__file__).resolve().parent.parent  # the package: tracer/bpf/ -> tracer/
     for candidate in (here / "data" / "tracer.bpf.o", here.parent / "build" / "tracer.bpf.o"):
         if candidate.exists():

@@ -379,6 +379,20 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
     say(f"tracer: internal error in thread {name}: {args.exc_type.__name__}: {args.exc_value}")
 
 
+def _use_environment(env: dict[str, Any]) -> None:
+    """Process-wide choices from the environment (the BPF object, libbpf), for every command:
+    doctor, demo and probe --explain load BPF too, not only watch."""
+    if "bpf_object" in env or "libbpf" in env:
+        from pathlib import Path
+
+        from tracer.bpf import libbpf, loader
+
+        if "bpf_object" in env:
+            loader.use_object(Path(env["bpf_object"]))
+        if "libbpf" in env:
+            libbpf.use_library(env["libbpf"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; every failure becomes a one-line message and an exit code."""
     parser = build_parser()
@@ -387,8 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a bad flag (already said)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        level = args.log_level or environment_defaults().get("log_level")
-        logsetup.configure(level, nonblocking=args.command == "watch")
+        env = environment_defaults()
+        logsetup.configure(args.log_level or env.get("log_level"), nonblocking=args.command == "watch")
+        _use_environment(env)
     except ValueError as exc:
         say(f"tracer: error: {exc}")
         return EXIT_USAGE
