@@ -207,4 +207,5 @@ def run_in(ns: Netns, argv: Sequence[str], **kw: Any) -> subprocess.CompletedPro
         raise NetnsGone(errno.ENOENT, f"network namespace {ns.label} ({ns.path}) is gone")
     kw.setdefault("capture_output", True)
     kw.setdefault("text", True)
-    return subprocess.run(["nsenter", f"--net={ns.path}", "--", *argv], **kw, check=False)
+    kw.setdefault("check", False)
+    return subprocess.run(["nsenter", f"--net={ns.path}", "--", *argv], **kw)  # noqa: PLW1510 (check is in kw)

@@ -39,6 +39,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import math
 import os
 import resource
 import socket
@@ -70,6 +71,11 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 #: The port id of the kernel: the sender of every message we want to read.
 KERNEL_PORT_ID = 0
+
+#: A drain wanted within this many seconds is timed exactly (a verdict waits for it);
+#: later ones are periodic and go on the _DRAIN_GRID.
+_EXACT_WAIT = 0.1
+_DRAIN_GRID = 0.05
 
 #: glibc's select() limit: no descriptor libnftables uses may be this high (above_select_limit).
 FD_SETSIZE = 1024
@@ -301,8 +307,13 @@ class NetlinkReader:
         """
         if self._closed or self._broken or self._stopping.is_set():
             return
-        wait = 1.0 if self._poll_timeout is None else self._guarded(self._poll_timeout, 1.0)
-        when = time.monotonic() + min(1.0, max(0.0, wait))
+        wait = min(1.0, max(0.0, 1.0 if self._poll_timeout is None else self._guarded(self._poll_timeout, 1.0)))
+        when = time.monotonic() + wait
+        if wait > _EXACT_WAIT:
+            # Nothing due soon, only the periodic drain: on a grid shared by every reader
+            # (rounded down, so still within the second), one wake-up of the loop serves all
+            # that are due at the same point instead of one each.
+            when = math.floor(when / _DRAIN_GRID) * _DRAIN_GRID
         timer = self._timer
         if timer is None:
             self._timer = self._loop.call_at(when, self._timed, name=f"{self.name}.timer")
@@ -328,7 +339,7 @@ class NetlinkReader:
                     continue
                 if not self._stopping.is_set():
                     self.log.warning(f"{self._prefix}.trace_socket_failed", error=str(exc))
-                self._broken = True  # as the reader thread did: stop reading; close() still closes
+                self._broken = True  # stop reading, as the reader thread of old did; close() still closes
                 if self._reader is not None:
                     self._reader.close()
                 if self._timer is not None:

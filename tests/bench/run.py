@@ -1,6 +1,6 @@
 """Benchmarks of `tracer watch`, in a lab of network namespaces made here.
 
-Run as root: `.venv/bin/python -m tests.bench.run` (about 5 minutes; see README.md).
+Run as root: `.venv/bin/python -m tests.bench.run` (about 4.5 minutes; see README.md).
 
 Benchmarks print figures and ratios measured side by side in one run; they
 assert nothing about absolute times. Five phases:

@@ -56,20 +56,15 @@ def kernel_config() -> dict[str, str]:
 
 def lockdown_mode(config: dict[str, str]) -> str | None:
     """none/integrity/confidentiality, or None when it cannot be told."""
-    try:
-        with open("/sys/kernel/security/lockdown") as f:
-            m = re.search(r"\[(\w+)\]", f.read())
-            if m:
-                return m.group(1)
-    except OSError:
-        pass
-    try:
-        with open("/proc/cmdline") as f:
-            m = re.search(r"\blockdown=(\w+)", f.read())
-            if m:
-                return m.group(1)
-    except OSError:
-        pass
+    # The LSM's own answer (the selected mode in brackets), else the boot command line.
+    for path, pattern in (("/sys/kernel/security/lockdown", r"\[(\w+)\]"), ("/proc/cmdline", r"\blockdown=(\w+)")):
+        try:
+            with open(path) as f:
+                m = re.search(pattern, f.read())
+        except OSError:
+            continue
+        if m:
+            return m.group(1)
     for mode in ("CONFIDENTIALITY", "INTEGRITY"):
         if config.get(f"CONFIG_LOCK_DOWN_KERNEL_FORCE_{mode}") == "y":
             return mode.lower()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import resource
 import signal
 import socket
 import sys
@@ -302,6 +304,20 @@ def _wait_for_netns(name: str, signals: _Signals, deadline: float | None) -> boo
     return False
 
 
+#: Descriptors a watch may hold: a few per watched namespace (nftrace, marking, ruleset
+#: sockets), so the soft limit of 1024 would stop it at about 300 namespaces.
+NOFILE_WANTED = 1 << 16
+
+
+def _raise_nofile_limit() -> None:
+    """Raises this process's soft RLIMIT_NOFILE towards the hard limit (never above it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE_WANTED if hard == resource.RLIM_INFINITY else min(hard, NOFILE_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def _watch(args: argparse.Namespace) -> int:
     from tracer.outputs.base import undelivered_line
     from tracer.outputs.stdout import choose
@@ -310,6 +326,7 @@ def _watch(args: argparse.Namespace) -> int:
     began = time.monotonic()
     config = _watch_config(args)
     warnings, choice = _watch_checks(args, config)
+    _raise_nofile_limit()
     for warning in warnings:
         say(f"tracer: warning: {warning}")
     signals = _Signals()

@@ -22,6 +22,7 @@ from tracer.collectors.nftrace import NftCollector
 from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
 from tracer.event.model import DropEvent
+from tracer.loop import EventLoop
 from tracer.netfilter.marking import MarkingCoordinator
 from tracer.netfilter.nftables import NftContext, NftError
 from tracer.netfilter.xtables import loaded_tables
@@ -34,12 +35,26 @@ NETLINK_NETFILTER = 12
 _PRESENT_TTL = 5.0
 
 
-class XtraceCollector:
+class _Coordinated:
+    """Started, followed and stopped by the MarkingCoordinator, which alone knows the order
+    the two trace collectors' host changes need (see tracer/netfilter/marking.py)."""
+
+    def start(self, namespaces: Sequence[Netns]) -> None:
+        pass
+
+    def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class XtraceCollector(_Coordinated):
     name = "xtrace"
 
-    def __init__(self, config: Config, marking: MarkingCoordinator) -> None:
+    def __init__(self, config: Config, marking: MarkingCoordinator, loop: EventLoop | None = None) -> None:
         self.config = config
-        self.legacy = LegacyCollector(config.scope, trace=config.nftrace, marking=marking)
+        self.legacy = LegacyCollector(config.scope, trace=config.nftrace, marking=marking, loop=loop)
         self._present: dict[int, tuple[float, bool]] = {}
 
     def unavailable(self) -> str | None:
@@ -51,17 +66,6 @@ class XtraceCollector:
             return f"no nfnetlink socket ({exc.strerror or exc}): iptables-legacy TRACE cannot be read"
         return None
 
-    # Started, followed and stopped by the MarkingCoordinator, which alone knows the order
-    # the two trace collectors' host changes need (see tracer/netfilter/marking.py).
-
-    def start(self, namespaces: Sequence[Netns]) -> None:
-        pass
-
-    def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
     def enrich(self, event: DropEvent, evidence: Evidence) -> None:
         evidence.legacy_present = self._tables_loaded(evidence.netns)
@@ -98,12 +102,12 @@ class XtraceCollector:
 
 
 
-class NftraceCollector:
+class NftraceCollector(_Coordinated):
     name = "nftrace"
 
-    def __init__(self, config: Config, marking: MarkingCoordinator) -> None:
+    def __init__(self, config: Config, marking: MarkingCoordinator, loop: EventLoop | None = None) -> None:
         self.config = config
-        self.nft = NftCollector(config.scope, rate=config.trace_rate, marking=marking)
+        self.nft = NftCollector(config.scope, rate=config.trace_rate, marking=marking, loop=loop)
 
     def unavailable(self) -> str | None:
         try:
@@ -113,17 +117,6 @@ class NftraceCollector:
             return f"libnftables cannot be used ({exc}): drops get no rule text"
         return None
 
-    # Started, followed and stopped by the MarkingCoordinator, which alone knows the order
-    # the two trace collectors' host changes need (see tracer/netfilter/marking.py).
-
-    def start(self, namespaces: Sequence[Netns]) -> None:
-        pass
-
-    def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
     def enrich(self, event: DropEvent, evidence: Evidence) -> None:
         drop = evidence.drop

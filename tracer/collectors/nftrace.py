@@ -550,7 +550,7 @@ class _NetnsWatch:
         with self._lock:
             return self._latest
 
-    # --- reader thread ---------------------------------------------------------------
+    # --- on the loop thread (the reader's callbacks) --------------------------------
 
     def _lost(self, exc: OSError) -> None:
         """The kernel dropped messages (ENOBUFS: we fell behind): start over from a clean state.

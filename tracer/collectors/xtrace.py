@@ -411,7 +411,8 @@ class _TraceSocket:
         except OSError as exc:
             holder, why = None, f"{why}; holder unknown: {exc}"
         if holder is None:
-            return f"nfnetlink_log group {TRACE_GROUP} in netns {printable(ns.label)}: {os.strerror(errno.EPERM)}; {why}"
+            where = f"nfnetlink_log group {TRACE_GROUP} in netns {printable(ns.label)}"
+            return f"{where}: {os.strerror(errno.EPERM)}; {why}"
         return f"{holder.describe(ns.label)}; {why}"
 
     def _bind_group(self, sock: socket.socket) -> None:
@@ -510,7 +511,7 @@ class _TraceSocket:
         self.holder_pid = pid
 
     def _source_closed(self, client: RelayClient, reason: str) -> None:
-        """The holder went away (relay thread): forget what we have, let the owner reconnect."""
+        """The holder went away (on the loop thread): forget what we have, let the owner reconnect."""
         with self._cond:
             if self._client is not client or self._stopping.is_set():
                 return
@@ -575,7 +576,7 @@ class _TraceSocket:
         with self._cond:
             return self._traces.get(fingerprint)
 
-    # --- our own group-0 socket (reader thread) -------------------------------------------------
+    # --- our own group-0 socket (loop thread) ---------------------------------------------------
 
     def _group_message(self, mtype: int, msg: bytes) -> None:
         if mtype != _PACKET_TYPE:
@@ -809,7 +810,7 @@ class _LegacyNetns:
         )
 
     def source_lost(self) -> None:
-        """Our holder left (called from the relay thread): retry soon and often for a while."""
+        """Our holder left (called on the loop thread): retry soon and often for a while."""
         self.retry_fast_until = time.monotonic() + _FAST_RETRY_WINDOW
         self.collector.kick()
 

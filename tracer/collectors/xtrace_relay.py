@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import fcntl
 import functools
 import itertools
 import math
@@ -51,7 +50,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from typing import Any
 from tracer import loop as loop_mod
 from tracer import netns as netns_mod
 from tracer.loop import EventLoop, Reader
+from tracer.netfilter.marking import file_lock
 from tracer.netns import Netns
 from tracer.nlmsg import NFGEN_ATTRS, NLMSG_HEADER
 
@@ -133,21 +133,6 @@ def check_state_dir(state_dir: Path) -> None:
         raise RelayError(
             errno.EPERM, f"{state_dir} must be root's with mode 0700 (uid {st.st_uid}, mode {st.st_mode & 0o777:o})"
         )
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path`, between processes and between threads alike.
-
-    Each call opens the file anew, and flock locks belong to the open file:
-    two collectors in one process exclude each other too. Not reentrant.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -29,6 +29,7 @@ from tracer.netfilter.constants import NFPROTO_FAMILIES
 from tracer.nlmsg import (
     NFGEN_ATTRS,
     NLMSG_HEADER,
+    above_select_limit,
     attributes,
     nfgen_family,
     split_messages,
@@ -99,15 +100,22 @@ def _library() -> ctypes.CDLL:
         return _lib
 
 
-def _socket_fds() -> set[int]:
-    fds: set[int] = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
+def _open_fds() -> set[str]:
+    """The process's descriptor numbers, as /proc lists them (cheap: no readlink)."""
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _close_on_exec_new_sockets(before: set[str]) -> None:
+    """Marks close-on-exec the sockets opened since `before` was taken.
+
+    Only the new entries are looked at: a process watching hundreds of
+    namespaces has thousands of descriptors, and reading every one's link
+    for each new context made start-up grow with the square of their number.
+    """
+    for name in _open_fds() - before:
+        with contextlib.suppress(OSError, ValueError):  # closed meanwhile, or listdir's own
             if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                fds.add(int(name))
-        except OSError:
-            continue  # closed meanwhile, or listdir's own descriptor
-    return fds
+                os.set_inheritable(int(name), False)
 
 
 @dataclass(frozen=True)
@@ -127,13 +135,12 @@ class NftContext:
     def __init__(self) -> None:
         self._lib = _library()
         with _lib_lock:
-            before = _socket_fds()
+            before = _open_fds()
             ptr = self._lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT: opens the netlink socket now
             if ptr:
                 # libnftables opens it without SOCK_CLOEXEC: a child we exec
                 # would otherwise keep our owned tables alive after we die.
-                for fd in _socket_fds() - before:
-                    os.set_inheritable(fd, False)
+                _close_on_exec_new_sockets(before)
         if not ptr:
             raise OSError(ctypes.get_errno(), "nft_ctx_new failed")
         self._ctx: int | None = ptr
@@ -607,8 +614,11 @@ class _NftNetlink:
     the generation id, and table flags (nft 1.0.6's JSON prints the owner flag wrongly)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)
-        self.sock.bind((0, 0))
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)
+        sock.bind((0, 0))
+        # Above FD_SETSIZE where the limit allows: libnftables select()s on its own
+        # descriptors, which glibc aborts on at 1024 or more; ours need not take low numbers.
+        self.sock = above_select_limit(sock)
         self.sock.settimeout(5.0)
         self._seq = 0
 

@@ -37,6 +37,7 @@ from tracer.config import Config
 from tracer.event.model import DropEvent, Namespace, Packet, Probe, Process
 from tracer.event.rendered import Rendered
 from tracer.event.sections import Drop
+from tracer.loop import EventLoop
 from tracer.netfilter.marking import MarkingCoordinator
 from tracer.netns import Netns
 from tracer.outputs.base import Sink
@@ -64,6 +65,7 @@ class Engine:
         self.nftrace: NftraceCollector | None = None
         self.collectors: list[Collector] = []
         self.marking: MarkingCoordinator | None = None
+        self.loop: EventLoop | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue[KernelDrop] = queue.Queue(maxsize=QUEUE_DROPS)
         self._threads: list[threading.Thread] = []
@@ -89,10 +91,12 @@ class Engine:
         self.source.load(target)
         watched = self.namespaces.watched(target)
         self.marking = MarkingCoordinator()
-        self.xtrace = XtraceCollector(cfg, self.marking)
+        # One loop reads the netlink sockets of every namespace, for both trace collectors.
+        self.loop = EventLoop("netlink-loop", log)
+        self.xtrace = XtraceCollector(cfg, self.marking, self.loop)
         self.collectors = [self.xtrace]
         if cfg.nftrace:
-            self.nftrace = NftraceCollector(cfg, self.marking)
+            self.nftrace = NftraceCollector(cfg, self.marking, self.loop)
             self.collectors.append(self.nftrace)
         self.collectors += [ConntrackCollector(), LinksCollector()]
         self.marking.start(watched)  # the trace collectors, in the order their host changes need
@@ -254,6 +258,9 @@ class Engine:
             for c in self.collectors:
                 c.stop()
             self.collectors, self.nftrace, self.xtrace, self.marking = [], None, None, None
+            if self.loop is not None:
+                self.loop.close()  # after the collectors: their readers are off it by now
+                self.loop = None
         self.source.close()
         self._warn_queue_lost(final=True)  # the source has stopped: what is left to say
         if self.config.debug_stats:
