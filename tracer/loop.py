@@ -402,3 +402,31 @@ def shared() -> EventLoop:
         if _shared is None:
             _shared = EventLoop()
         return _shared
+
+
+class LoopSlot:
+    """The loop a collector reads on: the one it was given, or its own, made on first use.
+
+    A collector given the pipeline's loop shares it and never closes it; one
+    used alone (tests, tools) gets a loop of its own, which `release` closes
+    so its thread ends with the collector, and a later start makes another.
+    """
+
+    def __init__(self, given: EventLoop | None, name: str, log: Any) -> None:
+        self._loop = given
+        self._own = given is None
+        self._name, self._log = name, log
+        self._lock = threading.Lock()  # set-up workers may ask for it at once
+
+    def get(self) -> EventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = EventLoop(self._name, self._log)
+            return self._loop
+
+    def release(self) -> None:
+        """Closes the loop if it is the collector's own (its readers must be gone)."""
+        with self._lock:
+            loop, self._loop = (self._loop, None) if self._own else (None, self._loop)
+        if loop is not None:
+            loop.close()

@@ -254,6 +254,12 @@ class NetlinkReader:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def reading(self) -> bool:
+        """Started, not stopped, and its loop's thread alive: messages will be read."""
+        thread = self._loop.thread
+        return self._reader is not None and not self.stopping and thread is not None and thread.is_alive()
+
     def wake(self) -> None:
         """Makes the reader drain the socket now (from any thread)."""
         if self._wake_pending or self._stopping.is_set():

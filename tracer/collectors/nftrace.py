@@ -44,7 +44,7 @@ from pyroute2.netlink.nfnetlink import (
 from tracer import netns as netns_mod
 from tracer.config import Scope
 from tracer.event import packet
-from tracer.loop import EventLoop
+from tracer.loop import EventLoop, LoopSlot
 from tracer.netfilter.constants import (
     CT_DIRECTIONS,
     CT_STATE_BITS,
@@ -976,19 +976,14 @@ class NftCollector:
         self._published = 0
         self._stopped = False
         self.marking.attach_nft(self)
-        self._own_loop = loop is None
-        self._loop = loop
-        self._loop_lock = threading.Lock()  # set-up workers ask for the loop at once
+        self._loop = LoopSlot(loop, "nft-trace-loop", self.log)
 
     # --- lifecycle -------------------------------------------------------------------
 
     @property
     def loop(self) -> EventLoop:
         """The loop the trace sockets are read on (made on first use when none was given)."""
-        with self._loop_lock:
-            if self._loop is None:
-                self._loop = EventLoop("nft-trace-loop", self.log)
-            return self._loop
+        return self._loop.get()
 
     def start(self, namespaces: Iterable[Netns]) -> None:
         """Starts watching namespaces (those the filter's `netns` selects)."""
@@ -1071,10 +1066,7 @@ class NftCollector:
                 w.stop()
             except Exception as exc:
                 w.log.warning("nft.stop_failed", error=repr(exc))
-        with self._loop_lock:
-            loop, self._loop = (self._loop, None) if self._own_loop else (None, self._loop)
-        if loop is not None:
-            loop.close()  # its thread ends; a later start() makes another
+        self._loop.release()  # its own loop's thread ends; a later start() makes another
         with self._cond:
             self._cond.notify_all()
 

@@ -66,7 +66,7 @@ from tracer.collectors.xtrace_relay import (
 )
 from tracer.config import Scope
 from tracer.event import packet
-from tracer.loop import EventLoop
+from tracer.loop import EventLoop, LoopSlot
 from tracer.netfilter.constants import IPTABLES_CHAINS, NF_INET_HOOKS
 from tracer.netfilter.marking import STATE_DIR, MarkingCoordinator
 from tracer.netfilter.xtables import (
@@ -922,9 +922,7 @@ class LegacyCollector:
         self._kick = threading.Event()  # wakes the poller early (a holder left)
         self._poller: threading.Thread | None = None
         self._stopped = False
-        self._own_loop = loop is None
-        self._loop = loop
-        self._loop_lock = threading.Lock()
+        self._loop = LoopSlot(loop, "legacy-trace-loop", self.log)
         marking.attach_legacy(self)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -932,10 +930,7 @@ class LegacyCollector:
     @property
     def loop(self) -> EventLoop:
         """The loop trace sockets and relays are read on (made on first use when none was given)."""
-        with self._loop_lock:
-            if self._loop is None:
-                self._loop = EventLoop("legacy-trace-loop", self.log)
-            return self._loop
+        return self._loop.get()
 
     def start(self, namespaces: Iterable[Netns]) -> None:
         """Undoes what a crashed tracer left, then starts on the namespaces the filter covers."""
@@ -991,10 +986,7 @@ class LegacyCollector:
                 n.close()
             except Exception as exc:
                 n.log.warning("legacy.stop_failed", error=repr(exc))
-        with self._loop_lock:
-            loop, self._loop = (self._loop, None) if self._own_loop else (None, self._loop)
-        if loop is not None:
-            loop.close()  # its thread ends; a later start() makes another
+        self._loop.release()  # its own loop's thread ends; a later start() makes another
         if self.trace_enabled and namespaces:
             with contextlib.suppress(OSError):
                 cleanup_stale_sockets(self.state_dir, self.log)

@@ -100,22 +100,21 @@ def _library() -> ctypes.CDLL:
         return _lib
 
 
-def _open_fds() -> set[str]:
-    """The process's descriptor numbers, as /proc lists them (cheap: no readlink)."""
-    return set(os.listdir("/proc/self/fd"))
+def _close_on_exec_inheritable_sockets() -> None:
+    """Marks close-on-exec every socket that is not: the ones libnftables opened.
 
-
-def _close_on_exec_new_sockets(before: set[str]) -> None:
-    """Marks close-on-exec the sockets opened since `before` was taken.
-
-    Only the new entries are looked at: a process watching hundreds of
-    namespaces has thousands of descriptors, and reading every one's link
-    for each new context made start-up grow with the square of their number.
+    Python opens all its descriptors close-on-exec (PEP 446); libnftables
+    does not, and a child we exec would keep our owned tables alive after we
+    die. Asking each descriptor whether it is inheritable is one fcntl, and
+    only the inheritable ones (few) have their link read, so this stays cheap
+    with thousands of descriptors open. Not a before/after diff of numbers:
+    another thread may close a socket meanwhile and libnftables get its number.
     """
-    for name in _open_fds() - before:
+    for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError, ValueError):  # closed meanwhile, or listdir's own
-            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                os.set_inheritable(int(name), False)
+            fd = int(name)
+            if fd > 2 and os.get_inheritable(fd) and os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                os.set_inheritable(fd, False)
 
 
 @dataclass(frozen=True)
@@ -135,12 +134,9 @@ class NftContext:
     def __init__(self) -> None:
         self._lib = _library()
         with _lib_lock:
-            before = _open_fds()
             ptr = self._lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT: opens the netlink socket now
             if ptr:
-                # libnftables opens it without SOCK_CLOEXEC: a child we exec
-                # would otherwise keep our owned tables alive after we die.
-                _close_on_exec_new_sockets(before)
+                _close_on_exec_inheritable_sockets()
         if not ptr:
             raise OSError(ctypes.get_errno(), "nft_ctx_new failed")
         self._ctx: int | None = ptr
