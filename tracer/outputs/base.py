@@ -1,11 +1,12 @@
 """What an output promises the pipeline, and what it reports when it is closed.
 
 A `Sink` receives each event once, rendered lazily (tracer.event.rendered):
-`submit` only queues it, so the join thread never waits for an output, and
-the sink's own worker renders the form it writes (the NDJSON line, the text
-line) and writes it. Its queue is bounded: a reader that stops reading costs
-events, counted in the sink's `Delivery` and reported once on stderr at
-the end (`undelivered_line`), never a blocked tracer.
+each form (the NDJSON line, the text line) is made at most once, whatever
+the number of sinks, and only when a sink has room to queue it. `submit`
+never waits for the output: the sink's own worker writes. Its queue is
+bounded: a reader that stops reading costs events, counted in the sink's
+`Delivery` and reported once on stderr at the end (`undelivered_line`),
+never a blocked tracer.
 """
 
 from __future__ import annotations

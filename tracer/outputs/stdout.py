@@ -1,10 +1,10 @@
 """The standard output sinks: NDJSON for machines, one line per drop for people.
 
-Both hand each event to their output as a function to call, not as bytes:
-with an FdWriter (the watch command) the writer's own thread renders it,
-so neither the JSON nor the text line is built in the join thread. With a
-StreamOutput (the demo, tests) everything happens synchronously, in order
-with whatever else the caller prints.
+Both hand each event to their output as a function that renders it: an
+FdWriter (the watch command) calls it only when its queue has room, so an
+event a stuck reader would never get is never rendered, and its own thread
+only writes. With a StreamOutput (the demo, tests) everything happens
+synchronously, in order with whatever else the caller prints.
 """
 
 from __future__ import annotations

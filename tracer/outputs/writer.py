@@ -42,7 +42,7 @@ QUEUE_BYTES = 16 << 20
 #: What an item not rendered yet counts against the byte bound: a typical event line.
 DEFERRED_BYTES = 1024
 
-#: What the queue holds: the bytes, or a function the writer's thread calls to render them.
+#: What `put` takes: the bytes, or a function that makes them (called only if they fit).
 Item = bytes | Callable[[], bytes]
 
 _writers: weakref.WeakSet[FdWriter] = weakref.WeakSet()
@@ -52,8 +52,7 @@ class FdWriter:
     """Bytes to a file descriptor from a daemon thread; `put` never blocks.
 
     Each `put` is one item (one event, one log line): bytes, or a function
-    returning them, which the thread calls, so an event is rendered in the
-    output's thread and never in the caller's. Items are written in chunks
+    returning them, called only when the queue has room. Items are written in chunks
     of whole items up to PIPE_BUF bytes (so a pipe's reader never sees half
     a line, unless one item alone is longer) after poll() reports POLLOUT,
     re-checking every 100 ms whether `close` has given up. Only this thread
@@ -72,7 +71,7 @@ class FdWriter:
         self._chunk = PIPE_BUF if stat.S_ISFIFO(mode) else 64 << 10
         self._max_items, self._max_bytes = max_items, max_bytes
         self._on_error, self._on_drop = on_error, on_drop
-        self._items: deque[tuple[Item, int]] = deque()  # each with what it counts against max_bytes
+        self._items: deque[bytes] = deque()
         self._bytes = 0
         self._cond = threading.Condition()
         self._closing = False
@@ -88,19 +87,34 @@ class FdWriter:
 
     # ------------------------------------------------------------ callers
 
-    def put(self, data: Item, size: int | None = None) -> bool:
+    def put(self, data: Item) -> bool:
         """Queues one item; False (and counted) when the queue is full or the output failed.
 
-        `size` is what an item to be rendered later counts against the byte
-        bound (DEFERRED_BYTES if not given); bytes count their length.
+        A function is called here, in the caller's thread, and only when the
+        queue has room for a typical item (DEFERRED_BYTES): an event the queue
+        would refuse is never rendered, which is when rendering costs most (a
+        reader not keeping up). Not in the writer's thread: under CPython's
+        GIL a render there holds up the caller just as much, plus a thread
+        switch per event; measured, it halved the events a watch could print.
         """
-        if size is None:
-            size = len(data) if isinstance(data, bytes) else DEFERRED_BYTES
+        if not isinstance(data, bytes):
+            if self._refused(DEFERRED_BYTES):
+                return False
+            try:
+                data = data()
+            except Exception as exc:
+                self._render_failure(exc)
+                return False
+        return not self._refused(len(data), data)
+
+    def _refused(self, size: int, data: bytes | None = None) -> bool:
+        """True (and counted) when the output failed or an item of `size` does not fit;
+        else queues `data`, when given."""
         report = 0
         with self._cond:
             if self.error is not None or self._closing:
                 self.dropped += 1  # the failure itself was reported once, by on_error
-                return False
+                return True
             if len(self._items) >= self._max_items or self._bytes + size > self._max_bytes:
                 self.dropped += 1
                 self._unreported += 1
@@ -109,14 +123,24 @@ class FdWriter:
                     report, self._unreported, self._warned_at = self._unreported, 0, now
                 total = self.dropped
             else:
-                self._items.append((data, size))
-                self._bytes += size
-                self.accepted += 1
-                self._cond.notify()
-                return True
+                if data is not None:
+                    self._items.append(data)
+                    self._bytes += size
+                    self.accepted += 1
+                    self._cond.notify()
+                return False
         if report and self._on_drop is not None:
             self._on_drop(report, total)  # outside the lock: it logs
-        return False
+        return True
+
+    def _render_failure(self, exc: Exception) -> None:
+        """An item whose rendering failed is lost, not the output: counted as dropped, said once."""
+        with self._cond:
+            self.dropped += 1
+            first, self._render_failed = not self._render_failed, True
+        if first:
+            log.error("event could not be rendered; it and any such later ones are dropped",
+                      output=self.name, error=f"{type(exc).__name__}: {exc}")
 
     def flush(self) -> None:
         """Never blocks: the thread writes as soon as the reader takes more; `close` waits."""
@@ -167,50 +191,14 @@ class FdWriter:
                 if not self._items:
                     return  # closed and drained
                 taken = [self._items.popleft()]
-                size = taken[0][1]
-                while self._items and size + self._items[0][1] <= self._chunk:
+                size = len(taken[0])
+                while self._items and size + len(self._items[0]) <= self._chunk:
                     item = self._items.popleft()
                     taken.append(item)
-                    size += item[1]
+                    size += len(item)
                 self._bytes -= size
-            for batch in self._batches(self._render(taken)):
-                if not self._write(poller, batch):
-                    return
-
-    def _render(self, taken: list[tuple[Item, int]]) -> list[bytes]:
-        """The items' bytes, rendering those queued as functions (outside the lock).
-
-        An item whose rendering fails is lost, not the output: counted as
-        dropped (it was accepted, and will never be written), said once.
-        """
-        out = []
-        for item, _ in taken:
-            if isinstance(item, bytes):
-                out.append(item)
-                continue
-            try:
-                out.append(item())
-            except Exception as exc:
-                with self._cond:
-                    self.accepted -= 1
-                    self.dropped += 1
-                    first, self._render_failed = not self._render_failed, True
-                if first:
-                    log.error("event could not be rendered; it and any such later ones are dropped",
-                              output=self.name, error=f"{type(exc).__name__}: {exc}")
-        return out
-
-    def _batches(self, items: list[bytes]) -> list[list[bytes]]:
-        """Whole items in runs of at most one chunk (an item alone may be longer)."""
-        batches: list[list[bytes]] = []
-        size = self._chunk + 1
-        for item in items:
-            if size + len(item) > self._chunk:
-                batches.append([])
-                size = 0
-            batches[-1].append(item)
-            size += len(item)
-        return batches
+            if not self._write(poller, taken):  # whole items, at most one chunk (or one longer item)
+                return
 
     def _write(self, poller: select.poll, batch: list[bytes]) -> bool:
         """Writes one batch; counts each item once its last byte is out. False: stop."""

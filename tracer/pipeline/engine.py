@@ -18,7 +18,6 @@ once, not once per drop.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -64,6 +63,8 @@ class Engine:
         self.xtrace: XtraceCollector | None = None
         self.nftrace: NftraceCollector | None = None
         self.collectors: list[Collector] = []
+        self._evidence_collectors: list[Collector] = []
+        self._section_collectors: list[Collector] = []
         self.marking: MarkingCoordinator | None = None
         self.loop: EventLoop | None = None
         self._stop = threading.Event()
@@ -98,7 +99,9 @@ class Engine:
         if cfg.nftrace:
             self.nftrace = NftraceCollector(cfg, self.marking, self.loop)
             self.collectors.append(self.nftrace)
-        self.collectors += [ConntrackCollector(), LinksCollector()]
+        self._evidence_collectors = list(self.collectors)  # the trace collectors: before attribution
+        self._section_collectors = [ConntrackCollector(), LinksCollector()]  # they read its section
+        self.collectors += self._section_collectors
         self.marking.start(watched)  # the trace collectors, in the order their host changes need
         for c in self.collectors:
             c.start(watched)
@@ -212,13 +215,11 @@ class Engine:
             probe=Probe(probe_id) if probe_id else None,
         )
         evidence = Evidence(drop, ns)
-        for c in self.collectors:
-            if c is self.xtrace or c is self.nftrace:
-                c.enrich(event, evidence)
+        for c in self._evidence_collectors:
+            c.enrich(event, evidence)
         self._attribute(event, evidence)
-        for c in self.collectors:
-            if c is not self.xtrace and c is not self.nftrace:
-                c.enrich(event, evidence)
+        for c in self._section_collectors:
+            c.enrich(event, evidence)
         return event
 
     def _attribute(self, event: DropEvent, evidence: Evidence) -> None:
@@ -232,7 +233,8 @@ class Engine:
                 nf = attribution.with_legacy_table(nf, self.xtrace.table_candidates(drop.netns, nf.hook, family))
         event.netfilter = nf
         event.action = "rejected" if nf is not None and nf.verdict == "reject" else "dropped"
-        event.drop = dataclasses.replace(event.drop, subsystem=attribution.subsystem(drop, nf))
+        d = event.drop  # frozen; built anew here (dataclasses.replace costs 7 us per event)
+        event.drop = Drop(d.reason, d.location, d.stack, attribution.subsystem(drop, nf), d.hook)
 
     # ---------------------------------------------------------- stop
 
