@@ -4,11 +4,16 @@ A collector adds one kind of knowledge to a drop, from one source in the
 kernel (nftrace messages, iptables-legacy TRACE logs, conntrack, links).
 It can say why it cannot run on this host (the doctor shows that), follows
 network namespaces as they come and go, and enriches each drop by filling
-only its own part: a section of the event, or its slot of `Evidence` when
-its facts are raw material for another step (the nftrace and xtrace
-verdicts, which attribution merges into the event's netfilter section).
-The pipeline calls collectors in a fixed order, so a collector may read
-the evidence of those before it, never write it.
+only its own part. Two kinds:
+
+- a `Collector` fills one section of the event (conntrack, interfaces);
+- a `TraceCollector` fills its slot of the drop's `Evidence`: raw material
+  for attribution, which merges the nftrace and xtrace verdicts into the
+  netfilter section before the event is built.
+
+The pipeline calls them in a fixed order (trace collectors, attribution,
+then collectors), so each may read what those before it filled, never
+write it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class Evidence:
     ruleset: Ruleset | None = None
 
 
-class Collector(Protocol):
+class _Lifecycle(Protocol):
     name: str
 
     def unavailable(self) -> str | None:
@@ -54,8 +59,15 @@ class Collector(Protocol):
     def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
         """The watched namespaces now: start in the new ones, let go of the vanished."""
 
-    def enrich(self, event: DropEvent, evidence: Evidence) -> None:
-        """Fills this collector's part for one drop (its section, or its slot of evidence)."""
-
     def stop(self) -> None:
         """Stops and undoes every change it made to the host."""
+
+
+class Collector(_Lifecycle, Protocol):
+    def enrich(self, event: DropEvent, evidence: Evidence) -> None:
+        """Fills this collector's section of one drop's event."""
+
+
+class TraceCollector(_Lifecycle, Protocol):
+    def gather(self, evidence: Evidence) -> None:
+        """Fills this collector's slot of one drop's evidence (before the event exists)."""

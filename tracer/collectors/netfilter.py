@@ -21,7 +21,6 @@ from tracer.collectors.base import Evidence
 from tracer.collectors.nftrace import NftCollector
 from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
-from tracer.event.model import DropEvent
 from tracer.loop import EventLoop
 from tracer.netfilter.marking import MarkingCoordinator
 from tracer.netfilter.nftables import NftContext, NftError
@@ -67,7 +66,7 @@ class XtraceCollector(_Coordinated):
         return None
 
 
-    def enrich(self, event: DropEvent, evidence: Evidence) -> None:
+    def gather(self, evidence: Evidence) -> None:
         evidence.legacy_present = self._tables_loaded(evidence.netns)
         drop = evidence.drop
         if not self.config.nftrace or not drop.in_netfilter or drop.fingerprint is None:
@@ -118,7 +117,7 @@ class NftraceCollector(_Coordinated):
         return None
 
 
-    def enrich(self, event: DropEvent, evidence: Evidence) -> None:
+    def gather(self, evidence: Evidence) -> None:
         drop = evidence.drop
         if not drop.in_netfilter or drop.fingerprint is None:
             return

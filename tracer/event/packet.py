@@ -8,8 +8,10 @@ which is what lets `fingerprint` join a drop to the trace of the same packet.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -119,6 +121,13 @@ def ipv6_transport_offset(l3: bytes, extra: bytes = b"") -> tuple[int, int | Non
     return nexthdr, None
 
 
+@lru_cache(maxsize=4096)
+def _ipv6_text(packed: bytes) -> str:
+    """RFC 5952 text as ipaddress gives it (the schema checks that exact form), cached:
+    drops come in runs of a few addresses, and ipaddress takes microseconds."""
+    return ipaddress.IPv6Address(packed).compressed
+
+
 def ipv4_later_fragment(l3: bytes) -> bool:
     """Whether an IPv4 header is that of a non-first fragment: its payload has no transport header."""
     return len(l3) >= 20 and bool(struct.unpack_from("!H", l3, 6)[0] & _IPV4_OFFSET_MASK)
@@ -137,8 +146,9 @@ def decode(l3: bytes, l4: bytes, protocol: int | None = None) -> PacketHeaders |
     version = l3[0] >> 4
     if version == 4 and len(l3) >= 20:
         proto = l3[9] if protocol is None else protocol
-        src = str(ipaddress.IPv4Address(l3[12:16]))
-        dst = str(ipaddress.IPv4Address(l3[16:20]))
+        # inet_ntop: the dotted quad ipaddress prints, ten times faster (this runs per drop).
+        src = socket.inet_ntop(socket.AF_INET, l3[12:16])
+        dst = socket.inet_ntop(socket.AF_INET, l3[16:20])
         ip_id = struct.unpack_from("!H", l3, 4)[0]
         ttl = l3[8]
         length = struct.unpack_from("!H", l3, 2)[0]
@@ -146,8 +156,8 @@ def decode(l3: bytes, l4: bytes, protocol: int | None = None) -> PacketHeaders |
             l4 = b""
     elif version == 6 and len(l3) >= 40:
         proto = protocol if protocol is not None else ipv6_transport_offset(l3)[0]
-        src = ipaddress.IPv6Address(l3[8:24]).compressed
-        dst = ipaddress.IPv6Address(l3[24:40]).compressed
+        src = _ipv6_text(l3[8:24])
+        dst = _ipv6_text(l3[24:40])
         ip_id = None
         ttl = l3[7]
         length = struct.unpack_from("!H", l3, 4)[0] + 40
