@@ -37,3 +37,15 @@ def test_doctor_text_has_a_fix_for_every_problem():
     for i, line in enumerate(lines):
         if line.startswith(("[warn]", "[FAIL]")):
             assert i + 1 < len(lines) and "->" in lines[i + 1], line
+
+
+@pytest.mark.root
+def test_doctor_lists_what_each_collector_says():
+    """Each collector's own answer to "can you run here?", with a fix when it cannot."""
+    report = orjson.loads(run("doctor", "--json").stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in ("nftrace", "xtrace", "conntrack", "links"):
+        check = checks[f"collector {name}"]
+        assert check["status"] in ("ok", "warn", "info"), check
+        assert check["status"] == "ok" or check["fix"], check
+    assert checks["collector nftrace"]["status"] == "ok"  # libnftables is a dependency of the tracer

@@ -243,7 +243,20 @@ def _check_collectors(r: Report) -> None:
     xtrace = XtraceCollector(config, marking)
     for collector in (NftraceCollector(config, marking), xtrace, ConntrackCollector(), LinksCollector()):
         why = collector.unavailable()
-        r.add(f"collector {collector.name}", OK if why is None else WARN, why or "can run")
+        if why is None:
+            r.add(f"collector {collector.name}", OK, "can run")
+        else:
+            status, fix = _COLLECTOR_FIXES.get(collector.name, (WARN, None))
+            r.add(f"collector {collector.name}", status, why, fix)
+
+
+#: What to do when a collector cannot run, and how much it matters.
+_COLLECTOR_FIXES = {
+    "nftrace": (WARN, "apt-get install libnftables1 (rule text and nftrace verdicts need it)"),
+    "xtrace": (WARN, "modprobe nfnetlink (iptables-legacy TRACE is read through it)"),
+    "conntrack": (INFO, ("nothing to do: it loads with the first ruleset that uses `ct`; "
+                        "`modprobe nf_conntrack` to see states from the start")),
+}
 
 
 def diagnose() -> Report:
