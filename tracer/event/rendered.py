@@ -19,15 +19,20 @@ from typing import Any
 import orjson
 
 from tracer.event.model import DropEvent
+from tracer.event.notice import Notice
 from tracer.event.text import one_line
 
 
 class Rendered:
-    """An event (which must no longer change) and its forms, rendered lazily and once."""
+    """An event (which must no longer change) and its forms, rendered lazily and once.
+
+    The event is a drop (or drop summary) or a notice (an alert, a loss report):
+    sinks treat both alike.
+    """
 
     __slots__ = ("_ecs", "_json", "_lock", "_text", "event")
 
-    def __init__(self, event: DropEvent) -> None:
+    def __init__(self, event: DropEvent | Notice) -> None:
         self.event = event
         self._ecs: dict[str, Any] | None = None
         self._json: bytes | None = None
@@ -54,7 +59,8 @@ class Rendered:
         if self._text is None:
             with self._lock:
                 if self._text is None:
-                    self._text = one_line(self.event)
+                    event = self.event
+                    self._text = one_line(event) if isinstance(event, DropEvent) else event.text()
         return self._text
 
     def _ecs_locked(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import BinaryIO, TextIO
 
+from tracer.event.model import DropEvent
 from tracer.event.rendered import Rendered
 from tracer.event.text import stack_lines
 from tracer.outputs.base import Delivery
@@ -62,7 +63,7 @@ class TerminalSink(_SinkBase):
 
     def _text(self, rendered: Rendered) -> str:
         lines = [rendered.text()]
-        if self.stack:
+        if self.stack and isinstance(rendered.event, DropEvent):
             lines += stack_lines(rendered.event)
         return "\n".join(lines) + "\n"
 

@@ -37,7 +37,7 @@ class LocalDrops:
 
     # the engine's sink: keeps the probes' events, rendered only when `drops` asks for them
     def submit(self, rendered: Rendered) -> None:
-        probe = rendered.event.probe
+        probe = getattr(rendered.event, "probe", None)  # notices carry none
         if probe is not None and probe.id:
             with self._lock:
                 self.by_probe[probe.id].append(rendered)
