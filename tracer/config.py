@@ -187,6 +187,11 @@ def _reasons(reasons: Iterable[str]) -> tuple[str, ...]:
 #: --trace-rate: nft's `limit rate` takes any u64, but more than this per namespace traces everything anyway.
 TRACE_RATE_MAX = 10_000_000
 TRACE_RATE_DEFAULT = 1000
+SUMMARY_INTERVAL_DEFAULT = 10.0
+#: A terminal reads a few hundred lines a second at best; a SIEM takes more, if asked.
+MAX_RATE_DEFAULT = 500
+MAX_RATE_MAX = 1_000_000
+CONNTRACK_THRESHOLD_DEFAULT = 0.9
 #: select() and friends refuse timeouts beyond ~292 years; an hour per answer is plenty.
 MAX_TIMEOUT = 3600.0
 NF_PROBES = ("auto", "fentry", "kprobe", "none")
@@ -326,6 +331,12 @@ class Config:
     libbpf: str = "libbpf.so.1"
     log_level: str | None = None
     debug_stats: bool = False
+    #: Seconds between summaries of repeated drops (issue 8: flows counted in the kernel).
+    summary_interval: float = SUMMARY_INTERVAL_DEFAULT
+    #: The ceiling: events a second at most; what it holds back is folded into summaries.
+    max_rate: int = MAX_RATE_DEFAULT
+    #: Fill level (count / max) of a namespace's conntrack table that raises an alert.
+    conntrack_threshold: float = CONNTRACK_THRESHOLD_DEFAULT
 
     def __post_init__(self) -> None:
         # Normalising a frozen dataclass: values from a file arrive as text or
@@ -343,6 +354,9 @@ class Config:
         put("trace_rate", lambda v: positive_number(v, int, TRACE_RATE_MAX))
         put("verdict_wait", _seconds_or_zero)
         put("scan_interval", lambda v: float(positive_number(v, float, MAX_TIMEOUT)))
+        put("summary_interval", lambda v: float(positive_number(v, float, MAX_TIMEOUT)))
+        put("max_rate", lambda v: positive_number(v, int, MAX_RATE_MAX))
+        put("conntrack_threshold", lambda v: float(positive_number(v, float, 1.0)))
         for flag in ("stack", "json", "nftrace", "debug_stats"):
             put(flag, _boolean)
         if self.nf_mode not in (None, "auto", "fentry", "kprobe"):
@@ -359,7 +373,8 @@ class Config:
         Keys are the long flags' names (`port`, `host`, `proto`, `netns`,
         `iface`, `reason`, `count`, `duration`, `stack`, `json`, `nftrace`,
         `nf_probes`, `trace_rate`, `verdict_wait`, `scan_interval`,
-        `bpf_object`, `libbpf`, `log_level`); a missing or None value takes
+        `bpf_object`, `libbpf`, `log_level`, `summary_interval`, `max_rate`,
+        `conntrack_threshold`); a missing or None value takes
         the environment's default (see `environment_defaults`), then the
         built-in one. An unknown key is an error, so a typo never passes
         unnoticed.
