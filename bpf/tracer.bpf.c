@@ -42,6 +42,10 @@ struct tracer_btf_enums {
 	enum filter_flags filter_flags;
 	enum filter_reason filter_reason;
 	enum drop_counter drop_counter;
+	enum tracer_record record;
+	enum tracer_counted counted;
+	enum flow_seen_flags flow_seen_flags;
+	enum tracer_flow_hook flow_hook;
 };
 const struct tracer_btf_enums *tracer_btf_enums __attribute__((unused));
 
@@ -59,6 +63,8 @@ const struct tracer_btf_enums *tracer_btf_enums __attribute__((unused));
 #define NFCT_INFOMASK 7UL
 #define CT_INFO_UNTRACKED 7
 #define SKB_HDR_UNSET 0xffff  /* (u16)~0U: header offset never set */
+#define IPPROTO_ICMPV6 58     /* a #define in include/uapi/linux/in6.h */
+#define EEXIST 17             /* include/uapi/asm-generic/errno-base.h */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -86,6 +92,64 @@ struct {
 	__type(key, __u32);
 	__type(value, struct drop_event);
 } scratch SEC(".maps");
+
+/* ------------------------------------------------------------ counting maps
+ *
+ * Counting runs in epochs. The drop program reads the current epoch from
+ * `epoch` and counts into the maps of its parity (_0 or _1). To close an
+ * epoch, Python writes the next number, waits for every program run that
+ * may still hold the old one (membarrier(MEMBARRIER_CMD_GLOBAL) is
+ * synchronize_rcu(), and BPF tracing programs run under rcu_read_lock()),
+ * then drains the old parity's maps with lookup-and-delete: no program
+ * writes them any more, so nothing counted there is ever lost or counted
+ * twice. A map written while being read would need both, which BPF hash
+ * maps do not give (an increment through a pointer to a just-deleted
+ * element is lost). */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} epoch SEC(".maps");
+
+/* Prealloc'ed hashes: an insert never allocates in the drop path, and a
+ * full map refuses (-E2BIG) instead of evicting, which the fall-back to a
+ * coarse key relies on. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TRACER_FLOW_ENTRIES);
+	__type(key, struct flow_key);
+	__type(value, struct flow_seen);
+} flow_seen SEC(".maps");
+
+struct flow_count_map {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TRACER_FLOW_ENTRIES);
+	__type(key, struct flow_key);
+	__type(value, struct flow_count);
+};
+
+struct flow_count_map flow_counts_0 SEC(".maps");
+struct flow_count_map flow_counts_1 SEC(".maps");
+
+struct coarse_count_map {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TRACER_COARSE_ENTRIES);
+	__type(key, struct flow_key);
+	__type(value, struct flow_count);
+};
+
+struct coarse_count_map coarse_counts_0 SEC(".maps");
+struct coarse_count_map coarse_counts_1 SEC(".maps");
+
+/* Index: epoch parity. Per CPU, so it needs no atomics; Python sums. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct flow_count);
+} overflow_counts SEC(".maps");
 
 /* skb address -> netfilter context recorded by the hook programs. LRU, so
  * packets that leave netfilter without our exit program seeing them (a
@@ -627,7 +691,144 @@ static __always_inline bool wanted(const struct filter_cfg *f, const struct drop
 	return true;
 }
 
+/* ------------------------------------------------------------ counting */
+
+static __always_inline void flow_key_of(struct flow_key *k, const struct drop_event *e, __u8 hook)
+{
+	k->netns_ino = e->netns_ino;
+	k->reason = e->reason;
+	k->location = e->location;
+	k->l3proto = e->l3proto;
+	k->hook = hook;
+	k->kind = TRACER_COUNTED_FLOW;
+	if (!e->l3_off_valid)
+		return;
+	k->l4proto = e->l4proto;
+	if (e->l3proto == ETH_P_IP) {
+		__builtin_memcpy(k->saddr, &e->l3[12], 4);
+		__builtin_memcpy(k->daddr, &e->l3[16], 4);
+	} else {
+		__builtin_memcpy(k->saddr, &e->l3[8], 16);
+		__builtin_memcpy(k->daddr, &e->l3[24], 16);
+	}
+	if (e->l4_len < 4)
+		return;
+	if (has_ports(e->l4proto)) {
+		k->sport = ((__u16)e->l4[0] << 8) | e->l4[1];
+		k->dport = ((__u16)e->l4[2] << 8) | e->l4[3];
+	} else if (e->l4proto == IPPROTO_ICMP || e->l4proto == IPPROTO_ICMPV6) {
+		k->sport = ((__u16)e->l4[0] << 8) | e->l4[1];   /* type, code */
+	}
+}
+
+/* Adds one drop to `key` in `map`; false when the key is new and the map
+ * full. Two CPUs inserting the same new key: one insert wins (BPF_NOEXIST),
+ * the other finds it on the second lookup. */
+static __always_inline bool count_in(void *map, const struct flow_key *key, __u64 now)
+{
+	struct flow_count *c = bpf_map_lookup_elem(map, key);
+	struct flow_count init = {.count = 1, .first_ns = now, .last_ns = now};
+
+	if (c) {
+		__sync_fetch_and_add(&c->count, 1);
+		c->last_ns = now;       /* racing CPUs each write a recent time: good enough */
+		return true;
+	}
+	if (!bpf_map_update_elem(map, key, &init, BPF_NOEXIST))
+		return true;
+	c = bpf_map_lookup_elem(map, key);
+	if (!c)
+		return false;           /* not there after a refused insert: the map is full */
+	__sync_fetch_and_add(&c->count, 1);
+	c->last_ns = now;
+	return true;
+}
+
+static __always_inline void count_overflow(__u32 parity, __u64 now)
+{
+	struct flow_count *c = bpf_map_lookup_elem(&overflow_counts, &parity);
+
+	if (!c)
+		return;
+	if (!c->count)
+		c->first_ns = now;
+	c->count += 1;
+	c->last_ns = now;
+}
+
+/* Counts one drop in the current epoch's maps: its flow key, else (flow map
+ * full) its coarse key, else the overflow counter. Sets key->kind to the
+ * map that took it, so a record tells Python which count it belongs to. */
+static __always_inline void count_drop(struct flow_key *key, __u32 ep, __u64 now)
+{
+	__u32 parity = ep & 1;
+	void *flows = parity ? (void *)&flow_counts_1 : (void *)&flow_counts_0;
+	void *coarse = parity ? (void *)&coarse_counts_1 : (void *)&coarse_counts_0;
+
+	if (key->kind == TRACER_COUNTED_FLOW && count_in(flows, key, now))
+		return;
+	key->kind = TRACER_COUNTED_COARSE;
+	__builtin_memset(key->saddr, 0, sizeof(key->saddr));
+	__builtin_memset(key->daddr, 0, sizeof(key->daddr));
+	key->sport = 0;
+	key->dport = 0;
+	key->l4proto = 0;
+	count(STAT_COARSE);
+	if (count_in(coarse, key, now))
+		return;
+	key->kind = TRACER_COUNTED_OVERFLOW;
+	count(STAT_OVERFLOW);
+	count_overflow(parity, now);
+}
+
+/* Whether this drop gets a record: the first of its key (registered in
+ * flow_seen now), or one Python asked a sample of. A key flow_seen has no
+ * room for is counted under its coarse key and gets no record: a flood of
+ * new flows (spoofed sources) then costs map updates, not stack walks. */
+/* Whether nftables (or xt TRACE) traces this packet: skb->nf_trace, a bit
+ * that exists with CONFIG_NF_TABLES or CONFIG_NETFILTER_XT_TARGET_TRACE. */
+static __always_inline bool skb_traced(struct sk_buff *skb)
+{
+	if (!bpf_core_field_exists(skb->nf_trace))
+		return false;
+	return BPF_CORE_READ_BITFIELD_PROBED(skb, nf_trace);
+}
+
+static __always_inline __u8 record_kind(struct flow_key *key, struct sk_buff *skb, __u64 now)
+{
+	struct flow_seen fresh = {.last_ns = now};
+	struct flow_seen *seen = bpf_map_lookup_elem(&flow_seen, key);
+	long err;
+
+	if (seen) {
+		seen->last_ns = now;
+		/* Not atomic: two CPUs may both take the request, and an extra
+		 * sample costs a record, never a count (samples count like repeats). */
+		if ((seen->flags & FLOW_WANT_SAMPLE) &&
+		    (!(seen->flags & FLOW_WANT_TRACED) || skb_traced(skb))) {
+			seen->flags = 0;
+			return TRACER_REC_SAMPLE;
+		}
+		return 0;
+	}
+	err = bpf_map_update_elem(&flow_seen, key, &fresh, BPF_NOEXIST);
+	if (!err)
+		return TRACER_REC_FIRST;
+	if (err != -EEXIST)
+		key->kind = TRACER_COUNTED_COARSE;   /* flow_seen full */
+	return 0;                               /* EEXIST: another CPU sends the first */
+}
+
 /* ------------------------------------------------------------ drop */
+
+/* A record the ring buffer had no room for. Its drop is counted already; a
+ * lost first record also forgets the key, so its next drop tries again. */
+static __always_inline void lost_record(struct drop_event *e)
+{
+	count(STAT_LOST);
+	if (e->record == TRACER_REC_FIRST && e->key.kind == TRACER_COUNTED_FLOW)
+		bpf_map_delete_elem(&flow_seen, &e->key);
+}
 
 static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 location, __u32 reason)
 {
@@ -636,7 +837,8 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	struct drop_event *e;
 	enum reasm_kind kind;
 	struct nf_info *nf;
-	__u64 key = (__u64)skb;
+	__u64 key = (__u64)skb, now;
+	__u32 *ep;
 	long n;
 
 	count(STAT_SEEN);
@@ -664,25 +866,33 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 		bpf_map_delete_elem(&skb_nf, &key);
 		return 0;
 	}
+
+	now = bpf_ktime_get_ns();
+	ep = bpf_map_lookup_elem(&epoch, &zero);
+	nf = bpf_map_lookup_elem(&skb_nf, &key);
+	if (nf)
+		e->nf = *nf;
+	bpf_map_delete_elem(&skb_nf, &key);
+	flow_key_of(&e->key, e, nf ? e->nf.hook : TRACER_HOOK_UNKNOWN);
+	e->epoch = ep ? *ep : 0;
+	e->record = e->key.kind == TRACER_COUNTED_FLOW ? record_kind(&e->key, skb, now) : 0;
+	count_drop(&e->key, e->epoch, now);
+	if (!e->record) {
+		count(STAT_REPEAT);
+		return 0;
+	}
 	if (ring_full()) {
-		count(STAT_LOST);
-		bpf_map_delete_elem(&skb_nf, &key);
+		lost_record(e);
 		return 0;
 	}
 
-	e->ts_ns = bpf_ktime_get_ns();
+	e->ts_ns = now;
 	e->iif = BPF_CORE_READ(skb, skb_iif);
 	e->mark = BPF_CORE_READ(skb, mark);
 	e->len = BPF_CORE_READ(skb, len);
 	e->pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	read_conntrack(e, skb);
-
-	nf = bpf_map_lookup_elem(&skb_nf, &key);
-	if (nf) {
-		e->nf = *nf;
-		bpf_map_delete_elem(&skb_nf, &key);
-	}
 
 	n = bpf_get_stack(ctx, e->stack, sizeof(e->stack), 0);
 	if (n < 0)
@@ -691,7 +901,7 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 		e->stack_bytes = n;
 
 	if (bpf_ringbuf_output(&events, e, sizeof(*e), 0))
-		count(STAT_LOST);
+		lost_record(e);
 	else
 		count(STAT_EMITTED);
 	return 0;

@@ -35,6 +35,13 @@ enum tracer_limits {
 	 * (IPV6_MAX_EXT_HEADERS) walks as far; the drop decoder refuses to run
 	 * when the two differ. */
 	TRACER_IPV6_MAX_EXT = 64,
+	/* Flow keys tracked at once (maps flow_seen, flow_counts_*): a flood of
+	 * this many distinct flows still gets one full event per flow; beyond
+	 * it, drops are counted per coarse key. About 100 bytes an entry. */
+	TRACER_FLOW_ENTRIES = 65536,
+	/* Coarse keys (namespace, reason, location, hook) at once; beyond it,
+	 * drops are counted in one overflow counter, still exactly. */
+	TRACER_COARSE_ENTRIES = 4096,
 };
 
 /* drop_event.frag_flags (bits) */
@@ -55,6 +62,69 @@ enum tracer_frag_flags {
  * differ. */
 enum tracer_ct_info {
 	TRACER_CT_INFO_NONE = 0xff,
+};
+
+/* What a ring-buffer record is (drop_event.record). Every drop the filter
+ * selects is counted in a map (struct flow_count), whether or not it makes a
+ * record: the counts, not the records, are what summaries report, so a
+ * record lost to a full ring buffer or a full queue never breaks a count. */
+enum tracer_record {
+	TRACER_REC_FIRST = 1,    /* the first drop of its flow key: shown in full */
+	TRACER_REC_SAMPLE = 2,   /* a later drop of a known key, asked for by Python
+	                          * (FLOW_WANT_SAMPLE) to learn its attribution */
+};
+
+/* Which map counted a drop (drop_event.counted_in, flow_key.kind). */
+enum tracer_counted {
+	TRACER_COUNTED_FLOW = 0,     /* flow_counts_*: the full key */
+	TRACER_COUNTED_COARSE = 1,   /* coarse_counts_*: the flow map was full */
+	TRACER_COUNTED_OVERFLOW = 2, /* overflow_counts: the coarse map was full too */
+};
+
+/* flow_seen.flags (bits), set by Python. */
+enum flow_seen_flags {
+	FLOW_WANT_SAMPLE = 1,        /* send the next drop of this key in full */
+	FLOW_WANT_TRACED = 2,        /* with FLOW_WANT_SAMPLE: the next one nftrace traced
+	                              * (skb->nf_trace set), so its rule will be known */
+};
+
+/* flow_key.hook when no netfilter program saw the packet. */
+enum tracer_flow_hook {
+	TRACER_HOOK_UNKNOWN = 0xff,
+};
+
+/* The identity of a drop for counting: drops alike in all of this are one
+ * flow, and repeats of a flow cost one map update. A coarse key
+ * (kind TRACER_COUNTED_COARSE) has the addresses and ports zeroed. */
+struct flow_key {
+	__u32 netns_ino;
+	__u32 reason;
+	__u64 location;
+	__u8 saddr[16];         /* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+	__u16 sport;            /* host order; ICMP: type << 8 | code in sport */
+	__u16 dport;
+	__u16 l3proto;          /* ETH_P_*, host order */
+	__u8 l4proto;
+	__u8 hook;              /* nf_info.hook, TRACER_HOOK_UNKNOWN without one */
+	__u8 kind;              /* enum tracer_counted: TRACER_COUNTED_FLOW or _COARSE */
+	__u8 _pad[7];
+};
+
+/* Drops of one key in one epoch (map values of flow_counts_*, coarse_counts_*
+ * and overflow_counts). Times are bpf_ktime_get_ns(). */
+struct flow_count {
+	__u64 count;
+	__u64 first_ns;
+	__u64 last_ns;
+};
+
+/* Keys that have had their first record (map flow_seen). Python removes
+ * idle ones; a removed key just gets a new first record. */
+struct flow_seen {
+	__u64 last_ns;          /* the key's latest drop */
+	__u32 flags;            /* enum flow_seen_flags */
+	__u32 _pad;
 };
 
 /* Where the netfilter part of an event came from. */
@@ -116,6 +186,10 @@ struct drop_event {
 	char comm[16];
 	__u8 _pad0[4];
 	struct nf_info nf;
+	struct flow_key key;    /* the key that counted this drop */
+	__u32 epoch;            /* the counting epoch the drop was counted in */
+	__u8 record;            /* enum tracer_record */
+	__u8 _pad1[3];
 	__u64 stack[TRACER_STACK_DEPTH];
 };
 
@@ -184,8 +258,11 @@ enum drop_counter {
 	STAT_SEEN = 0,          /* kfree_skb calls seen */
 	STAT_FILTERED = 1,      /* dropped by the in-kernel filter */
 	STAT_EMITTED = 2,       /* events written to the ring buffer */
-	STAT_LOST = 3,          /* ring buffer full: event lost */
-	STAT_MAX = 4,
+	STAT_LOST = 3,          /* ring buffer full: record lost (still counted in a map) */
+	STAT_REPEAT = 4,        /* counted in a map without a record */
+	STAT_COARSE = 5,        /* counted under a coarse key: the flow map was full */
+	STAT_OVERFLOW = 6,      /* counted in the overflow counter: the coarse map was full */
+	STAT_MAX = 7,
 };
 
 #endif

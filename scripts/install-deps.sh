@@ -3,6 +3,7 @@
 # missing, so a repeated `make` costs a dpkg query and nothing more.
 #   scripts/install-deps.sh           build + run + tests
 #   scripts/install-deps.sh vm        also what the stock-kernel VM tests need
+#   scripts/install-deps.sh bench     also the tools the benchmarks compare against
 set -euo pipefail
 
 packages=(
@@ -12,6 +13,9 @@ packages=(
 )
 if [ "${1:-}" = vm ]; then
   packages+=(qemu-system-x86 busybox-static xz-utils)
+fi
+if [ "${1:-}" = bench ]; then
+  packages+=(bpftrace iperf3)   # the observers and the accepted-traffic load of tests/bench
 fi
 
 missing=()

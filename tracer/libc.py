@@ -23,3 +23,30 @@ def libc() -> ctypes.CDLL:
         if _libc is None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         return _libc
+
+
+#: membarrier(2) system call numbers (asm/unistd.h) and MEMBARRIER_CMD_GLOBAL.
+_SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "ppc64le": 365, "s390x": 356, "riscv64": 283}
+_MEMBARRIER_CMD_GLOBAL = 1
+#: What `rcu_barrier_wait` sleeps when membarrier cannot be used: far above
+#: the few microseconds a BPF tracing program runs.
+RCU_FALLBACK_SECONDS = 0.05
+
+
+def wait_for_rcu_readers() -> bool:
+    """Returns once every RCU read-side section running at the call has ended.
+
+    membarrier(MEMBARRIER_CMD_GLOBAL) is synchronize_rcu() in the kernel
+    (kernel/sched/membarrier.c), and BPF tracing programs run under
+    rcu_read_lock(): afterwards no program run that read a map value before
+    the call is still going. With nohz_full CPUs the command is refused; a
+    sleep far longer than any program run stands in (returns False then).
+    """
+    import os
+    import time
+
+    nr = _SYS_MEMBARRIER.get(os.uname().machine)
+    if nr is not None and libc().syscall(nr, _MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
+        return True
+    time.sleep(RCU_FALLBACK_SECONDS)
+    return False

@@ -1,9 +1,10 @@
 """Benchmarks of `tracer watch`, in a lab of network namespaces made here.
 
-Run as root: `.venv/bin/python -m tests.bench.run` (about 4.5 minutes; see README.md).
+Run as root: `.venv/bin/python -m tests.bench.run` (about 9 minutes; see README.md).
 
 Benchmarks print figures and ratios measured side by side in one run; they
-assert nothing about absolute times. Five phases:
+assert nothing about absolute times. Five phases here, and issue 8's flood
+phases (flood, flows, accepted) in tests/bench/flood.py:
 
 1. latency: from the kernel's drop (the event's `@timestamp`, the drop time
    converted to wall clock) to the NDJSON line read from `tracer watch
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -271,18 +273,21 @@ class Tracer:
     line matching `lag_pattern`. With `keep`, every line is kept with the
     time it was read, for latency figures. No JSON is parsed on this path,
     so the bench's own CPU stays small (~3% of a core at 5000 lines/s).
+    With `out`, stdout goes to that file instead, as `> FILE` would, and the
+    bench reads nothing while the tracer runs (the flood phases).
     """
 
     live: ClassVar[list[Tracer]] = []
     watching: ClassVar[dict] = {}  # what the last tracer said it attached (its "watching" log line)
 
-    def __init__(self, args: list[str], *, keep: bool = False) -> None:
+    def __init__(self, args: list[str], *, keep: bool = False, out: Path | None = None) -> None:
         self.args = args
         self.keep = keep
         self.started = time.time()
         # cwd "/": with `python -m tracer` a checkout in the cwd would win over PYTHONPATH.
-        self.proc = subprocess.Popen([*tracer_command(), "--log-level", "info", "watch", "--json", *args], cwd="/",
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        with open(out, "wb") if out else contextlib.nullcontext(subprocess.PIPE) as stdout:
+            self.proc = subprocess.Popen([*tracer_command(), "--log-level", "info", "watch", "--json", *args],
+                                         cwd="/", stdout=stdout, stderr=subprocess.PIPE, bufsize=0)
         Tracer.live.append(self)
         self.lines = 0
         self.counts: Counter[bytes] = Counter()
@@ -296,8 +301,9 @@ class Tracer:
         self.watching_at = 0.0  # when its "watching" line (everything attached) was read
         self._cond = threading.Condition()
         self._map_id: int | None = None
-        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
+        self._readers = [threading.Thread(target=self._read_stderr, daemon=True)]
+        if out is None:
+            self._readers.append(threading.Thread(target=self._read_stdout, daemon=True))
         for t in self._readers:
             t.start()
 
@@ -854,7 +860,8 @@ def phase_scale(counts: list[int], idle_secs: float) -> list[ScaleRun]:
 
 
 def report(lat: dict | None, steps: list[Step] | None, over: dict | None, idle: dict | None,
-           meta: dict, scale: list[ScaleRun] | None = None) -> str:
+           meta: dict, scale: list[ScaleRun] | None = None, floods: dict | None = None,
+           accepted: Any = None) -> str:
     lines = [f"tracer watch benchmark  ({meta['kernel']}, {meta['cpus']} CPUs, {meta['when']})"]
     if meta.get("watching"):
         w = meta["watching"]
@@ -944,16 +951,21 @@ def report(lat: dict | None, steps: list[Step] | None, over: dict | None, idle: 
         lines.append(f"   (idle CPU over {scale[0].idle_s:.0f} s without traffic; build = the bench making "
                      "the namespaces, not the tracer)")
         lines.append("")
+    if floods or accepted is not None:
+        from tests.bench import flood
+
+        lines += flood.report_lines(floods or {}, accepted, lat, meta)
     return "\n".join(lines)
 
 
-PHASES = {"latency", "throughput", "overhead", "idle", "scale"}
+PHASES = {"latency", "throughput", "overhead", "idle", "scale", "flood", "flows", "accepted"}
+DEFAULT_PHASES = "latency,throughput,overhead,idle,scale,flood,flows,accepted"
+OBSERVER_KEYS = ("none", "bpftrace", "tracer", "monitor", "log")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--phases", default="latency,throughput,overhead,idle,scale",
-                   help="comma-separated subset of latency,throughput,overhead,idle,scale")
+    p.add_argument("--phases", default=DEFAULT_PHASES, help="comma-separated subset of %(default)s")
     p.add_argument("--packets", type=int, default=200, help="latency probes per case (default 200)")
     p.add_argument("--spacing-ms", type=float, default=20.0, help="between latency probes (default 20)")
     p.add_argument("--rates", default="1000,2000,3000,5000,7000,10000,0",
@@ -964,6 +976,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-counts", default="1,10,100,300",
                    help="namespace counts of the scale phase (default %(default)s, at most 500)")
     p.add_argument("--scale-idle-seconds", type=float, default=5.0, help="idle CPU window per scale run")
+    p.add_argument("--flood-seconds", type=float, default=2.0, help="length of each flood round (default 2)")
+    p.add_argument("--flood-rounds", type=int, default=3, help="interleaved rounds per observer (default 3)")
+    p.add_argument("--flows", type=int, default=2000, help="source ports of the flows phase (default 2000)")
+    p.add_argument("--observers", default=",".join(OBSERVER_KEYS),
+                   help="observers of the flood phases, 'none' always included (default %(default)s)")
+    p.add_argument("--flood-batch", type=int, default=64, help="datagrams per sendmmsg call (default 64)")
+    p.add_argument("--rest-seconds", type=float, default=2.0,
+                   help="tracer CPU at rest, measured before each flood round (default 2)")
+    p.add_argument("--summary-interval", type=float, default=1.0,
+                   help="passed to `tracer watch` when it has the option (default 1)")
+    p.add_argument("--accepted-seconds", type=float, default=3.0, help="length of each iperf3 run (default 3)")
+    p.add_argument("--accepted-rounds", type=int, default=5, help="iperf3 rounds, each with and without (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the raw figures here")
     p.add_argument("--tracer-cmd", metavar="CMD",
                    help="command line that runs the tracer CLI (default: the venv's `tracer`), "
@@ -988,6 +1012,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--scale-counts: comma-separated numbers")
     if not all(1 <= c <= 500 for c in scale_counts) or not 1 <= args.scale_idle_seconds <= 60:
         p.error("--scale-counts 1..500 each, --scale-idle-seconds 1..60")
+    observers = ["none", *(o for o in dict.fromkeys(args.observers.split(",")) if o != "none")]
+    if not set(observers) <= set(OBSERVER_KEYS):
+        p.error(f"--observers: unknown {', '.join(sorted(set(observers) - set(OBSERVER_KEYS)))}")
+    if not 0.5 <= args.flood_seconds <= 10 or not 1 <= args.flood_rounds <= 20 or not 2 <= args.flows <= 20000:
+        p.error("--flood-seconds 0.5..10, --flood-rounds 1..20, --flows 2..20000")
+    if not 1 <= args.flood_batch <= 1024 or not 0.5 <= args.rest_seconds <= 30 or not 0 < args.summary_interval <= 60:
+        p.error("--flood-batch 1..1024, --rest-seconds 0.5..30, --summary-interval (0, 60]")
+    if not 1 <= args.accepted_seconds <= 30 or not 1 <= args.accepted_rounds <= 20:
+        p.error("--accepted-seconds 1..30, --accepted-rounds 1..20")
 
     def on_term(signum, _frame):
         raise KeyboardInterrupt
@@ -998,6 +1031,9 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(),
                             "when": time.strftime("%Y-%m-%d %H:%M"), "other_cpu": {}}
     lat = steps = over = idle = scale = None
+    floods: dict[str, Any] = {}
+    accepted = None
+    bench = None
     started = time.monotonic()
     net: Net | None = None
     lab = Lab()
@@ -1025,6 +1061,23 @@ def main(argv: list[str] | None = None) -> int:
             other = OtherLoad()
             scale = phase_scale(scale_counts, args.scale_idle_seconds)
             meta["other_cpu"]["scale"] = other.percent()
+        if phases & {"flood", "flows", "accepted"}:
+            from tests.bench import flood
+
+            assert net is not None
+            bench = flood.FloodBench.create(net, batch=args.flood_batch, rest_s=args.rest_seconds,
+                                            summary_interval=args.summary_interval)
+            meta["floods"] = {"batch": args.flood_batch, "nf_log_all_netns": bench.nf_log_all_netns,
+                              "summary_options": sorted(bench.flags & {"--summary-interval", "--max-rate"})}
+            for name, flows in (("flood", 1), ("flows", args.flows)):
+                if name in phases:
+                    other = OtherLoad()
+                    floods[name] = bench.phase_flood(flows, args.flood_seconds, args.flood_rounds, observers)
+                    meta["other_cpu"][name] = other.percent()
+            if "accepted" in phases:
+                other = OtherLoad()
+                accepted = bench.phase_accepted(args.accepted_seconds, args.accepted_rounds)
+                meta["other_cpu"]["accepted"] = other.percent()
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130
@@ -1036,19 +1089,27 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         for tr in list(Tracer.live):
             tr.stop()
+        if bench is not None:
+            bench.close()
         if net is not None:
             net.sock.close()
         lab.close()
         log(f"lab removed; {time.monotonic() - started:.0f}s")
     meta["watching"] = Tracer.watching
-    print(report(lat, steps, over, idle, meta, scale))
+    print(report(lat, steps, over, idle, meta, scale, floods, accepted))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "latency": lat, "throughput": [vars(s) for s in steps or []],
-                       "overhead": over, "idle": idle, "scale": [vars(r) for r in scale or []]},
+                       "overhead": over, "idle": idle, "scale": [vars(r) for r in scale or []],
+                       "floods": {k: dataclasses.asdict(v) for k, v in floods.items()},
+                       "accepted": dataclasses.asdict(accepted) if accepted is not None else None},
                       f, indent=2, default=str)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the imported module, not __main__: tests/bench/flood.py imports
+    # tests.bench.run, and both must share one Tracer.live and TRACER_CMD.
+    from tests.bench import run as _run  # noqa: PLW0406 (on purpose, see above)
+
+    sys.exit(_run.main())

@@ -39,10 +39,14 @@ TRACER_ENUMS = (
     "filter_flags",
     "filter_reason",
     "drop_counter",
+    "tracer_record",
+    "tracer_counted",
+    "flow_seen_flags",
+    "tracer_flow_hook",
 )
 
 #: The structs of bpf/tracer.h that Python reads or writes.
-TRACER_STRUCTS = ("drop_event", "filter_cfg", "nf_info")
+TRACER_STRUCTS = ("drop_event", "filter_cfg", "nf_info", "flow_key", "flow_count", "flow_seen")
 
 _UNSIGNED = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32, 8: ctypes.c_uint64}
 _SIGNED = {1: ctypes.c_int8, 2: ctypes.c_int16, 4: ctypes.c_int32, 8: ctypes.c_int64}

@@ -25,6 +25,9 @@ log = structlog.get_logger("tracer.libbpf")
 _c = ctypes
 _vp = _c.c_void_p
 
+#: bpf_map_update_elem flag: only replace a key that exists (include/uapi/linux/bpf.h).
+BPF_EXIST = 2
+
 
 class BpfError(OSError):
     """A libbpf call failed; `details` holds what libbpf printed meanwhile."""
@@ -107,6 +110,11 @@ class _Lib:
         _bind(lib, "bpf_map__set_max_entries", _c.c_int, _vp, _c.c_uint32)
         _bind(lib, "bpf_map_update_elem", _c.c_int, _c.c_int, _vp, _vp, _c.c_uint64)
         _bind(lib, "bpf_map_lookup_elem", _c.c_int, _c.c_int, _vp, _vp)
+        _bind(lib, "bpf_map_delete_elem", _c.c_int, _c.c_int, _vp)
+        _bind(lib, "bpf_map_lookup_batch", _c.c_int, _c.c_int, _vp, _vp, _vp, _vp, _vp, _vp)
+        _bind(lib, "bpf_map_lookup_and_delete_batch", _c.c_int, _c.c_int, _vp, _vp, _vp, _vp, _vp, _vp)
+        _bind(lib, "bpf_map_delete_batch", _c.c_int, _c.c_int, _vp, _vp, _vp)
+        _bind(lib, "ring_buffer__consume", _c.c_int, _vp)
         _bind(lib, "libbpf_num_possible_cpus", _c.c_int)
         _bind(lib, "ring_buffer__new", _vp, _c.c_int, _SAMPLE_FN, _vp, _vp)
         _bind(lib, "ring_buffer__poll", _c.c_int, _vp, _c.c_int)
@@ -226,6 +234,61 @@ class Map:
         raise lib().fail(f"lookup map {self.name}", ret)
 
 
+    def update_existing(self, key: ctypes._CData, value: ctypes._CData) -> bool:
+        """Replaces the value of a key that is there (BPF_EXIST); False when it is gone."""
+        ret = lib().lib.bpf_map_update_elem(self.fd, _c.byref(key), _c.byref(value), BPF_EXIST)
+        if ret == 0:
+            return True
+        if _c.get_errno() == errno.ENOENT:
+            return False
+        raise lib().fail(f"update map {self.name}", ret)
+
+    def batches(self, key_size: int, value_size: int, *, delete: bool,
+                chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map, read (and with `delete`, removed) in batches.
+
+        One system call moves `chunk` entries, where a get-next-key walk takes
+        two per entry: a drained map of 65 536 flows costs 16 calls, not
+        131 072. A bucket holding more than `chunk` entries makes the kernel
+        answer ENOSPC; the chunk then doubles. Values of per-CPU maps are
+        `value_size` rounded up to 8, times the possible CPUs.
+        """
+        L = lib()
+        fn = L.lib.bpf_map_lookup_and_delete_batch if delete else L.lib.bpf_map_lookup_batch
+        in_batch, out_batch = _c.c_uint64(0), _c.c_uint64(0)
+        first = True
+        while True:
+            keys = _c.create_string_buffer(key_size * chunk)
+            values = _c.create_string_buffer(value_size * chunk)
+            count = _c.c_uint32(chunk)
+            ret = fn(self.fd, None if first else _c.byref(in_batch), _c.byref(out_batch),
+                     keys, values, _c.byref(count), None)
+            err = _c.get_errno() if ret else 0
+            if ret and err not in (errno.ENOENT, errno.ENOSPC):
+                raise L.fail(f"batch read of map {self.name}", ret)
+            if err == errno.ENOSPC and count.value == 0:
+                chunk *= 2
+                continue
+            raw_keys, raw_values = keys.raw, values.raw
+            for i in range(count.value):
+                yield (raw_keys[i * key_size:(i + 1) * key_size],
+                       raw_values[i * value_size:(i + 1) * value_size])
+            if err == errno.ENOENT:
+                return
+            in_batch.value, first = out_batch.value, False
+
+    def delete_keys(self, keys: list[bytes], key_size: int) -> int:
+        """Removes the keys that are there; returns how many went. Missing keys are no error."""
+        gone = 0
+        for key in keys:
+            buf = _c.create_string_buffer(key, key_size)
+            if lib().lib.bpf_map_delete_elem(self.fd, buf) == 0:
+                gone += 1
+            elif _c.get_errno() != errno.ENOENT:
+                raise lib().fail(f"remove a key of map {self.name}", -_c.get_errno())
+        return gone
+
+
 class BpfObject:
     """An opened (and later loaded) BPF ELF object."""
 
@@ -319,6 +382,13 @@ class RingBuffer:
         n = lib().lib.ring_buffer__poll(self._ptr, timeout_ms)
         if n < 0 and n not in (-errno.EINTR, -errno.ECANCELED):
             raise lib().fail("ring_buffer__poll", n)
+        return max(n, 0)
+
+    def consume(self) -> int:
+        """Runs the callback for every record there now, without waiting; returns how many."""
+        n = lib().lib.ring_buffer__consume(self._ptr)
+        if n < 0 and n not in (-errno.EINTR, -errno.ECANCELED):
+            raise lib().fail("ring_buffer__consume", n)
         return max(n, 0)
 
     def cancel(self) -> None:

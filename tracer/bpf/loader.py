@@ -27,6 +27,7 @@ from tracer.bpf.libbpf import (
     RingBuffer,
     num_possible_cpus,
 )
+from tracer.libc import wait_for_rcu_readers
 
 log = structlog.get_logger("tracer.loader")
 
@@ -54,6 +55,21 @@ NF_PROGRAMS = {
 }
 
 NF_MODES = ("fentry", "kprobe")
+
+
+@dataclass(frozen=True)
+class FlowCount:
+    """The drops of one key in one closed epoch, as the kernel counted them.
+
+    `key` is the raw struct flow_key (bpf/tracer.h), the same bytes a record
+    of that key carries, so Python matches the two without decoding either.
+    Times are CLOCK_MONOTONIC ns.
+    """
+
+    key: bytes
+    count: int
+    first_ns: int
+    last_ns: int
 
 
 #: The object the command line was pointed at (TRACER_BPF_OBJECT, read by tracer.config).
@@ -192,6 +208,7 @@ class LoadedTracer:
         self._obj = BpfObject(str(self.obj_path))
         self._links: list[Link] = []
         self._rings: list[RingBuffer] = []
+        self._epoch = 0
         try:
             self._load(ringbuf_bytes)
         except BaseException:
@@ -223,6 +240,89 @@ class LoadedTracer:
             self._load(ringbuf_bytes)
             return
         self._links = [self._obj.program(p).attach() for p in wanted]
+
+    # ---------------------------------------------------------- counting epochs
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the drop program counts in now."""
+        return self._epoch
+
+    def close_epoch(self) -> int:
+        """Starts the next counting epoch and returns the closed one.
+
+        On return no program run still counts into the closed epoch's maps
+        (see the counting maps in bpf/tracer.bpf.c), so `drain_counts` of it
+        reads final figures.
+        """
+        closed = self._epoch
+        self._epoch = (closed + 1) & 0xFFFFFFFF
+        self._obj.map("epoch").update(ctypes.c_uint32(0), ctypes.c_uint32(self._epoch))
+        wait_for_rcu_readers()
+        return closed
+
+    def drain_counts(self, epoch: int) -> list[FlowCount]:
+        """The counts of a closed epoch (flow keys, coarse keys, the overflow counter), emptied."""
+        parity = epoch & 1
+        key_size = ctypes.sizeof(self.structs["flow_key"])
+        count_t = self.structs["flow_count"]
+        out: list[FlowCount] = []
+        for name in (f"flow_counts_{parity}", f"coarse_counts_{parity}"):
+            for key, raw in self._obj.map(name).batches(key_size, ctypes.sizeof(count_t), delete=True):
+                c = count_t.from_buffer_copy(raw)
+                out.append(FlowCount(key, c.count, c.first_ns, c.last_ns))
+        overflow = self._drain_overflow(parity)
+        if overflow is not None:
+            out.append(overflow)
+        return out
+
+    def _drain_overflow(self, parity: int) -> FlowCount | None:
+        """The per-CPU overflow counter of `parity`, summed and zeroed (no program writes it now)."""
+        count_t = self.structs["flow_count"]
+        ncpu = num_possible_cpus()
+        cells = (count_t * ncpu)()
+        index = ctypes.c_uint32(parity)
+        self._obj.map("overflow_counts").lookup(index, cells)
+        used = [c for c in cells if c.count]
+        if not used:
+            return None
+        self._obj.map("overflow_counts").update(index, (count_t * ncpu)())
+        key = self.structs["flow_key"]()
+        key.kind = self.constants.value("tracer_counted", "TRACER_COUNTED_OVERFLOW")
+        return FlowCount(bytes(key), sum(c.count for c in used), min(c.first_ns for c in used),
+                         max(c.last_ns for c in used))
+
+    def seen_keys(self) -> list[tuple[bytes, int, int]]:
+        """(key, last drop ns, flags) of every key that has had its first record."""
+        seen_t = self.structs["flow_seen"]
+        key_size = ctypes.sizeof(self.structs["flow_key"])
+        out = []
+        for key, raw in self._obj.map("flow_seen").batches(key_size, ctypes.sizeof(seen_t), delete=False):
+            v = seen_t.from_buffer_copy(raw)
+            out.append((key, v.last_ns, v.flags))
+        return out
+
+    def forget_keys(self, keys: list[bytes]) -> int:
+        """Removes keys from flow_seen: their next drop makes a first record again."""
+        return self._obj.map("flow_seen").delete_keys(keys, ctypes.sizeof(self.structs["flow_key"]))
+
+    def want_sample(self, key: bytes, last_ns: int, *, traced: bool = False) -> bool:
+        """Asks for the next drop of `key` in full (a sample record), with `traced` the next
+        one nftrace traced; False when the key is gone."""
+        key_t = self.structs["flow_key"]
+        value = self.structs["flow_seen"]()
+        value.last_ns = last_ns
+        value.flags = self.constants.value("flow_seen_flags", "FLOW_WANT_SAMPLE")
+        if traced:
+            value.flags |= self.constants.value("flow_seen_flags", "FLOW_WANT_TRACED")
+        return self._obj.map("flow_seen").update_existing(key_t.from_buffer_copy(key), value)
+
+    def detach(self) -> None:
+        """Stops the programs, keeping the maps and ring buffer readable (the final drain)."""
+        for link in self._links:
+            link.destroy()
+        self._links = []
+        wait_for_rcu_readers()
 
     def set_filter(self, cfg: ctypes.Structure) -> None:
         self._obj.map("filter").update(ctypes.c_uint32(0), cfg)

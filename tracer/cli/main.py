@@ -20,7 +20,10 @@ import structlog
 from tracer import __version__
 from tracer import log as logsetup
 from tracer.config import (
+    MAX_RATE_DEFAULT,
+    MAX_RATE_MAX,
     MAX_TIMEOUT,
+    SUMMARY_INTERVAL_DEFAULT,
     TRACE_RATE_MAX,
     Config,
     ConfigError,
@@ -112,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="netfilter context probes (default: the best the kernel allows)")
     w.add_argument("--trace-rate", type=_positive(int, TRACE_RATE_MAX), default=None, metavar="N",
                    help="nftrace marking limit in packets per second per namespace (default 1000)")
+    w.add_argument("--summary-interval", type=_positive(float, MAX_TIMEOUT), default=None, metavar="SECONDS",
+                   help="repeated drops are counted in the kernel and reported as one summary per flow "
+                        f"this often (default {SUMMARY_INTERVAL_DEFAULT:g})")
+    w.add_argument("--max-rate", type=_positive(int, MAX_RATE_MAX), default=None, metavar="N",
+                   help=f"at most N events a second (default {MAX_RATE_DEFAULT}); first drops beyond it "
+                        "are counted in the summaries instead")
 
     d = sub.add_parser("doctor", help="check what this kernel and host allow")
     d.add_argument("--json", action="store_true", help="machine-readable report")
@@ -247,6 +256,7 @@ def _watch_config(args: argparse.Namespace) -> Config:
             "iface": args.iface, "reason": args.reason, "count": args.count, "duration": args.duration,
             "stack": args.stack, "json": args.json, "nftrace": args.nftrace, "nf_probes": args.nf_probes,
             "trace_rate": args.trace_rate, "log_level": args.log_level,
+            "summary_interval": args.summary_interval, "max_rate": args.max_rate,
         })
     except ConfigError as exc:
         raise UsageError(str(exc)) from None

@@ -388,4 +388,9 @@ class Summary:
         return cls(event["count"], parse_iso_time(event["start"]), parse_iso_time(event["end"]))
 
     def text(self) -> str | None:
-        return f"x{self.count}" if self.count > 1 else None
+        """`×1234 in 10 s`: how many, over how long (first to last drop)."""
+        if self.start_ns is None or self.end_ns is None:
+            return f"×{self.count}"
+        seconds = max(0, self.end_ns - self.start_ns) / 1e9
+        span = f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
+        return f"×{self.count} in {span} s"

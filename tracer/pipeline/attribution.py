@@ -130,6 +130,56 @@ def attribute(drop: KernelDrop, verdict: TraceVerdict | None, ruleset: RulesetVi
     return from_context(drop, ruleset) or from_stack(drop, legacy_present)
 
 
+class PressureView(Protocol):
+    """What conntrack attribution needs from tracer.collectors.ctpressure.ConntrackPressure."""
+
+    def dropping(self, netns_inode: int, at_ns: int | None = None) -> bool: ...
+
+
+#: Hooks where conntrack looks a packet up (nf_conntrack_in) and can refuse it for want of room:
+#: prerouting for packets that arrive, output for locally sent ones.
+CONNTRACK_HOOKS = frozenset({"prerouting", "output"})
+#: NF_DROP, as the netfilter probes record a table's verdict.
+_NF_DROP = 0
+
+
+def conntrack_shaped(drop: KernelDrop, verdict: TraceVerdict | None, legacy: LegacyVerdict | None) -> bool:
+    """Whether a drop looks like conntrack's own: no rule can have made it.
+
+    Conntrack refuses a packet it finds no room for by returning NF_DROP
+    from its hook, so `nf_hook_slow` frees it (NETFILTER_DROP) at prerouting
+    or output, no chain traced a drop verdict for it (nftrace or
+    iptables-legacy TRACE), no table's verdict was drop (where netfilter
+    probes ran), no nftables frame freed it (6.x frees rule drops inside
+    nft_do_chain), and it carries no entry (it never got one).
+    """
+    if verdict is not None or legacy is not None or drop.conntrack is not None:
+        return False
+    if drop.reason != "NETFILTER_DROP" or drop.hook not in CONNTRACK_HOOKS:
+        return False
+    if drop.subsystem not in ("netfilter", "conntrack"):
+        return False
+    return drop.nf is None or drop.nf.verdict != _NF_DROP
+
+
+def conntrack_full(drop: KernelDrop, verdict: TraceVerdict | None, legacy: LegacyVerdict | None,
+                   pressure: PressureView | None) -> Netfilter | None:
+    """The netfilter section of a packet conntrack dropped (its table full), or None.
+
+    Shape alone cannot tell conntrack from an untraced rule on kernels that
+    free rule drops in nf_hook_slow, so the namespace's conntrack counters
+    decide: `pressure.dropping` says whether its `drop` statistic rose
+    around the drop's time. The section names no table, chain, rule or
+    policy: none decided, and `subsystem()` makes the drop `conntrack`.
+    Asked before `attribute`, which would otherwise guess from the stack.
+    """
+    if pressure is None or not conntrack_shaped(drop, verdict, legacy):
+        return None
+    if not pressure.dropping(drop.netns, at_ns=drop.mono_ns):
+        return None
+    return Netfilter(backend="conntrack", attribution="stack", hook=drop.hook, verdict="drop")
+
+
 def subsystem(drop: KernelDrop, nf: Netfilter | None) -> str:
     """nftables, iptables-legacy, conntrack, routing, socket or other: who dropped it, in one word."""
     if nf is not None:

@@ -14,6 +14,13 @@ The path of one drop (docs/architecture.md draws it):
 A netfilter drop waits for its nftrace verdict at most `verdict_wait` seconds
 after it arrived, so a burst of untraced drops delays output by that much
 once, not once per drop.
+
+Floods (issue 8): the kernel counts every drop and sends only the first of
+each flow (and samples asked for), so the join sees few records however many
+packets die. First drops are shown within the `max_rate` ceiling; every
+`summary_interval` the source closes a counting epoch and the join turns its
+counts into exact summaries (tracer.pipeline.summaries). What could not be
+shown one by one is reported as `tracer.loss` (tracer.pipeline.losses).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from tracer.collectors.netfilter import NftraceCollector, XtraceCollector
 from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
 from tracer.event.model import DropEvent, Namespace, Netfilter, Packet, Probe, Process
+from tracer.event.notice import Notice
 from tracer.event.rendered import Rendered
 from tracer.event.sections import Drop
 from tracer.loop import EventLoop
@@ -41,8 +49,11 @@ from tracer.netfilter.marking import MarkingCoordinator
 from tracer.netns import Netns
 from tracer.outputs.base import Sink
 from tracer.pipeline import attribution
+from tracer.pipeline.losses import LossMeter
 from tracer.pipeline.namespaces import NO_NETNS, Namespaces
+from tracer.pipeline.summaries import Summaries
 from tracer.probe import marker as probe_marker
+from tracer.sources.base import EpochClosed, Item
 from tracer.sources.drop import KernelDrop
 from tracer.sources.ringbuf import RingBufferSource
 
@@ -50,6 +61,10 @@ log = structlog.get_logger("tracer.engine")
 
 #: Drops decoded but not yet joined, at most; a stuck join costs this much memory.
 QUEUE_DROPS = 100_000
+#: How long the end of a watch waits for the source's last counts (seconds).
+FINISH_TIMEOUT = 1.5
+#: How long the source may wait to queue an epoch's marker behind a stuck join (seconds).
+MARKER_TIMEOUT = 5.0
 
 
 class Engine:
@@ -68,10 +83,17 @@ class Engine:
         self.marking: MarkingCoordinator | None = None
         self.loop: EventLoop | None = None
         self._stop = threading.Event()
-        self._queue: queue.Queue[KernelDrop] = queue.Queue(maxsize=QUEUE_DROPS)
+        self._queue: queue.Queue[Item] = queue.Queue(maxsize=QUEUE_DROPS)
         self._threads: list[threading.Thread] = []
         self._queue_lost = 0  # drops lost to a full queue since the last warning
         self._queue_lost_logged = 0.0
+        self._queue_lost_total = 0  # read by the join thread for loss reports
+        self._queue_lost_reported = 0
+        self._ring_lost_reported = 0
+        self.summaries: Summaries | None = None
+        self.losses = LossMeter()
+        self._count_reached = False
+        self._losses_checked = 0.0
 
     # ---------------------------------------------------------- set-up
 
@@ -90,6 +112,7 @@ class Engine:
         self.namespaces.check()
         target = self.namespaces.target()
         self.source.load(target)
+        self._make_summaries()
         watched = self.namespaces.watched(target)
         self.marking = MarkingCoordinator()
         # One loop reads the netlink sockets of every namespace, for both trace collectors.
@@ -113,6 +136,24 @@ class Engine:
         log.info("watching", drop_program=tracer.drop_mode, netfilter_context=tracer.nf_mode or "none",
                  nftrace=self.nftrace is not None, namespaces=len(self.namespaces.all))
 
+    def _make_summaries(self) -> None:
+        tracer = self.source.tracer
+        assert tracer is not None
+        consts = tracer.constants
+        self.summaries = Summaries(
+            self.source.decoder, tracer.structs["flow_key"], max_rate=self.config.max_rate,
+            interval=self.config.summary_interval, namespace_name=self._namespace_name,
+            want_sample=self._want_sample, capacity=consts.value("tracer_limits", "TRACER_FLOW_ENTRIES"))
+
+    def _namespace_name(self, inode: int) -> str | None:
+        ns = self.namespaces.get(inode)
+        return ns.name if ns is not None else None
+
+    def _want_sample(self, key: bytes) -> bool:
+        tracer = self.source.tracer
+        # With nftrace, only a traced drop can name its rule: wait for one.
+        return tracer is not None and tracer.want_sample(key, time.monotonic_ns(), traced=self.nftrace is not None)
+
     def describe(self) -> str:
         """One line for people: which kernel paths are in use, and why not the others."""
         if self.source.tracer is None:
@@ -133,12 +174,23 @@ class Engine:
 
     # ---------------------------------------------------------- threads
 
-    def _deliver(self, drop: KernelDrop) -> None:
-        """The source's hand-over (in its thread): queue the drop, count it when the queue is full."""
+    def _deliver(self, item: Item) -> None:
+        """The source's hand-over (in its thread): queue the drop, count it when the queue is full.
+
+        An epoch's marker is never dropped: it waits for room (the join
+        empties the queue), since the summaries depend on it.
+        """
+        if isinstance(item, EpochClosed):
+            try:
+                self._queue.put(item, timeout=MARKER_TIMEOUT)
+            except queue.Full:
+                log.warning("join stuck: counts of an epoch not reported", epoch=item.epoch)
+            return
         try:
-            self._queue.put_nowait(drop)
+            self._queue.put_nowait(item)
         except queue.Full:
             self._queue_lost += 1
+            self._queue_lost_total += 1
             self._warn_queue_lost()
 
     def _warn_queue_lost(self, final: bool = False) -> None:
@@ -179,24 +231,87 @@ class Engine:
             while not self._stop.is_set():
                 timeout = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
                 try:
-                    drop = self._queue.get(timeout=timeout)
+                    item = self._queue.get(timeout=timeout)
                 except queue.Empty:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        break
-                    continue
-                event = self.build_event(drop)
-                if event is None:
-                    continue
-                if self.sink is not None:
-                    self.sink.submit(Rendered(event))
-                self.emitted += 1
-                if cfg.count is not None and self.emitted >= cfg.count:
+                    item = None
+                if item is not None:
+                    self._handle(item)
+                self._report_losses()
+                if self._count_reached or (deadline is not None and time.monotonic() >= deadline):
                     break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
+            if not self._count_reached:
+                self._finish()
         finally:
             self.close()
         return self.emitted
+
+    def _handle(self, item: Item) -> None:
+        """One record or marker from the source: show it, learn from it, or summarise an epoch."""
+        summaries = self.summaries
+        assert summaries is not None
+        if isinstance(item, EpochClosed):
+            for event in summaries.close(item):
+                self._emit(event)
+            return
+        if item.sample:  # asked for its attribution: it is counted in its summary
+            learnt = self.build_event(item)
+            if learnt is not None:
+                summaries.learn(item.key, learnt)
+            return
+        if not summaries.admit():
+            return
+        shown = self.build_event(item)
+        if shown is not None:
+            summaries.showing(item.epoch, item.key, shown)
+            self._emit(shown)
+
+    def _emit(self, event: DropEvent | Notice) -> None:
+        if self._count_reached:
+            return
+        if self.sink is not None:
+            self.sink.submit(Rendered(event))
+        if isinstance(event, DropEvent):
+            self.emitted += 1
+            if self.config.count is not None and self.emitted >= self.config.count:
+                self._count_reached = True
+
+    def _report_losses(self, *, force: bool = False) -> None:
+        """Once a second (or `force`): the ring buffer's, the queue's and the ceiling's new
+        losses, as one loss report when there are any."""
+        now = time.monotonic()
+        if not force and now - self._losses_checked < self.losses.period:
+            return
+        self._losses_checked = now
+        summaries, tracer = self.summaries, self.source.tracer
+        if summaries is not None:
+            self.losses.add("ceiling", summaries.held_back)
+            summaries.held_back = 0
+        queue_lost = self._queue_lost_total
+        self.losses.add("queue", queue_lost - self._queue_lost_reported)
+        self._queue_lost_reported = queue_lost
+        if tracer is not None:
+            ring = tracer.stats().get("lost", 0)
+            self.losses.add("ring_buffer", ring - self._ring_lost_reported)
+            self._ring_lost_reported = ring
+        notice = self.losses.report(force=True)
+        if notice is not None:
+            self._emit(notice)
+
+    def _finish(self) -> None:
+        """The end of a watch: the source's last counts become the last summaries."""
+        if not self.source.reading:
+            return
+        self.source.finish()
+        end = time.monotonic() + FINISH_TIMEOUT
+        while (left := end - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            self._handle(item)
+            if isinstance(item, EpochClosed) and item.final:
+                break
+        self._report_losses(force=True)
 
     def build_event(self, drop: KernelDrop) -> DropEvent | None:
         """The one place a drop becomes an event: the trace collectors' evidence, attribution,
@@ -240,11 +355,12 @@ class Engine:
     # ---------------------------------------------------------- stop
 
     def stop(self) -> None:
+        """Ends `run` (from any thread): it then reports the last counts and closes."""
         self._stop.set()
-        self.source.stop()
 
     def close(self) -> None:
         self.stop()
+        self.source.stop()
         stuck = []
         for t in self._threads:
             if t is not threading.current_thread():
@@ -268,3 +384,4 @@ class Engine:
         self._warn_queue_lost(final=True)  # the source has stopped: what is left to say
         if self.config.debug_stats:
             log.info("stopped", emitted=self.emitted)
+

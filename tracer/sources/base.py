@@ -11,16 +11,41 @@ drops are meant to slot in beside it without the pipeline changing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
+from tracer.bpf.loader import FlowCount
 from tracer.sources.drop import KernelDrop
+
+
+@dataclass(frozen=True, slots=True)
+class EpochClosed:
+    """A source's marker: every record of counting epoch `epoch` is ahead of it.
+
+    `counts` are the epoch's final counts (tracer.pipeline.summaries turns
+    them into summaries); `forgotten` the keys the kernel no longer
+    remembers (idle), whose next drop is a first again; `final` marks the
+    last marker, sent after the programs were detached.
+    """
+
+    epoch: int
+    counts: tuple[FlowCount, ...]
+    forgotten: tuple[bytes, ...] = ()
+    final: bool = False
+
+
+#: What a source delivers: drops, and the markers that close counting epochs.
+Item = KernelDrop | EpochClosed
 
 
 class Source(Protocol):
     name: str
 
-    def start(self, deliver: Callable[[KernelDrop], None]) -> None:
+    def start(self, deliver: Callable[[Item], None]) -> None:
         """Attaches and starts delivering; raises with a clear message when it cannot."""
+
+    def finish(self) -> None:
+        """Stops counting and delivers the last EpochClosed (final) with all that is left."""
 
     def follow_netns(self, inode: int | None) -> None:
         """Limits delivery to one namespace (None: all), as the watch's `--netns` moves."""

@@ -164,6 +164,12 @@ class KernelDrop:
     process: tuple[int, str] | None
     conntrack: ct.ConntrackInfo | None
     nf: NfContext | None
+    #: The raw struct flow_key that counted this drop in the kernel (bpf/tracer.h).
+    key: bytes = b""
+    #: The counting epoch it was counted in.
+    epoch: int = 0
+    #: A sample Python asked for (its drop is in the summary), not a first drop to show.
+    sample: bool = False
     received: float = field(default_factory=time.monotonic)
 
     @property
@@ -293,6 +299,7 @@ class DropDecoder:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; Python's monotonic_ns is the same clock.
         self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._stack_at: int = event_type.stack.offset
+        self._sample_record = event_type.constants.value("tracer_record", "TRACER_REC_SAMPLE")
         self._where_cache: dict[tuple[bytes, int, int], _Where] = {}
         self._cache_generation = self.ksyms.generation
 
@@ -361,4 +368,15 @@ class DropDecoder:
             process=process_of(where.functions, rec.pid, rec.comm.decode(errors="replace"), hook),
             conntrack=ct.from_record(rec.ct_info, rec.ct_status, rec.ct_zone, rec.ct_mark),
             nf=nf,
+            key=bytes(rec.key),
+            epoch=rec.epoch,
+            sample=rec.record == self._sample_record,
         )
+
+    def wall_ns(self, mono_ns: int) -> int:
+        """A bpf_ktime_get_ns() time as wall-clock ns since the epoch."""
+        return mono_ns + self._wall_offset
+
+    def location(self, address: int) -> str:
+        """A call site as `function+0xoff` (a coarse key's location)."""
+        return self.ksyms.format(address) if address else ""

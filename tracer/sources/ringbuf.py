@@ -1,9 +1,16 @@
-"""The BPF source: kfree_skb drops from the ring buffer, filtered in the kernel.
+"""The BPF source: kfree_skb drops from the ring buffer, filtered and counted in the kernel.
 
 One thread polls the ring buffer and decodes each record (symbols,
 headers) right away, so the kernel's buffer never waits on the join or the
 outputs. A record the decoder cannot read is skipped and counted, with at
 most one warning a second.
+
+The same thread closes the kernel's counting epochs (tracer.pipeline.summaries):
+every `summary_interval` it starts the next epoch, reads what is left in the
+ring buffer, drains the closed epoch's counts, and hands them over as an
+`EpochClosed` marker behind the epoch's last record. Doing it in the reader
+is what orders the marker after every record of its epoch. `finish()`
+makes it detach the programs and send a last marker with everything counted.
 """
 
 from __future__ import annotations
@@ -18,12 +25,16 @@ from tracer.bpf import filter as bpf_filter
 from tracer.bpf.libbpf import RingBuffer
 from tracer.bpf.loader import LoadedTracer
 from tracer.config import Config
+from tracer.sources.base import EpochClosed, Item
 from tracer.sources.drop import DropDecoder, DropReasons, KernelDrop
 
 log = structlog.get_logger("tracer.engine")
 
-#: The ring reader's poll timeout: how quickly it notices `stop`.
+#: The ring reader's poll timeout: how quickly it notices `stop`, `finish` and an epoch's end.
 _POLL_MS = 100
+#: A key with no drop for this long (or three summary intervals, if longer) is forgotten
+#: by the kernel: its next drop is shown in full again, and its map slot is free.
+IDLE_KEY_SECONDS = 60.0
 
 
 class RingBufferSource:
@@ -37,8 +48,9 @@ class RingBufferSource:
         self.tracer: LoadedTracer | None = None
         self._rb: RingBuffer | None = None
         self._decoder: DropDecoder | None = None
-        self._deliver: Callable[[KernelDrop], None] | None = None
+        self._deliver: Callable[[Item], None] | None = None
         self._stop = threading.Event()
+        self._finish = threading.Event()
         self._thread: threading.Thread | None = None
         self._bad_records = 0
         self._bad_logged = 0.0
@@ -51,7 +63,12 @@ class RingBufferSource:
         self.follow_netns(netns_inode)
         self._decoder = DropDecoder(self.tracer.Event, self.reasons)
 
-    def start(self, deliver: Callable[[KernelDrop], None]) -> None:
+    @property
+    def decoder(self) -> DropDecoder:
+        assert self._decoder is not None, "load() first"
+        return self._decoder
+
+    def start(self, deliver: Callable[[Item], None]) -> None:
         if self.tracer is None:
             self.load(None)
         assert self.tracer is not None
@@ -86,8 +103,47 @@ class RingBufferSource:
 
     def _read(self) -> None:
         assert self._rb is not None
+        interval = self.config.summary_interval
+        due = time.monotonic() + interval
         while not self._stop.is_set():
             self._rb.poll(_POLL_MS)
+            if self._finish.is_set():
+                self._close_epoch(final=True)
+                return
+            if time.monotonic() >= due:
+                self._close_epoch(final=False)
+                due = time.monotonic() + interval
+
+    def _close_epoch(self, *, final: bool) -> None:
+        """Closes the current epoch (the last one with `final`, after detaching) and sends its marker."""
+        t, rb = self.tracer, self._rb
+        assert t is not None and rb is not None and self._deliver is not None
+        if final:
+            t.detach()
+            epoch = t.epoch
+        else:
+            epoch = t.close_epoch()
+        rb.consume()
+        counts = tuple(t.drain_counts(epoch))
+        forgotten = () if final else tuple(self._forget_idle())
+        self._deliver(EpochClosed(epoch, counts, forgotten, final))
+
+    def _forget_idle(self) -> list[bytes]:
+        assert self.tracer is not None
+        idle_ns = int(max(IDLE_KEY_SECONDS, 3 * self.config.summary_interval) * 1e9)
+        now = time.monotonic_ns()
+        idle = [key for key, last, _flags in self.tracer.seen_keys() if now - last > idle_ns]
+        if idle:
+            self.tracer.forget_keys(idle)
+        return idle
+
+    def finish(self) -> None:
+        """Asks the reader to stop the programs and send the last counts (an EpochClosed, final)."""
+        self._finish.set()
+
+    @property
+    def reading(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def _on_record(self, raw: bytes) -> None:
         assert self._decoder is not None and self._deliver is not None
