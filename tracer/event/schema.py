@@ -27,7 +27,17 @@ Validator = Any
 ValidationError = Any
 
 DROP_EVENT = "drop-event"
-SCHEMAS = (DROP_EVENT, "probe-result", "pmtu-result")
+NOTICE_EVENT = "notice-event"
+SCHEMAS = (DROP_EVENT, NOTICE_EVENT, "probe-result", "pmtu-result")
+#: `event.dataset` values of notices (tracer.event.notice): they follow the notice schema.
+NOTICE_DATASETS = ("tracer.conntrack", "tracer.loss")
+
+
+def schema_of(event: dict[str, Any]) -> str:
+    """Which schema an event printed by `tracer watch` follows: notices have their own."""
+    ev = event.get("event")
+    dataset = ev.get("dataset") if isinstance(ev, dict) else None
+    return NOTICE_EVENT if dataset in NOTICE_DATASETS else DROP_EVENT
 
 #: How many problems one error message lists; the rest are counted.
 _MAX_REPORTED = 10
@@ -40,7 +50,7 @@ class DropEventError(ValueError):
         self.problems = problems
         shown = problems[:_MAX_REPORTED]
         more = len(problems) - len(shown)
-        doc = "docs/drop-event.md" if name == DROP_EVENT else "docs/probe.md"
+        doc = "docs/drop-event.md" if name in (DROP_EVENT, NOTICE_EVENT) else "docs/probe.md"
         text = f"{name} does not match {doc}:\n  " + "\n  ".join(shown)
         if more:
             text += f"\n  ... and {more} more"
@@ -138,8 +148,12 @@ def errors(event: dict[str, Any], name: str = DROP_EVENT) -> list[str]:
     return [_describe(e, name) for e in ordered]
 
 
-def validate(event: dict[str, Any], name: str = DROP_EVENT) -> None:
-    """Raises DropEventError listing every violation, so one test run shows them all."""
+def validate(event: dict[str, Any], name: str | None = None) -> None:
+    """Raises DropEventError listing every violation, so one test run shows them all.
+
+    Without `name`, the schema is the one the event's dataset calls for (`schema_of`).
+    """
+    name = name or schema_of(event)
     problems = errors(event, name)
     if problems:
         raise DropEventError(problems, name)
