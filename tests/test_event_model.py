@@ -143,7 +143,7 @@ def test_summary_section() -> None:
     ev = event.to_ecs()["event"]
     assert (ev["dataset"], ev["count"], ev["start"], ev["end"]) == (
         "tracer.drop.summary", 1873, "2026-11-21T11:51:00.000388Z", "2026-11-21T11:51:10.000412Z")
-    assert one_line(event).endswith("  x1873")
+    assert one_line(event).endswith("  ×1873 in 10 s")  # issue 8: the count and its span
     validate(event.to_ecs())
 
 

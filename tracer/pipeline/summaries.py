@@ -109,6 +109,8 @@ class Summaries:
         """A drop is being shown one by one: its key's summary must not count it again."""
         self.shown[(epoch, key)] += 1
         self.learn(key, event)
+        if _wants_rule(event):
+            self._ask(key)  # now, so the key's first summary already names its rule
 
     def learn(self, key: bytes, event: DropEvent) -> None:
         """Keeps `event` as the key's template unless the one kept already names a rule."""
@@ -180,11 +182,15 @@ class Summaries:
             template = self.templates.get(p.key)
             if template is not None and not _wants_rule(template):
                 continue
-            if self._tries[p.key] >= SAMPLE_TRIES or self.key_type.from_buffer_copy(p.key).kind != self._flow:
-                continue
-            self._tries[p.key] += 1
-            if self.want_sample(p.key):
+            if self.key_type.from_buffer_copy(p.key).kind == self._flow and self._ask(p.key):
                 asked += 1
+
+    def _ask(self, key: bytes) -> bool:
+        """One more sample of a flow key, unless it was asked for too often already."""
+        if self._tries[key] >= SAMPLE_TRIES:
+            return False
+        self._tries[key] += 1
+        return self.want_sample(key)
 
     # ---------------------------------------------------------- events
 
