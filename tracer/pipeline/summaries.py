@@ -210,6 +210,8 @@ class Summaries:
     def _from_key(self, key: bytes, end: int, summary: Summary) -> DropEvent:
         """A summary of a key whose every record was lost or held back: what the key says."""
         k = self.key_type.from_buffer_copy(key)
+        if k.kind == self._overflow:  # the kernel kept nothing but the count
+            return DropEvent(timestamp_ns=end, drop=Drop("NOT_SPECIFIED"), summary=summary)
         reason = self.decoder.reasons.name(k.reason)
         location = self.decoder.location(k.location)
         fn = location.split("+", 1)[0]  # the stack is not kept for a key: its call site must do
