@@ -26,6 +26,22 @@ from tracer.collectors.ctpressure import CtStatsSocket, Reading
 from tracer.lab import LAB_V4, Lab
 from tracer.netns import Netns
 
+#: A server firewall that accepts everything but uses `ct`, which makes conntrack run in its
+#: namespace; new entries get ct marks 0-7 in turn, so that `flush(ns, mark)` drains an eighth.
+SERVER_RULESET = """
+table inet lab {
+    chain pre {
+        type filter hook prerouting priority 0; policy accept;
+        ct state new ct mark set numgen inc mod 8
+    }
+    chain in {
+        type filter hook input priority 0; policy accept;
+        ct state established,related accept
+        tcp dport 5555 accept
+    }
+}
+"""
+
 FLOOD_C = r"""
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -252,3 +268,37 @@ def listener(ns: Netns, addr: str, port: int, backlog: int = 1024):
         yield sock
     finally:
         sock.close()
+
+
+def connect_until_refused(ns: Netns, addr: str, port: int, most: int,
+                          timeout: float = 1.0) -> tuple[list[socket.socket], str]:
+    """Opens TCP connections from `ns` and keeps them open until one fails (or `most` are open).
+
+    Returns the open sockets (the caller closes them) and how the last attempt
+    ended: "timeout", an errno name, or "open" when none failed.
+    """
+    from tracer import netns as netns_mod
+
+    if ipaddress.ip_address(addr) not in LAB_V4:
+        raise ValueError(f"{addr} is not a lab address")
+    opened: list[socket.socket] = []
+    for _ in range(most):
+        with netns_mod.entered(ns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((addr, port))
+        except TimeoutError:
+            sock.close()
+            return opened, "timeout"
+        except OSError as exc:
+            sock.close()
+            return opened, errno_name(exc.errno)
+        opened.append(sock)
+    return opened, "open"
+
+
+def errno_name(number: int | None) -> str:
+    import errno
+
+    return errno.errorcode.get(number or 0, str(number))

@@ -39,20 +39,7 @@ pytestmark = [pytest.mark.root]
 #: Polls in the tests are faster than the tracer's 1 s, so that the tests are short.
 INTERVAL = 0.2
 PORT = 5555
-#: The server's firewall: accepts everything, but uses `ct`, which makes conntrack run there.
-SERVER_RULESET = """
-table inet lab {
-    chain pre {
-        type filter hook prerouting priority 0; policy accept;
-        ct state new ct mark set numgen inc mod 8
-    }
-    chain in {
-        type filter hook input priority 0; policy accept;
-        ct state established,related accept
-        tcp dport 5555 accept
-    }
-}
-"""
+SERVER_RULESET = ctlab.SERVER_RULESET
 
 
 class Alerts:
@@ -85,6 +72,7 @@ def _root_or_skip() -> None:
 
 def _check_table_alert(n: Notice, ns, count_at_least: int = 0) -> dict:
     doc = n.to_ecs()
+    validate(doc)  # the notice schema, by its dataset
     assert doc["event"]["kind"] == "alert" and doc["event"]["dataset"] == CONNTRACK_DATASET
     assert doc["netns"] == {"inode": ns.inode, "name": ns.name}
     table = doc["conntrack"]["table"]
@@ -232,6 +220,22 @@ def test_full_table_drop_alert(full_table):
         pressure.stop()
 
 
+def test_readings_agree_with_pyroute2(full_table):
+    """The hand-read statistics (tracer.collectors.ctpressure) against pyroute2's Conntrack."""
+    from pyroute2 import Conntrack
+
+    _lab, _client, server, _link = full_table
+    ct = Conntrack(netns=server.name)  # its socket is made lazily, in a thread of its own: not by entered()
+    try:
+        r = ctlab.read(server)
+        per_cpu = ct.stat()
+        assert (r.count, r.max) == (ct.count(), ct.conntrack_max_size())
+    finally:
+        ct.close()
+    for name in ("drop", "early_drop", "insert_failed", "invalid"):
+        assert getattr(r, name) == sum(cpu.get(name, 0) for cpu in per_cpu), name
+
+
 def _syn_drop(netns: int, at_ns: int, **changes) -> KernelDrop:
     """A SYN refused by a full table, as the decoder makes it (build-machines.md): freed by
     nf_hook_slow at prerouting with NETFILTER_DROP, no chain verdict, no conntrack entry."""
@@ -328,6 +332,7 @@ def test_cli_watch_attributes_full_table_drop_to_conntrack(full_table):
         assert "rule" not in nf and "policy" not in nf and "table" not in nf
         assert drop_ev["tcp"]["flags"] == ["SYN"] and drop_ev["netns"]["name"] == server.name
         assert alert is not None, "no conntrack_table_full_drop alert"
+        validate(alert)
         assert alert["event"]["kind"] == "alert" and alert["netns"]["name"] == server.name
         assert alert["conntrack"]["table"]["count"] == alert["conntrack"]["table"]["max"]
     finally:

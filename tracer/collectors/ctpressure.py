@@ -33,6 +33,7 @@ a user namespace may write to our socket (tracer.nlmsg's module docstring).
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import socket
@@ -165,9 +166,16 @@ def _be32_attrs(msg: bytes) -> dict[int, int]:
 
 
 def _replies(sock: socket.socket, seq: int) -> Iterator[bytes]:
-    """Reply messages to request `seq` until NLMSG_DONE (a dump) or the ack; raises on an error."""
+    """Reply messages to request `seq` until NLMSG_DONE (a dump) or the ack; raises on an error.
+
+    Gives up after REPLY_TIMEOUT_S in all, so that datagrams someone else
+    keeps sending (skipped) cannot hold the caller.
+    """
     seen = 0
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
     while True:
+        if time.monotonic() > deadline:
+            raise CtnetlinkError(errno.ETIMEDOUT, "ctnetlink: no complete reply in time")
         data, (sender, _groups) = sock.recvfrom(1 << 16)
         if sender != nlmsg.KERNEL_PORT_ID:
             continue  # not the kernel's: forged
@@ -310,14 +318,14 @@ class NamespaceAlerts:
         where = f"{r.count:,} of {r.max:,} entries" if r.max else f"{r.count:,} entries"
         if name == "early_drop":
             action = "conntrack_early_drop"
-            message = (f"conntrack table full: {rise:,} entries evicted early to make room for new "
-                       f"connections ({where})")
+            message = (f"conntrack table full: {_many(rise, 'entry', 'entries')} evicted early to make room "
+                       f"for new connections ({where})")
         elif r.full or (r.ratio or 0.0) >= self.clear_mark:
             action = "conntrack_table_full_drop"
-            message = f"conntrack table full: {rise:,} packets dropped, new connections refused ({where})"
+            message = f"conntrack table full: {_many(rise, 'packet')} dropped, new connections refused ({where})"
         else:
             action = "conntrack_table_full_drop"
-            message = f"conntrack dropped {rise:,} packets ({where})"
+            message = f"conntrack dropped {_many(rise, 'packet')} ({where})"
         return self._notice(action, r, message, {"delta": {name: rise}}, start_ns=since_ns)
 
     def _notice(self, action: str, r: Reading, message: str, extra: dict[str, Any] | None = None,
@@ -338,6 +346,10 @@ class NamespaceAlerts:
             start_ns=None if start_ns is None else start_ns + off,
             end_ns=None if start_ns is None else r.end_ns + off,
         )
+
+
+def _many(n: int, one: str, more: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else (more or one + 's')}"
 
 
 def _pct(ratio: float) -> str:

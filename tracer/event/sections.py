@@ -366,6 +366,10 @@ class Probe:
         return f"probe {self.id}" if self.id else None
 
 
+#: U+00D7 MULTIPLICATION SIGN, as people write a count of repeats (a plain x reads as a word).
+TIMES = "\u00d7"
+
+
 @dataclass(frozen=True, slots=True)
 class Summary:
     """Many alike drops folded into one event: how many, first and last (docs: Summary events).
@@ -388,9 +392,9 @@ class Summary:
         return cls(event["count"], parse_iso_time(event["start"]), parse_iso_time(event["end"]))
 
     def text(self) -> str | None:
-        """`×1234 in 10 s`: how many, over how long (first to last drop)."""
+        """`\u00d71234 in 10 s` (a multiplication sign): how many, over how long (first to last drop)."""
         if self.start_ns is None or self.end_ns is None:
-            return f"×{self.count}"
+            return f"{TIMES}{self.count}"
         seconds = max(0, self.end_ns - self.start_ns) / 1e9
         span = f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
-        return f"×{self.count} in {span} s"
+        return f"{TIMES}{self.count} in {span} s"

@@ -150,8 +150,8 @@ def conntrack_shaped(drop: KernelDrop, verdict: TraceVerdict | None, legacy: Leg
     from its hook, so `nf_hook_slow` frees it (NETFILTER_DROP) at prerouting
     or output, no chain traced a drop verdict for it (nftrace or
     iptables-legacy TRACE), no table's verdict was drop (where netfilter
-    probes ran), no nftables frame freed it (6.x frees rule drops inside
-    nft_do_chain), and it carries no entry (it never got one).
+    probes ran), no nftables frame freed it (recent kernels, 6.18 here,
+    free rule drops inside nft_do_chain), and it carries no entry (it never got one).
     """
     if verdict is not None or legacy is not None or drop.conntrack is not None:
         return False

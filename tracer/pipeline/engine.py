@@ -36,6 +36,7 @@ import structlog
 from tracer.bpf.loader import LoadedTracer
 from tracer.collectors.base import Collector, Evidence, TraceCollector
 from tracer.collectors.conntrack import ConntrackCollector
+from tracer.collectors.ctpressure import ConntrackPressure
 from tracer.collectors.links import LinksCollector
 from tracer.collectors.netfilter import NftraceCollector, XtraceCollector
 from tracer.collectors.xtrace import LegacyCollector
@@ -91,6 +92,7 @@ class Engine:
         self._queue_lost_reported = 0
         self._ring_lost_reported = 0
         self.summaries: Summaries | None = None
+        self.pressure: ConntrackPressure | None = None
         self.losses = LossMeter()
         self._count_reached = False
         self._losses_checked = 0.0
@@ -128,6 +130,8 @@ class Engine:
         self.marking.start(watched)  # the trace collectors, in the order their host changes need
         for c in self.collectors:
             c.start(watched)
+        self.pressure = ConntrackPressure(threshold=cfg.conntrack_threshold, emit=self._alert, log=log)
+        self.pressure.start(watched)
         self.source.start(self._deliver)
         self._spawn(self._scan_loop, "netns-scanner")
         self.ready.set()
@@ -218,6 +222,8 @@ class Engine:
             self.marking.update_namespaces(watched)
         for c in self.collectors:
             c.namespaces_changed(watched)
+        if self.pressure is not None:
+            self.pressure.namespaces_changed(watched)
 
     # ---------------------------------------------------------- events
 
@@ -264,6 +270,11 @@ class Engine:
         if shown is not None:
             summaries.showing(item.epoch, item.key, shown)
             self._emit(shown)
+
+    def _alert(self, notice: Notice) -> None:
+        """A conntrack alert, from the pressure thread: straight to the sink (it is thread-safe)."""
+        if self.sink is not None and not self._count_reached:
+            self.sink.submit(Rendered(notice))
 
     def _emit(self, event: DropEvent | Notice) -> None:
         if self._count_reached:
@@ -344,8 +355,10 @@ class Engine:
     def _attribute(self, evidence: Evidence) -> Netfilter | None:
         """The netfilter section, from the trace collectors' evidence and the kernel's context."""
         drop = evidence.drop
-        nf = attribution.attribute(drop, evidence.verdict, evidence.ruleset, evidence.legacy_present,
-                                   evidence.legacy)
+        # A packet conntrack dropped (its table full) is conntrack's, whatever chain it passed.
+        nf = (attribution.conntrack_full(drop, evidence.verdict, evidence.legacy, self.pressure)
+              or attribution.attribute(drop, evidence.verdict, evidence.ruleset, evidence.legacy_present,
+                                       evidence.legacy))
         if nf is not None and nf.backend == "iptables-legacy" and nf.table is None and self.xtrace is not None:
             family = {0x0800: "ip", 0x86DD: "ip6"}.get(drop.l3proto)
             if family and nf.hook:
@@ -374,6 +387,9 @@ class Engine:
             if self.marking is not None:
                 self.marking.stop()  # marking tables off, then nf_log bindings back
         finally:
+            if self.pressure is not None:
+                self.pressure.stop()
+                self.pressure = None
             for c in self.collectors:
                 c.stop()
             self.collectors, self.nftrace, self.xtrace, self.marking = [], None, None, None
