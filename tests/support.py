@@ -125,6 +125,21 @@ def rule_handles(lab, ns) -> dict[str, int]:
     return handles
 
 
+def doc_examples(*, notices: bool = False) -> list[dict]:
+    """The complete events in docs/drop-event.md's ```json blocks: drop events (and
+    summaries), or with `notices` the notices (alerts, loss reports) instead."""
+    import json
+    import re
+    from pathlib import Path
+
+    from tracer.event.schema import NOTICE_EVENT, schema_of
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "drop-event.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```json\n(.*?)```", text, re.S)
+    events = [e for e in map(json.loads, blocks) if isinstance(e, dict) and "@timestamp" in e]
+    return [e for e in events if (schema_of(e) == NOTICE_EVENT) == notices]
+
+
 def tracer_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tracer", *args]
 

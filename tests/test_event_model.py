@@ -7,8 +7,6 @@ the text line that people read.
 
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 import sys
 import threading
@@ -18,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests import support
 from tracer.event.ecs import iso_time, parse_iso_time
 from tracer.event.model import (
     ConntrackInfo,
@@ -80,9 +79,8 @@ FULL_EVENT_JSON = (
 
 
 def doc_examples() -> list[dict[str, Any]]:
-    text = (ROOT / "docs" / "drop-event.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```json\n(.*?)```", text, re.S)
-    return [e for e in map(json.loads, blocks) if isinstance(e, dict) and "@timestamp" in e]
+    """The drop events (and summaries) of docs/drop-event.md; notices have their own schema."""
+    return support.doc_examples()
 
 
 # ------------------------------------------------------------ the package

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
+from tests import support
 from tracer.event import schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,9 +93,8 @@ def spec_event() -> dict[str, Any]:
 
 
 def doc_examples() -> list[dict[str, Any]]:
-    """Every complete event in docs/drop-event.md's ```json blocks."""
-    blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
-    return [e for e in map(json.loads, blocks) if isinstance(e, dict) and "@timestamp" in e]
+    """The drop events (and summaries) of docs/drop-event.md; notices have their own schema."""
+    return support.doc_examples()
 
 
 def paths(event: dict[str, Any]) -> set[str]:
@@ -151,6 +150,14 @@ def test_docs_publish_the_promised_examples() -> None:
 @pytest.mark.parametrize("index", range(len(doc_examples())))
 def test_doc_examples_validate(index: int) -> None:
     schema.validate(doc_examples()[index])
+
+
+def test_doc_notice_examples_validate() -> None:
+    """The alert and loss report examples follow the notice schema, and each kind has one."""
+    notices = support.doc_examples(notices=True)
+    assert {e["event"]["dataset"] for e in notices} == {"tracer.conntrack", "tracer.loss"}
+    for event in notices:
+        schema.validate(event, schema.NOTICE_EVENT)
 
 
 def no_socket_event() -> dict[str, Any]:
