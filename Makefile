@@ -47,8 +47,11 @@ test-vm: bpf venv
 	scripts/install-deps.sh vm
 	tests/vm/run-vm-tests.sh
 
+# Benchmarks (not tests): ratios measured side by side, ~9 min; tests/bench/README.md.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--phases flood,flows,accepted".
 bench: bpf venv
-	$(VENV)/bin/python -m tests.bench.run
+	scripts/install-deps.sh bench
+	$(VENV)/bin/python -m tests.bench.run $(BENCH_ARGS)
 
 # System-wide: a self-contained virtualenv under $(PREFIX), the command in $(BINDIR).
 install: bpf

@@ -58,7 +58,10 @@ def test_2000_flow_flood_is_counted_exactly(lab, tmp_path):
     assert dropped == sent
     assert total(events) == dropped
     keys = {(e["source"]["port"]) for e in flood_events(events) if "source" in e}
-    assert len(keys) >= 1000  # flows keep their own events, up to the ceiling's budget
+    # Flows keep events of their own up to the ceiling (500/s, a second's burst); the
+    # rest are folded, and the whole flood is a few thousand lines, not 100 000.
+    assert len(keys) >= 500
+    assert len(events) < 10_000 < dropped
 
 
 def test_ceiling_folds_into_summaries_and_reports_it(lab, tmp_path):

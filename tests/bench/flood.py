@@ -202,6 +202,16 @@ def watch_flags() -> set[str]:
     return set(re.findall(r"--[a-z][a-z-]+", out.stdout))
 
 
+def reason_names() -> dict[int, str]:
+    """enum skb_drop_reason from this kernel's BTF, to name bpftrace's numbers (empty if unreadable)."""
+    try:
+        from tracer.sources.drop import DropReasons
+
+        return dict(DropReasons().by_value)
+    except Exception:  # a label only: the numbers are printed then
+        return {}
+
+
 def nf_log_all_netns() -> str:
     """The global sysctl that decides whether an nft `log` in a non-init namespace logs (read only)."""
     try:
@@ -300,6 +310,10 @@ class Observer:
     def note(self) -> str:
         return ""
 
+    def reported(self) -> int | None:
+        """How many of the flood's drops it reported (None: it reports none by design)."""
+        return None
+
 
 class BpftraceObserver(Observer):
     """bpftrace counting `skb:kfree_skb` by reason, as the usual one-liner does (all namespaces).
@@ -352,9 +366,13 @@ class BpftraceObserver(Observer):
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def reported(self) -> int | None:
+        """Its NETFILTER_DROP count (other namespaces' nft drops, if any, count too)."""
+        names = reason_names()
+        return sum(v for k, v in self.counts.items() if names.get(int(k)) == "NETFILTER_DROP") if names else None
+
     def note(self) -> str:
-        top = sorted(self.counts.items(), key=lambda kv: -kv[1])[:2]
-        return "counted " + ", ".join(f"reason {k}: {v}" for k, v in top) if top else ""
+        return "reported: its NETFILTER_DROP count"
 
 
 class RuleObserver(Observer):
@@ -426,8 +444,11 @@ class NftMonitorObserver(RuleObserver):
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def reported(self) -> int | None:
+        return self.printed
+
     def note(self) -> str:
-        return f"printed {self.printed} drop verdicts"
+        return "reported: drop verdicts printed"
 
 
 class TracerObserver(Observer):
@@ -465,6 +486,12 @@ class TracerObserver(Observer):
     def pid(self) -> int | None:
         return self.tr.proc.pid if self.tr else None
 
+    def reported(self) -> int | None:
+        return self.exact.summed if self.exact else None
+
+    def note(self) -> str:
+        return "reported: summed event.count"
+
 
 # ----------------------------------------------------------------------- rounds
 
@@ -478,6 +505,7 @@ class FloodRound:
     send_errors: int = 0
     secs: float = 0.0
     dropped: int = 0  # the drop rule's nft counter over the flood
+    reported: int | None = None  # how many of those drops the observer reported (Observer.reported)
     observer_cpu: float | None = None  # % of one core during the flood (the observer's process)
     cpu_rest: float | None = None  # tracer only: % of one core over the rest window before the flood
     rss_rest: float | None = None  # tracer only, MiB
@@ -490,6 +518,12 @@ class FloodRound:
     @property
     def rate(self) -> float:
         return self.dropped / self.secs if self.secs else 0.0
+
+    @property
+    def reported_pct(self) -> float | None:
+        """`reported` as a share of what the rule dropped (the tracer's: until it stopped)."""
+        total = self.exact.nft if self.exact else self.dropped
+        return self.reported / total * 100 if self.reported is not None and total else None
 
 
 @dataclass
@@ -657,12 +691,13 @@ class FloodBench:
             log(f"  {key}: failed: {exc}")
         finally:
             obs.stop()
-        r.note = obs.note()
+        r.note, r.reported = obs.note(), obs.reported()
         return r
 
     def phase_flood(self, flows: int, secs: float, rounds: int, observers: list[str]) -> FloodPhase:
         """Interleaved rounds; the order of the observers rotates each round."""
         phase = FloodPhase(flows, secs)
+        started = time.monotonic()
         for rnd in range(rounds):
             order = observers[rnd % len(observers):] + observers[:rnd % len(observers)]
             for key in order:
@@ -672,6 +707,7 @@ class FloodBench:
                 phase.rounds.append(r)
                 ex = f", tracer summed {r.exact.summed} of {r.exact.nft}" if r.exact else ""
                 log(f"  {r.rate:.0f} drops/s (sent {r.sent} in {r.secs:.2f}s){ex}")
+        log(f"{'flood' if flows == 1 else 'flows'}: done in {time.monotonic() - started:.0f}s")
         return phase
 
     def iperf(self, secs: float) -> float:
@@ -701,6 +737,7 @@ class FloodBench:
                 return phase
             time.sleep(0.1)
         out = self.tmp / "tracer-accepted.out"
+        started = time.monotonic()
         for rnd in range(rounds):
             ar = AcceptedRound(rnd)
             for watched in ((False, True) if rnd % 2 == 0 else (True, False)):
@@ -719,6 +756,7 @@ class FloodBench:
                     out.unlink(missing_ok=True)
             log(f"  {ar.none_bps / 1e9:.2f} / {ar.tracer_bps / 1e9:.2f} Gbit/s, x{ar.ratio:.3f}")
             phase.rounds.append(ar)
+        log(f"accepted: done in {time.monotonic() - started:.0f}s")
         return phase
 
 
@@ -727,19 +765,22 @@ class FloodBench:
 
 def _flood_table(title: str, phase: FloodPhase) -> list[str]:
     lines = [title,
-             f"   {'observer':<40}{'drops/s':>9}{'vs none':>9}  {'rounds (drops/s)':<28}{'its cpu%':>9}  notes"]
+             (f"   {'observer':<38}{'drops/s':>8}{'vs none':>8}  {'rounds (drops/s)':<42}{'cpu%':>5}"
+              f"{'reported':>9}  notes")]
     keys = list(dict.fromkeys(r.observer for r in phase.rounds))
     for key in keys:
         rounds = [r for r in phase.rounds if r.observer == key]
         rates = phase.rates(key)
         errors = [r.error for r in rounds if r.error]
         cpu = [r.observer_cpu for r in rounds if r.observer_cpu is not None]
+        shares = [x for x in (r.reported_pct for r in rounds if not r.error) if x is not None]
         notes = "; ".join(dict.fromkeys(r.note for r in rounds if r.note))
         if errors:
             notes = f"{len(errors)} round(s) failed: {errors[0][:80]}" + (f"; {notes}" if notes else "")
-        runs = ", ".join(f"{x:.0f}" for x in rates)
-        lines.append(f"   {OBSERVERS[key]:<40}{median(rates):>9.0f}{phase.ratio(key):>9.2f}  [{runs}]".ljust(90)
-                     + (f"{median(cpu):>7.0f}" if cpu else f"{'-':>7}") + f"  {notes}")
+        runs = "[" + ", ".join(f"{x:.0f}" for x in rates) + "]"
+        lines.append(f"   {OBSERVERS[key]:<38}{median(rates):>8.0f}{phase.ratio(key):>8.2f}  {runs:<42}"
+                     + (f"{median(cpu):>5.0f}" if cpu else f"{'-':>5}")
+                     + (f"{median(shares):>8.1f}%" if shares else f"{'-':>9}") + f"  {notes}")
     trs = phase.tracer_rounds()
     if trs:
         def med(attr: str) -> float:

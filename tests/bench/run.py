@@ -977,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="namespace counts of the scale phase (default %(default)s, at most 500)")
     p.add_argument("--scale-idle-seconds", type=float, default=5.0, help="idle CPU window per scale run")
     p.add_argument("--flood-seconds", type=float, default=2.0, help="length of each flood round (default 2)")
-    p.add_argument("--flood-rounds", type=int, default=3, help="interleaved rounds per observer (default 3)")
+    p.add_argument("--flood-rounds", type=int, default=4, help="interleaved rounds per observer (default 4)")
     p.add_argument("--flows", type=int, default=2000, help="source ports of the flows phase (default 2000)")
     p.add_argument("--observers", default=",".join(OBSERVER_KEYS),
                    help="observers of the flood phases, 'none' always included (default %(default)s)")

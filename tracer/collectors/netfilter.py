@@ -22,7 +22,7 @@ from tracer.collectors.nftrace import NftCollector
 from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
 from tracer.loop import EventLoop
-from tracer.netfilter.marking import MarkingCoordinator
+from tracer.netfilter.marking import FLOW_TIMEOUT, FlowKey, MarkingCoordinator
 from tracer.netfilter.nftables import NftContext, NftError
 from tracer.netfilter.xtables import loaded_tables
 from tracer.netns import Netns
@@ -104,9 +104,11 @@ class XtraceCollector(_Coordinated):
 class NftraceCollector(_Coordinated):
     name = "nftrace"
 
-    def __init__(self, config: Config, marking: MarkingCoordinator, loop: EventLoop | None = None) -> None:
+    def __init__(self, config: Config, marking: MarkingCoordinator, loop: EventLoop | None = None,
+                 flow_timeout: int = FLOW_TIMEOUT) -> None:  # fmt: skip
         self.config = config
-        self.nft = NftCollector(config.scope, rate=config.trace_rate, marking=marking, loop=loop)
+        self.nft = NftCollector(config.scope, rate=config.trace_rate, marking=marking, loop=loop,
+                                flow_timeout=flow_timeout)
 
     def unavailable(self) -> str | None:
         try:
@@ -130,4 +132,15 @@ class NftraceCollector(_Coordinated):
 
     def watching(self) -> int:
         return len(self.nft.watched)
+
+    def trace_flow(self, netns_inode: int, flow: FlowKey) -> None:
+        """Traces `flow`'s later packets in namespace `netns_inode` (for `flow_timeout`
+        seconds, 30 by default, after the last call), so that the rule dropping a
+        flow whose first drop came without one (an established connection, a
+        drop before conntrack) becomes known.
+
+        Call it for each drop key that has no rule; calling again for the same
+        flow is cheap. Never blocks, never raises (NftCollector.trace_flow).
+        """
+        self.nft.trace_flow(netns_inode, flow)
 

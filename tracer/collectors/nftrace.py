@@ -1,8 +1,11 @@
 """Which nftables / iptables-nft rule or chain policy dropped a packet.
 
 How: a small table of our own (`inet tracer_mark`, hooked before raw and
-conntrack) sets `meta nftrace` on packets the filter selects, at a limited
-rate. The kernel then reports every rule and policy those packets meet as
+right after conntrack) sets `meta nftrace` on packets the filter selects
+that may be dropped: not on those of established connections, unless the
+tracer saw that flow dropped (`NftCollector.trace_flow`), within a per-flow
+and a per-namespace budget (tracer.netfilter.marking.mark_commands). The
+kernel then reports every rule and policy those packets meet as
 NFT_MSG_TRACE netlink messages. One reader per namespace listens to traces
 and ruleset changes on the same socket, so a ruleset swap is always seen
 before the traces evaluated under the new ruleset, and a cached rule text
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import struct
 import subprocess
@@ -52,13 +56,24 @@ from tracer.netfilter.constants import (
     NFPROTO_PACKET_FAMILIES,
     ct_status_names,
 )
-from tracer.netfilter.marking import MARK_TABLE, MarkingCoordinator
+from tracer.netfilter.marking import (
+    FLOW_TIMEOUT,
+    MARK_TABLE,
+    PORT_PROTOCOLS,
+    FlowElement,
+    FlowKey,
+    MarkingCoordinator,
+    add_flows_command,
+    conntrack_in_use,
+    flow_element,
+)
 from tracer.netfilter.nftables import (
     IPTABLES_FAMILIES,
     IPTABLES_TABLES,
     Chain,
     NftContext,
     NftError,
+    Output,
     Rule,
     Ruleset,
     change_of,
@@ -88,6 +103,11 @@ _TRACE_STATE_TTL = 5.0
 #: a candidate verdict read this long before the drop is an earlier packet's.
 MAX_TRACE_AGE = 0.05
 _MAX_VERDICT_KEYS = 65536
+#: trace_flow: flows remembered as recently added (an LRU), flows waiting for the loop per
+#: namespace, and flows per libnftables batch.
+_RECENT_FLOWS = 8192
+_MAX_QUEUED_FLOWS = 4096
+_FLOW_BATCH = 64
 _MAX_TRACE_PATH = 64
 
 
@@ -249,6 +269,9 @@ class TraceVerdict:
     queued_after: float = 0.0
     #: The nftables generation the trace was evaluated in (None: not known).
     generation: int | None = None
+    #: The packet's flow, from the traced headers (None: not IP, or headers cut short): what
+    #: `NftCollector.trace_flow` takes, so that a traced repeat can be matched to its drop key.
+    flow: FlowKey | None = None
 
     @property
     def conntrack(self) -> ConntrackInfo | None:
@@ -281,6 +304,50 @@ def _verdict_code(code: int | None) -> int | None:
     if code is None or code < 0:
         return code
     return code & 0xFF
+
+
+#: IPv6 extension headers a traced network header may hold before the transport header:
+#: hop-by-hop, routing, fragment, destination options, AH (its length counts 4-byte words).
+_IPV6_EXTENSIONS = frozenset({0, 43, 44, 60, 51})
+
+
+def _ipv6_l4proto(nh: bytes) -> tuple[int, bool] | None:
+    """(transport protocol, is a later fragment) of an IPv6 header and its extension headers
+    (the kernel's network header runs up to the transport header)."""
+    proto, off, later = nh[6], 40, False
+    while proto in _IPV6_EXTENSIONS:
+        if off + 8 > len(nh):
+            return None
+        if proto == 44:
+            later = later or (int.from_bytes(nh[off + 2 : off + 4], "big") >> 3) != 0
+            size = 8
+        elif proto == 51:
+            size = (nh[off + 1] + 2) * 4
+        else:
+            size = (nh[off + 1] + 1) * 8
+        proto, off = nh[off], off + size
+    return proto, later
+
+
+def flow_of(nh: bytes, th: bytes) -> FlowKey | None:
+    """The FlowKey of a traced packet from its network and transport headers (ports 0 for
+    protocols without, and for fragments after the first); None when they are not IP or are
+    cut short (a later IPv6 fragment's trace carries no network header)."""
+    if len(nh) >= 20 and nh[0] >> 4 == 4:
+        version, proto = 4, nh[9]
+        later = (int.from_bytes(nh[6:8], "big") & 0x1FFF) != 0
+        saddr, daddr = str(ipaddress.IPv4Address(nh[12:16])), str(ipaddress.IPv4Address(nh[16:20]))
+    elif len(nh) >= 40 and nh[0] >> 4 == 6:
+        found = _ipv6_l4proto(nh)
+        if found is None:
+            return None
+        version, (proto, later) = 6, found
+        saddr, daddr = str(ipaddress.IPv6Address(nh[8:24])), str(ipaddress.IPv6Address(nh[24:40]))
+    else:
+        return None
+    ported = proto in PORT_PROTOCOLS and not later and len(th) >= 4
+    sport, dport = (int.from_bytes(th[0:2], "big"), int.from_bytes(th[2:4], "big")) if ported else (0, 0)
+    return FlowKey(version, saddr, daddr, proto, sport, dport)
 
 
 def _ct_status(ct: dict[str, Any]) -> tuple[str, ...] | None:
@@ -408,6 +475,7 @@ class _NetnsWatch:
         self.collector = collector
         self.log = collector.log.bind(netns=ns.label, netns_inode=ns.inode)
         self.marked: str | None = None
+        self.stateful = False  # the marking table has the conntrack rules (conntrack_in_use)
         self._ctx: NftContext | None = None
         self._reader: NetlinkReader | None = None
         self._stopping = threading.Event()
@@ -490,14 +558,63 @@ class _NetnsWatch:
             if rs is None:
                 return
             c = self.collector
+            stateful = conntrack_in_use(self.ns, rs)
             try:
-                name = c.marking.mark(self._ctx, self.ns, rs, scope=c.filter, rate=c.rate, burst=c.burst, log=self.log)
+                name = c.marking.mark(self._ctx, self.ns, rs, scope=c.filter, rate=c.rate, burst=c.burst, log=self.log,
+                                      stateful=stateful, flow_timeout=c.flow_timeout)
             finally:
                 _release_cache(self._ctx)
             if name is None:
                 return
-            self.marked = name
+            self.marked, self.stateful = name, stateful
             self._want_snapshot = True
+
+    def _follow_conntrack_use(self) -> None:
+        """Switches the marking table's rules when the ruleset started or stopped using
+        conntrack: only a namespace that tracks connections gets our `ct` rules (they would
+        turn conntrack on), and one that does is marked more selectively with them."""
+        with self._lock:
+            rs, ctx, table = self._latest, self._ctx, self.marked
+            if table is None or rs is None or ctx is None or ctx.closed or self._stopping.is_set():
+                return
+            stateful = conntrack_in_use(self.ns, rs)
+            if stateful == self.stateful:
+                return
+            if self.collector.marking.switch_mode(ctx, table, scope=self.collector.filter, stateful=stateful,
+                                                  log=self.log):
+                self.stateful = stateful
+
+    def add_flows(self, elements: list[FlowElement]) -> None:
+        """Adds known flows to the marking table's sets (on the loop thread: trace_flow).
+
+        One JSON batch per _FLOW_BATCH flows; a batch the kernel refuses (a
+        full set fails it whole) is tried flow by flow, and what still fails
+        is logged at debug: a full set is a flood's normal state.
+        """
+        with self._lock:
+            ctx, table = self._ctx, self.marked
+            if table is None or ctx is None or ctx.closed or self._stopping.is_set():
+                self.log.debug("nft.trace_flow_not_marked", flows=len(elements))
+                return
+            timeout = self.collector.flow_timeout
+            try:
+                for i in range(0, len(elements), _FLOW_BATCH):
+                    batch = elements[i : i + _FLOW_BATCH]
+                    if self._add_batch(ctx, table, batch, timeout) or len(batch) == 1:
+                        continue
+                    for element in batch:
+                        self._add_batch(ctx, table, [element], timeout)
+            finally:
+                _release_cache(ctx)  # the batch cached our table: ~512 KiB a namespace otherwise
+
+    def _add_batch(self, ctx: NftContext, table: str, batch: list[FlowElement], timeout: int) -> bool:
+        try:
+            ctx.cmd(add_flows_command(table, batch, timeout), Output.JSON)
+            return True
+        except (NftError, ValueError) as exc:  # ValueError: the context was closed meanwhile
+            if len(batch) == 1:
+                self.log.debug("nft.trace_flow_not_added", set=batch[0][0], error=getattr(exc, "stderr", str(exc)))
+            return False
 
     # --- generations and snapshots -----------------------------------------------------
 
@@ -523,6 +640,7 @@ class _NetnsWatch:
             return
         try:
             self._list_snapshot(self._ctx)
+            self._follow_conntrack_use()
         finally:
             _release_cache(self._ctx)
 
@@ -855,6 +973,7 @@ class _NetnsWatch:
             fingerprint=packet.fingerprint(p.network_header, p.transport_header),
             queued_after=p.queued_after,
             generation=p.generation,
+            flow=flow_of(p.network_header, p.transport_header),
         )
 
     @staticmethod
@@ -931,7 +1050,9 @@ class NftCollector:
     """Attributes netfilter drops to nftables / iptables-nft rules via nftrace.
 
     `rate` and `burst` bound how many packets per second and namespace are
-    traced (each marking rule has its own limit). `on_verdict` is called in
+    traced (one `limit` object per marking table, shared by its rules; each
+    flow also has a budget of its own). `flow_timeout` is how long a flow
+    given to `trace_flow` stays traced. `on_verdict` is called in
     the reader thread for every drop verdict, also those without packet
     headers, which wait_verdict cannot find. `marking` is the coordinator that
     adds and removes the marking tables and decides which namespaces get one
@@ -956,9 +1077,12 @@ class NftCollector:
         marking: MarkingCoordinator | None = None,
         log: Any = None,
         loop: EventLoop | None = None,
+        flow_timeout: int = FLOW_TIMEOUT,
     ) -> None:
         if rate < 1:
             raise ValueError(f"trace rate must be at least 1 packet/second, not {rate}")
+        if type(flow_timeout) is not int or flow_timeout < 1:
+            raise ValueError(f"flow timeout must be a whole number of seconds, at least 1, not {flow_timeout!r}")
         self.filter = filter
         self.rate = rate
         self.burst = burst if burst is not None else max(5, rate // 10)
@@ -975,6 +1099,11 @@ class NftCollector:
         self._verdicts: OrderedDict[tuple[int, bytes], deque[TraceVerdict]] = OrderedDict()
         self._published = 0
         self._stopped = False
+        self.flow_timeout = flow_timeout
+        self._flows_lock = threading.Lock()  # _recent, _queued, _flush_scheduled
+        self._recent: OrderedDict[tuple[int, FlowElement], float] = OrderedDict()  # -> monotonic "fresh until"
+        self._queued: dict[int, list[FlowElement]] = {}
+        self._flush_scheduled = False
         self.marking.attach_nft(self)
         self._loop = LoopSlot(loop, "nft-trace-loop", self.log)
 
@@ -1067,6 +1196,9 @@ class NftCollector:
             except Exception as exc:
                 w.log.warning("nft.stop_failed", error=repr(exc))
         self._loop.release()  # its own loop's thread ends; a later start() makes another
+        with self._flows_lock:
+            self._recent.clear()
+            self._queued.clear()
         with self._cond:
             self._cond.notify_all()
 
@@ -1077,6 +1209,75 @@ class NftCollector:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    # --- flows to trace -----------------------------------------------------------------
+
+    def trace_flow(self, netns_inode: int, flow: FlowKey) -> None:
+        """Has the marking table of namespace `netns_inode` trace `flow`'s packets from now
+        on, for `flow_timeout` seconds after the last call (within the per-flow budget).
+
+        For flows seen dropped whose rule is not known: an established flow's
+        packets are not traced otherwise. Never blocks and never raises: the
+        flow is validated here (a bad one is refused, logged at debug) and
+        added later on the netlink loop; a namespace not watched or not
+        marked, or a full set, is logged at debug and ignored. A flow added
+        less than half its timeout ago costs one dictionary lookup.
+        """
+        try:
+            self._trace_flow(netns_inode, flow)
+        except Exception as exc:  # the caller is the engine's hot path: nothing may escape
+            self.log.debug("nft.trace_flow_failed", error=repr(exc))
+
+    def _trace_flow(self, netns_inode: int, flow: FlowKey) -> None:
+        try:
+            if isinstance(netns_inode, bool) or not isinstance(netns_inode, int):
+                raise ValueError(f"netns_inode must be an integer, not {netns_inode!r}")
+            element = flow_element(flow)
+        except ValueError as exc:
+            self.log.debug("nft.trace_flow_refused", error=str(exc))
+            return
+        with self._lock:
+            watched = netns_inode in self._watches
+        if not watched:
+            self.log.debug("nft.trace_flow_not_watched", netns_inode=netns_inode)
+            return
+        key = (netns_inode, element)
+        now = time.monotonic()
+        with self._flows_lock:
+            fresh_until = self._recent.get(key)
+            if fresh_until is not None and fresh_until > now:
+                self._recent.move_to_end(key)
+                return
+            queue = self._queued.setdefault(netns_inode, [])
+            if len(queue) >= _MAX_QUEUED_FLOWS:
+                self.log.debug("nft.trace_flow_queue_full", netns_inode=netns_inode)
+                return
+            queue.append(element)
+            # Re-added at half the timeout: on kernels that refresh an element's expiry, a
+            # flow asked for again and again never drops out of the set.
+            self._recent[key] = now + self.flow_timeout / 2
+            self._recent.move_to_end(key)
+            while len(self._recent) > _RECENT_FLOWS:
+                self._recent.popitem(last=False)
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        if not self.loop.call_soon(self._add_queued_flows, name="nft-trace-flow"):
+            with self._flows_lock:
+                self._flush_scheduled = False
+
+    def _add_queued_flows(self) -> None:
+        """On the loop thread: hands the queued flows to their namespaces' watches."""
+        with self._flows_lock:
+            queued, self._queued = self._queued, {}
+            self._flush_scheduled = False
+        for inode, elements in queued.items():
+            with self._lock:
+                watch = self._watches.get(inode)
+            if watch is None:
+                self.log.debug("nft.trace_flow_netns_gone", netns_inode=inode, flows=len(elements))
+                continue
+            watch.add_flows(elements)
 
     # --- queries ---------------------------------------------------------------------
 

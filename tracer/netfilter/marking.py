@@ -1,12 +1,16 @@
 """Every change tracer makes to the host, how a crash is undone, and in which order.
 
 Getting the kernel to trace packets takes two changes per namespace:
-- nftables: a table of our own, `inet tracer_mark`, whose chains at priority
-  -350 set `meta nftrace` on the packets the scope selects, rate-limited.
-  It is created with the `owner` flag, so the kernel deletes it when the
-  netlink socket that made it closes, whatever ends the tracer; a marking
-  table without the flag (left by an older tracer) is removed when a
-  namespace is first watched.
+- nftables: a table of our own, `inet tracer_mark`, whose chains set
+  `meta nftrace` on the packets the scope selects that may be dropped, not
+  on those of flows being accepted (`mark_commands` says which), within a
+  per-flow and a per-namespace budget. It holds sets of flows the tracer saw
+  dropped (`FlowKey`, filled through the nftables collector's
+  `trace_flow`), whose later packets are traced too. It is created with
+  the `owner` flag, so the kernel deletes it when the netlink socket that
+  made it closes, whatever ends the tracer; a marking table without the
+  flag (left by an older tracer) is removed when a namespace is first
+  watched.
 - iptables-legacy: the same nf_trace bit makes ip_tables log a TRACE line
   for every rule a marked packet meets, to the namespace's nf_log logger
   (the kernel log unless someone bound another). nfnetlink_log is bound
@@ -26,12 +30,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import itertools
 import json
 import os
 import secrets
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -136,20 +142,332 @@ def nft_match_rules(f: Scope, hook: MarkHook = "prerouting") -> list[str]:
 MARK_TABLE = "tracer_mark"
 #: Before raw (-300) and conntrack (-200): the trace then covers both.
 MARK_PRIORITY = -350
+#: Right after conntrack (-200) gave the packet its state, before mangle (-150), dstnat
+#: (-100) and filter (0): where "is this packet part of an accepted flow" can be asked.
+CT_MARK_PRIORITY = -199
 MARK_COMMENT = "tracer: sets nftrace on watched packets; removed when tracer stops"
 
+#: The base chains at CT_MARK_PRIORITY, by hook (those at MARK_PRIORITY are named after it).
+CT_CHAINS: dict[MarkHook, str] = {"prerouting": "prerouting_new", "output": "output_new"}
 
-def mark_commands(table: str, f: Scope, rate: int, burst: int) -> str:
-    """nft commands that create the marking table (one atomic batch)."""
-    lines = [f'add table inet {table} {{ flags owner; comment "{MARK_COMMENT}"; }}']
+#: Protocols whose first four transport bytes are source and destination port (nft's `th`):
+#: tcp, udp, dccp, sctp, udplite. Flows of other protocols are keyed by addresses alone.
+PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})
+_PORTED = "{ tcp, udp, sctp, udplite, dccp }"
+
+#: Flows the tracer fills (`trace_flow`): kept this long after the last add (seconds),
+#: at most this many per set.
+FLOW_TIMEOUT = 30
+FLOW_SET_SIZE = 4096
+#: The per-flow budget: every flow's first FLOW_BURST packets can be traced, then
+#: FLOW_RATE a second, so that one flooding flow cannot spend the namespace's budget.
+FLOW_RATE = 2
+FLOW_BURST = 5
+#: A flow's budget is forgotten after this long without packets; at most this many flows
+#: have one at a time (a spoofed flood fills it: new flows then go untraced, see docs).
+RATE_TIMEOUT = 10
+RATE_SET_SIZE = 16384
+#: Known flows (trace_flow) get at most this share of the namespace's budget, so a flood
+#: of them leaves the rest to new flows.
+KNOWN_SHARE = 10
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """What the marking rules of one IP version are made of."""
+
+    version: int
+    saddr: str  # nft expressions
+    daddr: str
+    addr_type: str  # nft set key type
+    later_fragment: str  # matches fragments after the first: they carry no ports
+
+
+_FAMILIES = (
+    _Family(4, "ip saddr", "ip daddr", "ipv4_addr", "ip frag-off & 0x1fff != 0"),
+    _Family(6, "ip6 saddr", "ip6 daddr", "ipv6_addr", "frag frag-off != 0"),
+)
+
+
+def _keys(fam: _Family) -> tuple[str, str]:
+    """The flow keys of one IP version: (with ports, addresses only)."""
+    hosts = f"{fam.saddr} . {fam.daddr} . meta l4proto"
+    return f"{hosts} . th sport . th dport", hosts
+
+
+def _key_types(fam: _Family) -> tuple[str, str]:
+    hosts = f"{fam.addr_type} . {fam.addr_type} . inet_proto"
+    return f"{hosts} . inet_service . inet_service", hosts
+
+
+def flow_set(version: int, ported: bool) -> str:
+    """The name of the set of known flows (filled by trace_flow) for one IP version."""
+    return f"{'flows' if ported else 'peers'}{version}"
+
+
+def _known_lookups(fam: _Family, verdict: str) -> list[str]:
+    ports_key, hosts_key = _keys(fam)
+    v = fam.version
+    return [f"{ports_key} @{flow_set(v, True)} {verdict}", f"{hosts_key} @{flow_set(v, False)} {verdict}"]
+
+
+def _early_rules(stateful: bool) -> list[str]:
+    """The `early` chain (at MARK_PRIORITY): known flows, TCP SYNs and, where the namespace
+    tracks no connections, every packet that is not a later TCP segment.
+
+    Before conntrack nothing says whether a packet belongs to an accepted
+    flow, except a SYN (a connection being opened, or its answer) and the
+    tracer's own list of flows it saw dropped. Marking those here lets their
+    drops in raw chains be traced too.
+    """
+    rules = [r for fam in _FAMILIES for r in _known_lookups(fam, "goto known")]
+    rules.append("tcp flags syn goto pick")
+    if not stateful:
+        # Without conntrack a stateless ruleset decides per packet: a TCP flow's first
+        # packet is its SYN, other protocols have no such sign, so they are marked at
+        # the per-flow rate (and later fragments, which carry no flags).
+        rules += ["meta l4proto != tcp goto pick"] + [f"{fam.later_fragment} goto pick" for fam in _FAMILIES]
+    return rules
+
+
+def _late_rules() -> list[str]:
+    """The `late` chain (at CT_MARK_PRIORITY, stateful namespaces only), for packets that
+    are not of an assured established connection: those `early` saw are left alone."""
+    rules = ["tcp flags syn return"]
+    rules += [r for fam in _FAMILIES for r in _known_lookups(fam, "return")]
+    return [*rules, "goto pick"]
+
+
+def _ct_chain_rules(f: Scope, hook: MarkHook) -> list[str]:
+    """The base chain at CT_MARK_PRIORITY: an assured established connection's packets
+    (the bulk of accepted traffic) leave at the first rule."""
+    rules = ["ct state established ct status assured return"]
+    return rules + [f"{match} goto late".strip() for match in nft_match_rules(f, hook)]
+
+
+def _mark_rules(fam: _Family) -> dict[str, list[str]]:
+    """pick<v>, ports<v>, hosts<v>: the per-flow budget, then the namespace's, then the mark.
+
+    A dynamic set holds one `limit` per flow. When the flow is over its limit
+    the `update` statement ends the rule, so the namespace's budget is not
+    spent on it. Later fragments have no ports: they are keyed by addresses.
+    """
+    v = fam.version
+    ports_key, hosts_key = _keys(fam)
+    per_flow = f"limit rate {FLOW_RATE}/second burst {FLOW_BURST} packets"
+    mark = 'limit name "budget" meta nftrace set 1'
+    return {
+        f"pick{v}": [f"{fam.later_fragment} goto hosts{v}", f"meta l4proto {_PORTED} goto ports{v}", f"goto hosts{v}"],
+        f"ports{v}": [f"update @rate{v} {{ {ports_key} {per_flow} }} {mark}"],
+        f"hosts{v}": [f"update @hrate{v} {{ {hosts_key} {per_flow} }} {mark}"],
+    }
+
+
+def _rules_commands(table: str, chain: str, rules: Iterable[str]) -> list[str]:
+    return [f"add rule inet {table} {chain} {rule}".replace("  ", " ") for rule in rules]
+
+
+def mark_commands(
+    table: str, f: Scope, rate: int, burst: int, *, stateful: bool = False, flow_timeout: int = FLOW_TIMEOUT
+) -> str:
+    """nft commands that create the marking table (one atomic batch).
+
+    What gets marked (docs/architecture.md, "Which drops come without a
+    rule", says what this leaves out):
+    - at MARK_PRIORITY, for packets the scope selects (`early`): flows the
+      tracer saw dropped (sets `flows4/6`, `peers4/6`, filled by
+      `trace_flow`), TCP SYNs, and in a namespace without conntrack every
+      packet but later TCP segments;
+    - at CT_MARK_PRIORITY, in a namespace whose ruleset uses conntrack
+      (`stateful`), every selected packet that is not of an assured
+      established connection (`late`): new, invalid, untracked, related,
+      and the first replies.
+    Each marked packet passes a per-flow budget and then the namespace's
+    (`limit budget`, `rate`/`burst`); known flows also pass `limit known`,
+    a tenth of it. The scope's matches dispatch with `goto`, so a packet
+    matching several is counted once. Without conntrack in the ruleset no
+    `ct` expression is added: one would turn conntrack (and defragmentation)
+    on in the namespace and change what its rules see.
+    """
+    known_rate, known_burst = max(1, rate // KNOWN_SHARE), max(1, burst // KNOWN_SHARE)
+    lines = [
+        f'add table inet {table} {{ flags owner; comment "{MARK_COMMENT}"; }}',
+        f"add limit inet {table} budget {{ rate {rate}/second burst {burst} packets; }}",
+        f"add limit inet {table} known {{ rate {known_rate}/second burst {known_burst} packets; }}",
+    ]
+    for fam in _FAMILIES:
+        ports_type, hosts_type = _key_types(fam)
+        v = fam.version
+        for name, key_type in ((flow_set(v, True), ports_type), (flow_set(v, False), hosts_type)):
+            lines.append(f"add set inet {table} {name} {{ type {key_type}; flags timeout; "
+                         f"timeout {int(flow_timeout)}s; size {FLOW_SET_SIZE}; }}")
+        for name, key_type in ((f"rate{v}", ports_type), (f"hrate{v}", hosts_type)):
+            lines.append(f"add set inet {table} {name} {{ type {key_type}; flags dynamic,timeout; "
+                         f"timeout {RATE_TIMEOUT}s; size {RATE_SET_SIZE}; }}")
+    chains: dict[str, list[str]] = {}
+    for fam in _FAMILIES:
+        chains.update(_mark_rules(fam))
+    chains["pick"] = ["meta nfproto vmap { ipv4 : goto pick4, ipv6 : goto pick6 }"]
+    chains["known"] = ['limit name "known" goto pick']
+    chains["late"] = _late_rules()
+    chains["early"] = _early_rules(stateful)
+    lines += [f"add chain inet {table} {name}" for name in chains]  # a rule can only name existing chains
+    for name, rules in chains.items():
+        lines += _rules_commands(table, name, rules)
     for hook in MARK_HOOKS:
         lines.append(
             f"add chain inet {table} {hook} {{ type filter hook {hook} priority {MARK_PRIORITY}; policy accept; }}"
         )
-        for match in nft_match_rules(f, hook):
-            stmt = f"limit rate {rate}/second burst {burst} packets meta nftrace set 1"
-            lines.append(f"add rule inet {table} {hook} {match} {stmt}".replace("  ", " "))
+        lines += _rules_commands(table, hook, (f"{match} goto early".strip() for match in nft_match_rules(f, hook)))
+        lines.append(
+            f"add chain inet {table} {CT_CHAINS[hook]} {{ type filter hook {hook} priority {CT_MARK_PRIORITY}; "
+            "policy accept; }"
+        )
+        if stateful:
+            lines += _rules_commands(table, CT_CHAINS[hook], _ct_chain_rules(f, hook))
     return "\n".join(lines) + "\n"
+
+
+def mode_commands(table: str, f: Scope, *, stateful: bool) -> str:
+    """nft commands (one atomic batch) that switch an existing marking table between the
+    stateful and the stateless rules, keeping its sets (the flows the tracer added)."""
+    lines = [f"flush chain inet {table} early", *_rules_commands(table, "early", _early_rules(stateful))]
+    for hook in MARK_HOOKS:
+        lines.append(f"flush chain inet {table} {CT_CHAINS[hook]}")
+        if stateful:
+            lines += _rules_commands(table, CT_CHAINS[hook], _ct_chain_rules(f, hook))
+    return "\n".join(lines) + "\n"
+
+
+# --- which namespaces track connections ------------------------------------------------------
+
+#: JSON expression and statement keys whose kernel objects take conntrack into use.
+_CT_KEYS = frozenset({"ct", "ct count", "ct helper", "ct timeout", "ct expectation", "snat", "dnat",
+                      "masquerade", "redirect", "synproxy", "flow"})
+#: xtables extensions (iptables-nft's untranslated matches and targets) that do the same.
+_CT_XT = frozenset({"conntrack", "state", "connmark", "connlimit", "connbytes", "connlabel", "helper",
+                    "cluster", "CT", "CONNMARK", "CONNSECMARK", "MASQUERADE", "SNAT", "DNAT", "REDIRECT",
+                    "NETMAP"})
+
+
+def _uses_ct(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_uses_ct(n) for n in node)
+    if not isinstance(node, dict):
+        return False
+    for key, value in node.items():
+        if key in _CT_KEYS:
+            return True
+        if key == "xt" and isinstance(value, dict) and value.get("name") in _CT_XT:
+            return True
+        if _uses_ct(value):
+            return True
+    return False
+
+
+def ruleset_uses_conntrack(rs: Ruleset) -> bool:
+    """Whether the namespace's nftables rules (ours left out) use conntrack: a `ct`
+    expression, NAT, synproxy, a flowtable, or a nat chain."""
+    for item in rs.json:
+        rule, chain = item.get("rule"), item.get("chain")
+        if isinstance(chain, dict) and chain.get("type") == "nat" and not str(chain.get("table", "")).startswith(
+            MARK_TABLE
+        ):
+            return True
+        if isinstance(rule, dict) and not str(rule.get("table", "")).startswith(MARK_TABLE) and _uses_ct(
+            rule.get("expr", [])
+        ):
+            return True
+    return False
+
+
+def conntrack_in_use(ns: Netns, rs: Ruleset) -> bool:
+    """Whether `ns` tracks connections already, as far as its rulesets tell: its nftables
+    rules, or an iptables-legacy nat table. Other users (legacy `-m state` rules, Open
+    vSwitch, tc) are not seen: such a namespace is marked as a stateless one, which is
+    correct, only less selective."""
+    if ruleset_uses_conntrack(rs):
+        return True
+    try:
+        return any("nat" in tables for tables in loaded_tables(ns).values())
+    except OSError:
+        return False
+
+
+# --- flows the tracer asks to trace ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """One direction of a flow, as a drop showed it: addresses as text, ports 0 when the
+    protocol has none (for such protocols ports are not part of the key and are ignored)."""
+
+    version: int
+    saddr: str
+    daddr: str
+    l4proto: int
+    sport: int
+    dport: int
+
+
+#: (set name, key values) of one FlowKey, ready for a libnftables JSON element.
+FlowElement = tuple[str, tuple[str | int, ...]]
+
+
+def _int_in(value: Any, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer {low}-{high}, not {value!r}")
+    return value
+
+
+def _address(value: Any, version: int, what: str) -> str:
+    """The address in canonical text, rebuilt from its bytes: nothing of the caller's
+    text (a zone, spaces, a hostname) can reach nft, which would try to resolve a name."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValueError(f"{what} must be an IPv{version} address as text, not {value!r}")
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not an IP address") from None
+    if addr.version != version:
+        raise ValueError(f"{what} {value!r} is not an IPv{version} address")
+    if getattr(addr, "scope_id", None) is not None:
+        raise ValueError(f"{what} {value!r} has a zone: flow keys have none")
+    return str(ipaddress.ip_address(addr.packed))
+
+
+def flow_element(flow: FlowKey) -> FlowElement:
+    """The set and key values for `flow`, every value checked; raises ValueError otherwise."""
+    if not isinstance(flow, FlowKey):
+        raise ValueError(f"not a FlowKey: {type(flow).__name__}")
+    version = _int_in(flow.version, 4, 6, "version")
+    if version not in (4, 6):
+        raise ValueError(f"version must be 4 or 6, not {version}")
+    saddr = _address(flow.saddr, version, "saddr")
+    daddr = _address(flow.daddr, version, "daddr")
+    l4proto = _int_in(flow.l4proto, 0, 255, "l4proto")
+    sport = _int_in(flow.sport, 0, 65535, "sport")
+    dport = _int_in(flow.dport, 0, 65535, "dport")
+    if l4proto in PORT_PROTOCOLS:
+        return flow_set(version, True), (saddr, daddr, l4proto, sport, dport)
+    return flow_set(version, False), (saddr, daddr, l4proto)
+
+
+def add_flows_command(table: str, elements: Iterable[FlowElement], timeout: int) -> str:
+    """A libnftables JSON batch adding (or, on kernels that can, refreshing) known flows.
+
+    JSON, not nft syntax: the values are checked addresses and numbers, and
+    as JSON strings they cannot become another command whatever they held.
+    """
+    by_set: dict[str, list[dict[str, Any]]] = {}
+    for name, values in elements:
+        elem = {"elem": {"val": {"concat": list(values)}, "timeout": int(timeout), "expires": int(timeout)}}
+        by_set.setdefault(name, []).append(elem)
+    commands = [
+        {"add": {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
+        for name, elems in by_set.items()
+    ]
+    return json.dumps({"nftables": commands})
 
 
 def stale_marking_tables(rs: Ruleset) -> list[tuple[str, str]]:
@@ -633,12 +951,14 @@ class MarkingCoordinator:
         return legacy is not None and legacy.wants_marking(ns)
 
     def mark(self, ctx: NftContext, ns: Netns, rs: Ruleset, *, scope: Scope, rate: int, burst: int,
-             log: Any) -> str | None:  # fmt: skip
+             log: Any, stateful: bool = False, flow_timeout: int = FLOW_TIMEOUT) -> str | None:  # fmt: skip
         """Adds the marking table to `ns` if it should have one (through `ctx`, whose socket
         then owns it), nf_log bound first; returns its name, or None when not marked.
 
         `rs` is the namespace's current ruleset. The table is `tracer_mark`,
         or `tracer_mark_<pid>` when another tracer's has that name.
+        `stateful`: the namespace tracks connections (`conntrack_in_use`), so
+        the rules may ask conntrack which packets belong to accepted flows.
         """
         if not self.wants_marking(ns, rs):
             return None
@@ -648,14 +968,26 @@ class MarkingCoordinator:
         taken = {t.name for t in rs.tables.values() if t.family == "inet"}
         name = MARK_TABLE if MARK_TABLE not in taken else f"{MARK_TABLE}_{os.getpid()}"
         try:
-            ctx.cmd(mark_commands(name, scope, rate, burst))
+            ctx.cmd(mark_commands(name, scope, rate, burst, stateful=stateful, flow_timeout=flow_timeout))
         except NftError as exc:
             log.warning("nft.marking_failed", table=name, error=exc.stderr)
             return None
         if legacy is None:
             _warn_legacy_trace(ns, log)
-        log.info("nft.marking_table_added", table=name, rate=rate, burst=burst)
+        log.info("nft.marking_table_added", table=name, rate=rate, burst=burst, stateful=stateful)
         return name
+
+    def switch_mode(self, ctx: NftContext, table: str, *, scope: Scope, stateful: bool, log: Any) -> bool:
+        """Moves our marking table `table` to the stateful or the stateless rules (the
+        namespace's ruleset started or stopped using conntrack); True if it worked. The
+        known flows stay."""
+        try:
+            ctx.cmd(mode_commands(table, scope, stateful=stateful))
+        except NftError as exc:
+            log.warning("nft.marking_mode_failed", table=table, stateful=stateful, error=exc.stderr)
+            return False
+        log.info("nft.marking_mode_changed", table=table, stateful=stateful)
+        return True
 
     def unmark(self, ctx: NftContext, table: str, log: Any) -> None:
         """Deletes our marking table `table` (closing `ctx` would too, the owner flag says so:

@@ -89,13 +89,14 @@ class Engine:
         self._queue_lost = 0  # drops lost to a full queue since the last warning
         self._queue_lost_logged = 0.0
         self._queue_lost_total = 0  # read by the join thread for loss reports
-        self._queue_lost_reported = 0
-        self._ring_lost_reported = 0
         self.summaries: Summaries | None = None
         self.pressure: ConntrackPressure | None = None
         self.losses = LossMeter()
         self._count_reached = False
         self._losses_checked = 0.0
+        self._finishing = False
+        self._discarded = 0  # drops skipped by the join at the end (in the last summaries)
+        self._reported = {"ceiling": 0, "discarded": 0, "ring_buffer": 0}
 
     # ---------------------------------------------------------- set-up
 
@@ -132,7 +133,8 @@ class Engine:
             c.start(watched)
         self.pressure = ConntrackPressure(threshold=cfg.conntrack_threshold, emit=self._alert, log=log)
         self.pressure.start(watched)
-        self.source.start(self._deliver)
+        assert self.summaries is not None
+        self.source.start(self._deliver, admit=self.summaries.ceiling.take)
         self._spawn(self._scan_loop, "netns-scanner")
         self.ready.set()
         tracer = self.source.tracer
@@ -259,12 +261,13 @@ class Engine:
             for event in summaries.close(item):
                 self._emit(event)
             return
+        if self._finishing:  # the watch is ending: its last summary counts it
+            self._discarded += 1
+            return
         if item.sample:  # asked for its attribution: it is counted in its summary
             learnt = self.build_event(item)
             if learnt is not None:
                 summaries.learn(item.key, learnt)
-            return
-        if not summaries.admit():
             return
         shown = self.build_event(item)
         if shown is not None:
@@ -293,17 +296,14 @@ class Engine:
         if not force and now - self._losses_checked < self.losses.period:
             return
         self._losses_checked = now
-        summaries, tracer = self.summaries, self.source.tracer
-        if summaries is not None:
-            self.losses.add("ceiling", summaries.held_back)
-            summaries.held_back = 0
-        queue_lost = self._queue_lost_total
-        self.losses.add("queue", queue_lost - self._queue_lost_reported)
-        self._queue_lost_reported = queue_lost
+        tracer = self.source.tracer
+        totals = {"ceiling": self.source.held_back, "discarded": self.source.discarded + self._discarded,
+                  "queue": self._queue_lost_total}
         if tracer is not None:
-            ring = tracer.stats().get("lost", 0)
-            self.losses.add("ring_buffer", ring - self._ring_lost_reported)
-            self._ring_lost_reported = ring
+            totals["ring_buffer"] = tracer.stats().get("lost", 0)
+        for kind, n in totals.items():
+            self.losses.add(kind, n - self._reported.get(kind, 0))
+            self._reported[kind] = n
         notice = self.losses.report(force=True)
         if notice is not None:
             self._emit(notice)
@@ -312,6 +312,7 @@ class Engine:
         """The end of a watch: the source's last counts become the last summaries."""
         if not self.source.reading:
             return
+        self._finishing = True
         self.source.finish()
         end = time.monotonic() + FINISH_TIMEOUT
         while (left := end - time.monotonic()) > 0:

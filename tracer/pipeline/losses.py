@@ -23,6 +23,7 @@ _KIND_TEXT = {
     "ring_buffer": "the kernel's ring buffer was full",
     "queue": "the event queue was full",
     "ceiling": "held back by the events-per-second ceiling",
+    "discarded": "still queued when the watch ended",
 }
 
 
@@ -49,7 +50,7 @@ class LossMeter:
         counts, self._counts = dict(self._counts), Counter()
         start, end = self._since_ns, time.time_ns()
         self._since_ns, self._last = end, now
-        lost = sum(n for kind, n in counts.items() if kind != "ceiling")
+        lost = sum(n for kind, n in counts.items() if kind not in ("ceiling", "discarded"))
         why = "; ".join(f"{n} {_KIND_TEXT.get(kind, kind)}" for kind, n in sorted(counts.items()))
         total = sum(counts.values())
         return Notice(

@@ -84,6 +84,7 @@ class Summaries:
         self._coarse = consts.value("tracer_counted", "TRACER_COUNTED_COARSE")
         self._overflow = consts.value("tracer_counted", "TRACER_COUNTED_OVERFLOW")
         self.interval = interval
+        #: The events-per-second ceiling on first drops; the source asks it, in its own thread.
         self.ceiling = TokenBucket(max_rate)
         self.max_rate = max_rate
         self.namespace_name = namespace_name
@@ -94,16 +95,8 @@ class Summaries:
         #: The event each key's summaries copy their attribution from (LRU).
         self.templates: OrderedDict[bytes, DropEvent] = OrderedDict()
         self._tries: Counter[bytes] = Counter()
-        self.held_back = 0  # first drops the ceiling kept from being shown, since last asked
 
     # ---------------------------------------------------------- records
-
-    def admit(self) -> bool:
-        """Whether a first drop may be shown now (the ceiling); if not, its summary counts it."""
-        if self.ceiling.take():
-            return True
-        self.held_back += 1
-        return False
 
     def showing(self, epoch: int, key: bytes, event: DropEvent) -> None:
         """A drop is being shown one by one: its key's summary must not count it again."""

@@ -51,6 +51,13 @@ class RingBufferSource:
         self._deliver: Callable[[Item], None] | None = None
         self._stop = threading.Event()
         self._finish = threading.Event()
+        self._admit: Callable[[], bool] | None = None
+        self._record_at = 0
+        self._first = 0
+        #: Totals, written by the reader thread only (the engine reads them for loss reports):
+        #: first drops the ceiling held back, and records skipped at the end of the watch.
+        self.held_back = 0
+        self.discarded = 0
         self._thread: threading.Thread | None = None
         self._bad_records = 0
         self._bad_logged = 0.0
@@ -68,11 +75,17 @@ class RingBufferSource:
         assert self._decoder is not None, "load() first"
         return self._decoder
 
-    def start(self, deliver: Callable[[Item], None]) -> None:
+    def start(self, deliver: Callable[[Item], None], admit: Callable[[], bool] | None = None) -> None:
+        """Starts the reader. `admit()` is the ceiling: asked (in the reader thread) for each
+        first drop before it is decoded; one it refuses is only counted, as held back."""
         if self.tracer is None:
             self.load(None)
         assert self.tracer is not None
         self._deliver = deliver
+        self._admit = admit
+        event = self.tracer.Event
+        self._record_at = event.record.offset
+        self._first = event.constants.value("tracer_record", "TRACER_REC_FIRST")
         self._rb = self.tracer.ring_buffer(self._on_record)
         self._thread = threading.Thread(target=self._read, name="ring-reader", daemon=True)
         self._thread.start()
@@ -146,7 +159,17 @@ class RingBufferSource:
         return self._thread is not None and self._thread.is_alive()
 
     def _on_record(self, raw: bytes) -> None:
+        """One record: skipped undecoded when the watch is ending or the ceiling refuses it
+        (its drop is counted in the kernel's maps, so its summary has it), else decoded and
+        handed over. Decoding is most of a record's cost, hence the early checks."""
         assert self._decoder is not None and self._deliver is not None
+        if self._finish.is_set():
+            self.discarded += 1
+            return
+        if (self._admit is not None and len(raw) > self._record_at
+                and raw[self._record_at] == self._first and not self._admit()):
+            self.held_back += 1
+            return
         try:
             drop = self._decoder.decode(raw)
         except ValueError as exc:  # the decoder's own error: a record it cannot read
