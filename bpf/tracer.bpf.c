@@ -711,6 +711,13 @@ static __always_inline void flow_key_of(struct flow_key *k, const struct drop_ev
 		__builtin_memcpy(k->saddr, &e->l3[8], 16);
 		__builtin_memcpy(k->daddr, &e->l3[24], 16);
 	}
+	if (e->frag_flags & TRACER_FRAG_IS_FRAGMENT)
+		k->frag_id = e->frag_id;
+	if (e->frag_off) {
+		k->later_fragment = 1;
+		k->sport = e->frag_off;
+		return;
+	}
 	if (e->l4_len < 4)
 		return;
 	if (has_ports(e->l4proto)) {
@@ -773,6 +780,8 @@ static __always_inline void count_drop(struct flow_key *key, __u32 ep, __u64 now
 	key->sport = 0;
 	key->dport = 0;
 	key->l4proto = 0;
+	key->later_fragment = 0;
+	key->frag_id = 0;
 	count(STAT_COARSE);
 	if (count_in(coarse, key, now))
 		return;

@@ -108,7 +108,11 @@ struct flow_key {
 	__u8 l4proto;
 	__u8 hook;              /* nf_info.hook, TRACER_HOOK_UNKNOWN without one */
 	__u8 kind;              /* enum tracer_counted: TRACER_COUNTED_FLOW or _COARSE */
-	__u8 _pad[7];
+	__u8 later_fragment;    /* 1: no transport header; sport holds the fragment offset */
+	__u8 _pad[2];
+	__u32 frag_id;          /* a fragment's datagram ID (drop_event.frag_id), 0 otherwise:
+	                         * each fragment of each datagram is a key of its own, as
+	                         * reassembly drops (timeouts) are per datagram */
 };
 
 /* Drops of one key in one epoch (map values of flow_counts_*, coarse_counts_*

@@ -46,13 +46,13 @@ from tracer.event.notice import Notice
 from tracer.event.rendered import Rendered
 from tracer.event.sections import Drop
 from tracer.loop import EventLoop
-from tracer.netfilter.marking import MarkingCoordinator
+from tracer.netfilter.marking import FlowKey, MarkingCoordinator
 from tracer.netns import Netns
 from tracer.outputs.base import Sink
 from tracer.pipeline import attribution
 from tracer.pipeline.losses import LossMeter
 from tracer.pipeline.namespaces import NO_NETNS, Namespaces
-from tracer.pipeline.summaries import Summaries
+from tracer.pipeline.summaries import Summaries, key_flow
 from tracer.probe import marker as probe_marker
 from tracer.sources.base import EpochClosed, Item
 from tracer.sources.drop import KernelDrop
@@ -156,9 +156,22 @@ class Engine:
         return ns.name if ns is not None else None
 
     def _want_sample(self, key: bytes) -> bool:
+        """Asks the kernel for one more full drop of `key`, to learn its rule.
+
+        With nftrace, only a traced drop can name its rule: the flow is added to
+        the marking table's known flows (its established packets are traced
+        too, then) and the sample waits for a traced drop.
+        """
         tracer = self.source.tracer
-        # With nftrace, only a traced drop can name its rule: wait for one.
-        return tracer is not None and tracer.want_sample(key, time.monotonic_ns(), traced=self.nftrace is not None)
+        if tracer is None:
+            return False
+        if self.nftrace is not None:
+            found = key_flow(tracer.structs["flow_key"], key)
+            if found is not None:
+                netns, h = found
+                self.nftrace.trace_flow(netns, FlowKey(h.version, h.src, h.dst, h.protocol,
+                                                       h.sport or 0, h.dport or 0))
+        return tracer.want_sample(key, time.monotonic_ns(), traced=self.nftrace is not None)
 
     def describe(self) -> str:
         """One line for people: which kernel paths are in use, and why not the others."""

@@ -220,6 +220,15 @@ class Summaries:
         )
 
 
+def key_flow(key_type: type[BtfStruct], key: bytes) -> tuple[int, PacketHeaders] | None:
+    """The namespace and headers of a flow key (None for coarse keys and non-IP drops)."""
+    k = key_type.from_buffer_copy(key)
+    if k.kind != key_type.constants.value("tracer_counted", "TRACER_COUNTED_FLOW"):
+        return None
+    headers = _headers(k)
+    return None if headers is None else (k.netns_ino, headers)
+
+
 def _has_rule(event: DropEvent) -> bool:
     nf = event.netfilter
     return nf is not None and (nf.rule is not None or nf.policy is True)
@@ -240,6 +249,8 @@ def _headers(k: ctypes.Structure) -> PacketHeaders | None:
         return None
     src = str(ipaddress.ip_address(bytes(k.saddr[:size])))
     dst = str(ipaddress.ip_address(bytes(k.daddr[:size])))
+    if k.later_fragment:  # sport is the fragment offset; there are no ports
+        return PacketHeaders(version, src, dst, k.l4proto)
     if k.l4proto in _PORT_PROTOCOLS:
         return PacketHeaders(version, src, dst, k.l4proto, k.sport, k.dport)
     if k.l4proto in _ICMP_PROTOCOLS:
