@@ -884,7 +884,10 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	bpf_map_delete_elem(&skb_nf, &key);
 	flow_key_of(&e->key, e, nf ? e->nf.hook : TRACER_HOOK_UNKNOWN);
 	e->epoch = ep ? *ep : 0;
-	e->record = e->key.kind == TRACER_COUNTED_FLOW ? record_kind(&e->key, skb, now) : 0;
+	if (f->flags & FILTER_EVERY_DROP)
+		e->record = TRACER_REC_FIRST;   /* still counted: a lost record is in a summary */
+	else if (e->key.kind == TRACER_COUNTED_FLOW)
+		e->record = record_kind(&e->key, skb, now);
 	count_drop(&e->key, e->epoch, now);
 	if (!e->record) {
 		count(STAT_REPEAT);

@@ -230,6 +230,7 @@ enum filter_flags {
 	FILTER_IFACE = 1 << 4,
 	FILTER_REASONS = 1 << 5,
 	FILTER_IP_ONLY = 1 << 6,
+	FILTER_EVERY_DROP = 1 << 7,  /* a record for every drop, not only a flow's first */
 };
 
 /* filter_cfg.ignore_reason when no reason is to be ignored. Assumes no kernel

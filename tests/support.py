@@ -37,7 +37,7 @@ table inet fw {
 # The demo's client: input policy drop, `ct state invalid drop`, no rule for replies.
 CLIENT_RULESET = demo.CLIENT_RULESET
 
-_OPTION_KEYS = {"nftrace", "nf_mode", "stack", "verdict_wait", "trace_rate"}
+_OPTION_KEYS = {"nftrace", "nf_mode", "stack", "verdict_wait", "trace_rate", "every_drop", "summary_interval"}
 
 
 class Collector:
@@ -138,6 +138,18 @@ def doc_examples(*, notices: bool = False) -> list[dict]:
     blocks = re.findall(r"```json\n(.*?)```", text, re.S)
     events = [e for e in map(json.loads, blocks) if isinstance(e, dict) and "@timestamp" in e]
     return [e for e in events if (schema_of(e) == NOTICE_EVENT) == notices]
+
+
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> None:
+    """Ends a tracer the test started: `sig` (as a user would), then SIGKILL after `timeout`."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def tracer_cmd(*args: str) -> list[str]:

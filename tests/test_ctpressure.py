@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from tests import ctlab
-from tests.support import tracer_cmd, wait_for, wait_ready
+from tests.support import stop_process, tracer_cmd, wait_for, wait_ready
 from tracer.collectors.conntrack import ConntrackInfo
 from tracer.collectors.ctpressure import REPEAT_S, ConntrackPressure
 from tracer.config import CONNTRACK_THRESHOLD_DEFAULT
@@ -336,10 +336,4 @@ def test_cli_watch_attributes_full_table_drop_to_conntrack(full_table):
         assert alert["event"]["kind"] == "alert" and alert["netns"]["name"] == server.name
         assert alert["conntrack"]["table"]["count"] == alert["conntrack"]["table"]["max"]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGTERM, 10)

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.floods import FLOOD_PORT, TracerRun, datasets, flood_events, flood_lab, total
+from tests.floods import DROP_RULESET, FLOOD_PORT, TracerRun, datasets, flood_events, flood_lab, total
 from tracer.event.sections import Summary
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -100,3 +100,22 @@ def test_summary_text_shows_the_count_and_span():
     s = Summary(1234, 1_000_000_000, 11_000_000_000)
     assert s.text() == "×1234 in 10 s"
     assert Summary(3, 0, 200_000_000).text() == "×3 in 0.2 s"
+
+
+def test_a_reload_never_leaves_a_summary_with_the_old_rule(lab, tmp_path):
+    """The flow's rule changes under the flood: no summary after the reload names the old one."""
+    fl = flood_lab(lab)
+    run = TracerRun(fl, tmp_path / "out.ndjson", "--summary-interval", "1")
+    fl.flood(1, 1.5)
+    fl.lab.nft(fl.target, "flush ruleset\n" + DROP_RULESET.replace('comment "flood"', 'comment "reloaded"'))
+    time.sleep(1.2)  # the reload's generation reaches the tracer; the epoch of the swap closes
+    reloaded_at = time.time()
+    fl.flood(1, 2.5)
+    time.sleep(0.5)
+    events = run.stop()
+    late = [e for e in flood_events(events) if e["event"]["dataset"] == "tracer.drop.summary"
+            and _iso(e["event"]["start"]) > reloaded_at]
+    assert late, datasets(events)
+    comments = {e.get("netfilter", {}).get("rule", {}).get("comment") for e in late}
+    assert "flood" not in comments, comments
+    assert "reloaded" in comments  # learnt again from a traced sample

@@ -43,7 +43,7 @@ def test_fast_reloads_never_give_another_generations_rule(lab, watch) -> None:
     client, server = lab.add_ns("client"), lab.add_ns("server")
     link = lab.link(client, server)
     lab.nft(server, RULESET_A)
-    w = watch(ports=(5001, 5002), trace_rate=5000, validate=False)
+    w = watch(ports=(5001, 5002), trace_rate=5000, validate=False, every_drop=True)  # one flow, each drop
     wait_ready(lab, server)
     with netns.entered(client):
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -85,7 +85,7 @@ def test_identical_packets_across_a_swap_never_get_the_old_rule(lab, watch) -> N
     client, server = lab.add_ns("client"), lab.add_ns("server")
     link = lab.link(client, server)
     lab.nft(server, _ruleset(5003, "old"))
-    w = watch(ports=(5003,), trace_rate=1)
+    w = watch(ports=(5003,), trace_rate=1, every_drop=True)  # one flow: every drop, not a summary
     wait_ready(lab, server)
     data = datagram(link, UDP(sport=40000, dport=5003) / b"same", ident=777)
     lab.send_ip(client, data)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.manyns import DROP_PORT, DROP_RULE_TEXT, Farm
-from tests.support import tracer_cmd
+from tests.support import stop_process, tracer_cmd
 from tracer import netns as netns_mod
 from tracer.event.schema import validate
 
@@ -57,13 +57,7 @@ def tracer_proc(farm: Farm) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc, signal.SIGINT, 30)
 
 
 def lines_of(stream: object) -> queue.Queue[bytes]:

@@ -335,6 +335,8 @@ class Config:
     summary_interval: float = SUMMARY_INTERVAL_DEFAULT
     #: The ceiling: events a second at most; what it holds back is folded into summaries.
     max_rate: int = MAX_RATE_DEFAULT
+    #: Show every drop one by one (up to max_rate) instead of a flow's first and summaries.
+    every_drop: bool = False
     #: Fill level (count / max) of a namespace's conntrack table that raises an alert.
     conntrack_threshold: float = CONNTRACK_THRESHOLD_DEFAULT
 
@@ -357,7 +359,7 @@ class Config:
         put("summary_interval", lambda v: float(positive_number(v, float, MAX_TIMEOUT)))
         put("max_rate", lambda v: positive_number(v, int, MAX_RATE_MAX))
         put("conntrack_threshold", lambda v: float(positive_number(v, float, 1.0)))
-        for flag in ("stack", "json", "nftrace", "debug_stats"):
+        for flag in ("stack", "json", "nftrace", "debug_stats", "every_drop"):
             put(flag, _boolean)
         if self.nf_mode not in (None, "auto", "fentry", "kprobe"):
             raise ConfigError(f"nf_probes: {self.nf_mode!r} is not one of {', '.join(NF_PROBES)}")
@@ -374,7 +376,7 @@ class Config:
         `iface`, `reason`, `count`, `duration`, `stack`, `json`, `nftrace`,
         `nf_probes`, `trace_rate`, `verdict_wait`, `scan_interval`,
         `bpf_object`, `libbpf`, `log_level`, `summary_interval`, `max_rate`,
-        `conntrack_threshold`); a missing or None value takes
+        `every_drop`, `conntrack_threshold`); a missing or None value takes
         the environment's default (see `environment_defaults`), then the
         built-in one. An unknown key is an error, so a typo never passes
         unnoticed.

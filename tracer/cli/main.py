@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--summary-interval", type=_positive(float, MAX_TIMEOUT), default=None, metavar="SECONDS",
                    help="repeated drops are counted in the kernel and reported as one summary per flow "
                         f"this often (default {SUMMARY_INTERVAL_DEFAULT:g})")
+    w.add_argument("--every-drop", action="store_true", default=None,
+                   help="one event per drop, not a flow's first and then summaries (still at most "
+                        "--max-rate a second; the rest are counted in summaries)")
     w.add_argument("--max-rate", type=_positive(int, MAX_RATE_MAX), default=None, metavar="N",
                    help=f"at most N events a second (default {MAX_RATE_DEFAULT}); first drops beyond it "
                         "are counted in the summaries instead")
@@ -257,6 +260,7 @@ def _watch_config(args: argparse.Namespace) -> Config:
             "stack": args.stack, "json": args.json, "nftrace": args.nftrace, "nf_probes": args.nf_probes,
             "trace_rate": args.trace_rate, "log_level": args.log_level,
             "summary_interval": args.summary_interval, "max_rate": args.max_rate,
+            "every_drop": args.every_drop,
         })
     except ConfigError as exc:
         raise UsageError(str(exc)) from None

@@ -160,8 +160,10 @@ _PORTED = "{ tcp, udp, sctp, udplite, dccp }"
 FLOW_TIMEOUT = 30
 FLOW_SET_SIZE = 4096
 #: The per-flow budget: every flow's first FLOW_BURST packets can be traced, then
-#: FLOW_RATE a second, so that one flooding flow cannot spend the namespace's budget.
+#: FLOW_RATE a second (or the namespace's rate / FLOW_SHARE, if more: a raised
+#: --trace-rate raises it too), so that one flooding flow cannot spend the namespace's budget.
 FLOW_RATE = 2
+FLOW_SHARE = 50
 FLOW_BURST = 5
 #: A flow's budget is forgotten after this long without packets; at most this many flows
 #: have one at a time (a spoofed flood fills it: new flows then go untraced, see docs).
@@ -245,7 +247,7 @@ def _ct_chain_rules(f: Scope, hook: MarkHook) -> list[str]:
     return rules + [f"{match} goto late".strip() for match in nft_match_rules(f, hook)]
 
 
-def _mark_rules(fam: _Family) -> dict[str, list[str]]:
+def _mark_rules(fam: _Family, flow_rate: int) -> dict[str, list[str]]:
     """pick<v>, ports<v>, hosts<v>: the per-flow budget, then the namespace's, then the mark.
 
     A dynamic set holds one `limit` per flow. When the flow is over its limit
@@ -254,7 +256,7 @@ def _mark_rules(fam: _Family) -> dict[str, list[str]]:
     """
     v = fam.version
     ports_key, hosts_key = _keys(fam)
-    per_flow = f"limit rate {FLOW_RATE}/second burst {FLOW_BURST} packets"
+    per_flow = f"limit rate {int(flow_rate)}/second burst {FLOW_BURST} packets"
     mark = 'limit name "budget" meta nftrace set 1'
     return {
         f"pick{v}": [f"{fam.later_fragment} goto hosts{v}", f"meta l4proto {_PORTED} goto ports{v}", f"goto hosts{v}"],
@@ -306,7 +308,7 @@ def mark_commands(
                          f"timeout {RATE_TIMEOUT}s; size {RATE_SET_SIZE}; }}")
     chains: dict[str, list[str]] = {}
     for fam in _FAMILIES:
-        chains.update(_mark_rules(fam))
+        chains.update(_mark_rules(fam, max(FLOW_RATE, rate // FLOW_SHARE)))
     chains["pick"] = ["meta nfproto vmap { ipv4 : goto pick4, ipv6 : goto pick6 }"]
     chains["known"] = ['limit name "known" goto pick']
     chains["late"] = _late_rules()

@@ -149,7 +149,23 @@ class Engine:
         self.summaries = Summaries(
             self.source.decoder, tracer.structs["flow_key"], max_rate=self.config.max_rate,
             interval=self.config.summary_interval, namespace_name=self._namespace_name,
-            want_sample=self._want_sample, capacity=consts.value("tracer_limits", "TRACER_FLOW_ENTRIES"))
+            want_sample=self._want_sample, capacity=consts.value("tracer_limits", "TRACER_FLOW_ENTRIES"),
+            rule_holds=self._rule_holds)
+
+    def _rule_holds(self, event: DropEvent) -> bool:
+        """Whether an event's nftables rule (same handle, text and comment), or its chain for
+        a policy, is in the newest snapshot of its namespace's ruleset; True when unknown."""
+        nf = event.netfilter
+        if nf is None or self.nftrace is None or event.netns is None or nf.backend not in (
+                "nftables", "iptables-nft") or nf.family is None or nf.table is None:
+            return True
+        rs = self.nftrace.nft.ruleset(event.netns.inode)
+        if rs is None:
+            return True
+        if nf.rule is None:
+            return nf.chain is None or rs.chain(nf.family, nf.table, nf.chain) is not None
+        now = rs.rule(nf.family, nf.table, nf.rule.handle)
+        return now is not None and now.text == nf.rule.text and now.comment == nf.rule.comment
 
     def _namespace_name(self, inode: int) -> str | None:
         ns = self.namespaces.get(inode)

@@ -76,7 +76,8 @@ class Summaries:
 
     def __init__(self, decoder: DropDecoder, key_type: type[BtfStruct], *, max_rate: int,
                  interval: float, namespace_name: Callable[[int], str | None],
-                 want_sample: Callable[[bytes], bool], capacity: int) -> None:
+                 want_sample: Callable[[bytes], bool], capacity: int,
+                 rule_holds: Callable[[DropEvent], bool] = lambda _event: True) -> None:
         self.decoder = decoder
         self.key_type = key_type
         consts = key_type.constants
@@ -90,6 +91,8 @@ class Summaries:
         self.namespace_name = namespace_name
         self.want_sample = want_sample
         self.capacity = capacity
+        #: Whether a template's rule (or policy) is still in its namespace's ruleset.
+        self.rule_holds = rule_holds
         #: Drops shown one by one, by (epoch, key): the summaries leave them out.
         self.shown: Counter[tuple[int, bytes]] = Counter()
         #: The event each key's summaries copy their attribution from (LRU).
@@ -115,6 +118,19 @@ class Summaries:
         self.templates.move_to_end(key)
         while len(self.templates) > self.capacity:
             self.templates.popitem(last=False)
+
+    def _template(self, key: bytes) -> DropEvent | None:
+        """The key's template, unless its rule is gone: a reload replaced it (new handle or
+        text), so the flow's drops may have another rule now. Then it is forgotten, and the
+        summary says what the key says, without a rule, rather than a wrong one."""
+        template = self.templates.get(key)
+        if template is None or not _has_rule(template):
+            return template
+        if not self.rule_holds(template):
+            del self.templates[key]
+            self._tries.pop(key, None)  # worth new samples: the rule is to be learnt again
+            return None
+        return template
 
     # ---------------------------------------------------------- epochs
 
@@ -172,7 +188,7 @@ class Summaries:
         for p in pending:
             if asked >= SAMPLES_PER_EPOCH:
                 return
-            template = self.templates.get(p.key)
+            template = self._template(p.key)
             if template is not None and not _wants_rule(template):
                 continue
             if self.key_type.from_buffer_copy(p.key).kind == self._flow and self._ask(p.key):
@@ -190,7 +206,7 @@ class Summaries:
     def _summary(self, p: _Pending) -> DropEvent:
         start, end = self.decoder.wall_ns(p.first_ns), self.decoder.wall_ns(p.last_ns)
         summary = Summary(p.count, start, end)
-        template = self.templates.get(p.key)
+        template = self._template(p.key)
         if template is not None:
             packet = template.packet
             if packet is not None:

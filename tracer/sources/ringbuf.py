@@ -94,7 +94,8 @@ class RingBufferSource:
         assert self.tracer is not None
         cfg = bpf_filter.build(
             self.tracer.new_filter(), self.config.scope, reasons=self.user_reasons,
-            netns_inode=inode, consumed_reason=self.reasons.by_name.get("SKB_CONSUMED"))
+            netns_inode=inode, consumed_reason=self.reasons.by_name.get("SKB_CONSUMED"),
+            every_drop=self.config.every_drop)
         self.tracer.set_filter(cfg)
         self.netns_inode = inode
 
