@@ -905,6 +905,7 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	e->pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	read_conntrack(e, skb);
+	e->traced = bpf_core_field_exists(skb->nf_trace) ? skb_traced(skb) : 2;
 
 	n = bpf_get_stack(ctx, e->stack, sizeof(e->stack), 0);
 	if (n < 0)

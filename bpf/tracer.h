@@ -193,7 +193,9 @@ struct drop_event {
 	struct flow_key key;    /* the key that counted this drop */
 	__u32 epoch;            /* the counting epoch the drop was counted in */
 	__u8 record;            /* enum tracer_record */
-	__u8 _pad1[3];
+	__u8 traced;            /* skb->nf_trace: 1 traced, 0 not (no nftrace verdict will come),
+	                         * 2 unknown (the kernel has no such field) */
+	__u8 _pad1[2];
 	__u64 stack[TRACER_STACK_DEPTH];
 };
 

@@ -527,7 +527,10 @@ def collect_senders(ps: list[subprocess.Popen], dur: float) -> tuple[int, int, f
 
 def phase_latency(net: Net, n: int, spacing: float) -> dict:
     log(f"latency: {n} packets {spacing * 1000:.0f} ms apart, nft rule drop then closed port")
-    tr = Tracer(["--netns", net.rcv.name, "--proto", "udp"], keep=True)
+    # One flow's drops, each to be timed: one by one (a tracer given by --tracer-cmd is taken to
+    # predate summaries, which it then shows every drop anyway).
+    every = [] if TRACER_CMD else ["--every-drop"]
+    tr = Tracer(["--netns", net.rcv.name, "--proto", "udp", *every], keep=True)
     results: dict[str, Any] = {}
     try:
         results["startup_s"] = net.sentinel(tr)

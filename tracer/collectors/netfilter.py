@@ -69,7 +69,7 @@ class XtraceCollector(_Coordinated):
     def gather(self, evidence: Evidence) -> None:
         evidence.legacy_present = self._tables_loaded(evidence.netns)
         drop = evidence.drop
-        if not self.config.nftrace or not drop.in_netfilter or drop.fingerprint is None:
+        if not self.config.nftrace or not drop.in_netfilter or drop.fingerprint is None or not drop.traced:
             return
         if drop.subsystem in ("nftables", "conntrack") or not self.legacy.tracing(drop.netns):
             return  # nftables freed it itself, or nothing legacy is traced there
@@ -123,7 +123,7 @@ class NftraceCollector(_Coordinated):
         drop = evidence.drop
         if not drop.in_netfilter or drop.fingerprint is None:
             return
-        if evidence.legacy is None:
+        if evidence.legacy is None and drop.traced:  # an untraced packet has no verdict to wait for
             # A burst of untraced drops delays output by verdict_wait once, not once per drop.
             wait = max(0.0, drop.received + self.config.verdict_wait - time.monotonic())
             evidence.verdict = self.nft.wait_verdict(drop.netns, drop.fingerprint, wait,

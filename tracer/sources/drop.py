@@ -170,6 +170,9 @@ class KernelDrop:
     epoch: int = 0
     #: A sample Python asked for (its drop is in the summary), not a first drop to show.
     sample: bool = False
+    #: False when the kernel says the packet was not traced (skb->nf_trace clear): no
+    #: nftrace or TRACE verdict can come for it, so none is waited for.
+    traced: bool = True
     received: float = field(default_factory=time.monotonic)
 
     @property
@@ -371,6 +374,7 @@ class DropDecoder:
             key=bytes(rec.key),
             epoch=rec.epoch,
             sample=rec.record == self._sample_record,
+            traced=rec.traced != 0,
         )
 
     def wall_ns(self, mono_ns: int) -> int:
