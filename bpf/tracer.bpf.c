@@ -517,12 +517,16 @@ static __always_inline bool reasm_same(const struct reasm_head *a, const struct 
 	return true;
 }
 
-static __always_inline void set_device(struct drop_event *e, struct sk_buff *skb, struct net_device *dev)
+/* The device's name is read only when `with_name`: the filter needs it for
+ * --iface, a record always (see handle_drop), a repeat never. */
+static __always_inline void set_device(struct drop_event *e, struct sk_buff *skb, struct net_device *dev,
+				       bool with_name)
 {
 	e->netns_ino = skb_netns(skb, dev);
 	if (dev) {
 		e->ifindex = BPF_CORE_READ(dev, ifindex);
-		BPF_CORE_READ_STR_INTO(&e->dev_name, dev, name);
+		if (with_name)
+			BPF_CORE_READ_STR_INTO(&e->dev_name, dev, name);
 	}
 }
 
@@ -568,7 +572,7 @@ static __always_inline void reasm_device(struct drop_event *e, struct sk_buff *s
 		e->frag_flags |= TRACER_FRAG_DEV_UNKNOWN;
 		return;
 	}
-	set_device(e, skb, dev);
+	set_device(e, skb, dev, true);
 	if (head) {
 		key.ts_ns = now;
 		key.netns_ino = e->netns_ino;
@@ -860,7 +864,10 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	if (!f || !e)
 		return 0;
 
-	__builtin_memset(e, 0, sizeof(*e));
+	/* All but the stack, which bpf_get_stack fills (zeroing what it does not
+	 * use) on the record path, and nothing reads otherwise: 256 bytes less to
+	 * clear for every freed packet. */
+	__builtin_memset(e, 0, __builtin_offsetof(struct drop_event, stack));
 	e->reason = reason;
 	e->location = location;
 	e->skb_addr = key;
@@ -869,19 +876,22 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	if (kind != REASM_NONE)
 		reasm_device(e, skb, kind);
 	else
-		set_device(e, skb, skb_device(skb));
+		set_device(e, skb, skb_device(skb), f->flags & FILTER_IFACE);
+	nf = (f->flags & FILTER_NF_CONTEXT) ? bpf_map_lookup_elem(&skb_nf, &key) : NULL;
 	if (!wanted(f, e)) {
 		count(STAT_FILTERED);
-		bpf_map_delete_elem(&skb_nf, &key);
+		if (nf)
+			bpf_map_delete_elem(&skb_nf, &key);
 		return 0;
 	}
 
 	now = bpf_ktime_get_ns();
 	ep = bpf_map_lookup_elem(&epoch, &zero);
-	nf = bpf_map_lookup_elem(&skb_nf, &key);
-	if (nf)
+	/* Without netfilter programs skb_nf stays empty: no lookup, no delete per drop. */
+	if (nf) {
 		e->nf = *nf;
-	bpf_map_delete_elem(&skb_nf, &key);
+		bpf_map_delete_elem(&skb_nf, &key);
+	}
 	flow_key_of(&e->key, e, nf ? e->nf.hook : TRACER_HOOK_UNKNOWN);
 	e->epoch = ep ? *ep : 0;
 	if (f->flags & FILTER_EVERY_DROP)
@@ -898,6 +908,12 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 		return 0;
 	}
 
+	if (kind == REASM_NONE && !(f->flags & FILTER_IFACE)) {
+		struct net_device *dev = skb_device(skb);
+
+		if (dev)
+			BPF_CORE_READ_STR_INTO(&e->dev_name, dev, name);
+	}
 	e->ts_ns = now;
 	e->iif = BPF_CORE_READ(skb, skb_iif);
 	e->mark = BPF_CORE_READ(skb, mark);

@@ -233,6 +233,7 @@ enum filter_flags {
 	FILTER_REASONS = 1 << 5,
 	FILTER_IP_ONLY = 1 << 6,
 	FILTER_EVERY_DROP = 1 << 7,  /* a record for every drop, not only a flow's first */
+	FILTER_NF_CONTEXT = 1 << 8,  /* netfilter programs run: skb_nf may hold this skb */
 };
 
 /* filter_cfg.ignore_reason when no reason is to be ignored. Assumes no kernel

@@ -151,7 +151,7 @@ def test_btf_constants_agree_with_the_btf_layout():
 def test_filter_bits_counters_and_sentinels_from_btf():
     consts = object_constants(str(default_object_path()))
     bits = list(consts.members("filter_flags").values())
-    assert len(set(bits)) == len(bits) == 8 and all(b > 0 and b & (b - 1) == 0 for b in bits)
+    assert len(set(bits)) == len(bits) == 9 and all(b > 0 and b & (b - 1) == 0 for b in bits)
     assert consts.value("filter_reason", "FILTER_NO_REASON") == 0xFFFF_FFFF  # read unsigned
     counters = counter_indices(consts)
     assert list(counters) == ["seen", "filtered", "emitted", "lost", "repeat", "coarse", "overflow"]

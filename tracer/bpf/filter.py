@@ -28,6 +28,7 @@ class FilterFlags:
     reasons: int
     ip_only: int
     every_drop: int
+    nf_context: int
     no_reason: int  # filter_cfg.ignore_reason when no reason is ignored
 
     @classmethod
@@ -46,6 +47,7 @@ class FilterFlags:
             reasons=flag("FILTER_REASONS"),
             ip_only=flag("FILTER_IP_ONLY"),
             every_drop=flag("FILTER_EVERY_DROP"),
+            nf_context=flag("FILTER_NF_CONTEXT"),
             no_reason=constants.value("filter_reason", "FILTER_NO_REASON"),
         )
 
@@ -75,15 +77,19 @@ def protocol_number(proto: str | int | None) -> int | None:
 
 
 def build(cfg: BtfStruct, f: Scope, *, reasons: list[int],
-          netns_inode: int | None, consumed_reason: int | None, every_drop: bool = False) -> BtfStruct:
+          netns_inode: int | None, consumed_reason: int | None, every_drop: bool = False,
+          nf_context: bool = False) -> BtfStruct:
     """Fills `cfg` (a fresh filter_cfg) from the filter; returns it.
 
     `every_drop` makes the kernel send a record for every drop instead of a
     flow's first only (counting goes on, so summaries still cover the lost).
+    `nf_context` says netfilter programs are attached (their context is looked up).
     """
     bits = FilterFlags.of(type(cfg).constants)
     if every_drop:
         cfg.flags |= bits.every_drop
+    if nf_context:
+        cfg.flags |= bits.nf_context
     cfg.ignore_reason = bits.no_reason if consumed_reason is None else consumed_reason
     if len(f.ports) > len(cfg.ports):
         raise ValueError(f"at most {len(cfg.ports)} ports can be watched at once")

@@ -95,7 +95,7 @@ class RingBufferSource:
         cfg = bpf_filter.build(
             self.tracer.new_filter(), self.config.scope, reasons=self.user_reasons,
             netns_inode=inode, consumed_reason=self.reasons.by_name.get("SKB_CONSUMED"),
-            every_drop=self.config.every_drop)
+            every_drop=self.config.every_drop, nf_context=bool(self.tracer.nf_mode))
         self.tracer.set_filter(cfg)
         self.netns_inode = inode
 
