@@ -222,14 +222,16 @@ def _early_rules(stateful: bool) -> list[str]:
     tracer's own list of flows it saw dropped. Marking those here lets their
     drops in raw chains be traced too.
     """
-    rules = [r for fam in _FAMILIES for r in _known_lookups(fam, "goto known")]
-    rules.append("tcp flags syn goto pick")
-    if not stateful:
-        # Without conntrack a stateless ruleset decides per packet: a TCP flow's first
-        # packet is its SYN, other protocols have no such sign, so they are marked at
-        # the per-flow rate (and later fragments, which carry no flags).
-        rules += ["meta l4proto != tcp goto pick"] + [f"{fam.later_fragment} goto pick" for fam in _FAMILIES]
-    return rules
+    known = [r for fam in _FAMILIES for r in _known_lookups(fam, "goto known")]
+    if stateful:
+        return [*known, "tcp flags syn goto pick"]
+    # Without conntrack a stateless ruleset decides per packet: a TCP flow's first
+    # packet is its SYN, other protocols have no such sign, so they are marked at
+    # the per-flow rate (and later fragments, which carry no flags). Those tests come
+    # first: a flood of them then skips the known-flow lookups (only later TCP
+    # segments need those here).
+    return ["tcp flags syn goto pick", "meta l4proto != tcp goto pick",
+            *[f"{fam.later_fragment} goto pick" for fam in _FAMILIES], *known]
 
 
 def _late_rules() -> list[str]:
