@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
+import time
 
 _lock = threading.Lock()
 _libc: ctypes.CDLL | None = None
@@ -28,7 +30,7 @@ def libc() -> ctypes.CDLL:
 #: membarrier(2) system call numbers (asm/unistd.h) and MEMBARRIER_CMD_GLOBAL.
 _SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "ppc64le": 365, "s390x": 356, "riscv64": 283}
 _MEMBARRIER_CMD_GLOBAL = 1
-#: What `rcu_barrier_wait` sleeps when membarrier cannot be used: far above
+#: What `wait_for_rcu_readers` sleeps when membarrier cannot be used: far above
 #: the few microseconds a BPF tracing program runs.
 RCU_FALLBACK_SECONDS = 0.05
 
@@ -42,9 +44,6 @@ def wait_for_rcu_readers() -> bool:
     the call is still going. With nohz_full CPUs the command is refused; a
     sleep far longer than any program run stands in (returns False then).
     """
-    import os
-    import time
-
     nr = _SYS_MEMBARRIER.get(os.uname().machine)
     if nr is not None and libc().syscall(nr, _MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
         return True
