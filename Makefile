@@ -46,6 +46,7 @@ test: lint bpf venv
 test-vm: bpf venv
 	scripts/install-deps.sh vm
 	tests/vm/run-vm-tests.sh
+	tests/vm/run-systemd-tests.sh
 
 # Benchmarks (not tests): ratios measured side by side, ~9 min; tests/bench/README.md.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--phases flood,flows,accepted".
@@ -53,18 +54,67 @@ bench: bpf venv
 	scripts/install-deps.sh bench
 	$(VENV)/bin/python -m tests.bench.run $(BENCH_ARGS)
 
-# System-wide: a self-contained virtualenv under $(PREFIX), the command in $(BINDIR).
-install: bpf
-	$(PYTHON) -m venv $(PREFIX)
-	$(PREFIX)/bin/pip install -q --upgrade pip
-	$(PREFIX)/bin/pip install -q .
-	install -D -m 0644 $(OBJ) $$($(PREFIX)/bin/python -c 'import tracer, os; print(os.path.dirname(tracer.__file__))')/data/tracer.bpf.o
-	ln -sf $(PREFIX)/bin/tracer $(BINDIR)/tracer
-	@echo "installed: $(BINDIR)/tracer -> $(PREFIX)"
+# System-wide: a self-contained virtualenv under $(PREFIX), the command in $(BINDIR),
+# and the service (install-service). DESTDIR stages it all for a package: files
+# go under $(DESTDIR), while links, scripts and the unit name the final paths.
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+CONFDIR ?= /etc/tracer
+LOGROTATE_DIR ?= /etc/logrotate.d
+# systemd is running as PID 1 (sd_booted(3)): only then is there a manager to reload.
+SYSTEMD_BOOTED = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
 
-uninstall:
-	rm -f $(BINDIR)/tracer
-	rm -rf $(PREFIX)
+install: bpf
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(PREFIX)/bin/pip install -q .
+	install -D -m 0644 $(OBJ) $$($(DESTDIR)$(PREFIX)/bin/python -I -c 'import tracer, os; print(os.path.dirname(tracer.__file__))')/data/tracer.bpf.o
+	$(if $(DESTDIR),grep -rlI -- '$(DESTDIR)$(PREFIX)' $(DESTDIR)$(PREFIX)/bin | xargs -r sed -i 's#$(DESTDIR)$(PREFIX)#$(PREFIX)#g')
+	install -d $(DESTDIR)$(BINDIR)
+	ln -sf $(PREFIX)/bin/tracer $(DESTDIR)$(BINDIR)/tracer
+	@echo "installed: $(BINDIR)/tracer -> $(PREFIX)"
+	$(MAKE) --no-print-directory install-service
+
+# The unit, the example config (never over an operator's: installed only where
+# none is), the logrotate snippet. A Python under /root or /home (pyenv) would be
+# hidden by the unit's ProtectHome=yes: a drop-in then shows the service that
+# one directory, read-only.
+.PHONY: install-service uninstall-service
+install-service:
+	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	sed 's#/usr/local/bin/tracer#$(BINDIR)/tracer#g' systemd/tracer.service > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/tracer.service
+	chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/tracer.service
+	install -D -m 0644 systemd/tracer.logrotate $(DESTDIR)$(LOGROTATE_DIR)/tracer
+	install -D -m 0644 systemd/tracer.toml $(DESTDIR)$(PREFIX)/share/tracer/tracer.toml.example
+	install -d -m 0750 $(DESTDIR)$(CONFDIR)
+	@if [ -e $(DESTDIR)$(CONFDIR)/tracer.toml ]; then \
+	  echo "kept $(CONFDIR)/tracer.toml (the new example: $(PREFIX)/share/tracer/tracer.toml.example)"; \
+	else install -m 0640 systemd/tracer.toml $(DESTDIR)$(CONFDIR)/tracer.toml; echo "installed $(CONFDIR)/tracer.toml"; fi
+	@py=$(DESTDIR)$(PREFIX)/bin/python; [ -x $$py ] || py=$(PREFIX)/bin/python; \
+	base=$$($$py -c 'import sys; print(sys.base_prefix)' 2>/dev/null); \
+	dropin=$(DESTDIR)$(SYSTEMD_UNIT_DIR)/tracer.service.d/10-python-home.conf; \
+	case "$$base" in \
+	  /root/*|/home/*) install -d $$(dirname $$dropin); \
+	    printf '%s\n' '# made by make install: the Python of $(PREFIX) lives under a home directory' \
+	      '[Service]' 'ProtectHome=tmpfs' "BindReadOnlyPaths=$$base" > $$dropin; \
+	    echo "$$dropin: ProtectHome=tmpfs, $$base visible read-only";; \
+	  *) rm -f $$dropin;; \
+	esac
+	$(if $(SYSTEMD_BOOTED),systemctl daemon-reload)
+	@echo "service: systemctl enable --now tracer (config: $(CONFDIR)/tracer.toml)"
+
+uninstall: uninstall-service
+	rm -f $(DESTDIR)$(BINDIR)/tracer
+	rm -rf $(DESTDIR)$(PREFIX)
+
+# Symmetric to install-service; the config ($(CONFDIR)), the spool (/var/lib/tracer)
+# and the event files (/var/log/tracer) stay: they are the operator's.
+uninstall-service:
+	$(if $(SYSTEMD_BOOTED),-systemctl disable --now tracer.service)
+	rm -f $(DESTDIR)$(SYSTEMD_UNIT_DIR)/tracer.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/tracer.service.d/10-python-home.conf
+	-rmdir $(DESTDIR)$(SYSTEMD_UNIT_DIR)/tracer.service.d 2>/dev/null
+	rm -f $(DESTDIR)$(LOGROTATE_DIR)/tracer $(DESTDIR)$(PREFIX)/share/tracer/tracer.toml.example
+	-rmdir $(DESTDIR)$(PREFIX)/share/tracer 2>/dev/null
+	$(if $(SYSTEMD_BOOTED),systemctl daemon-reload)
 
 clean:
 	rm -rf build $(VENV) *.egg-info

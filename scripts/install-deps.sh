@@ -10,6 +10,7 @@ packages=(
   clang llvm bpftool libbpf-dev libbpf1   # build the CO-RE object; load it
   nftables libnftables1 iptables conntrack iproute2 util-linux   # firewalls, netns, nsenter
   python3 python3-venv python3-dev gcc make
+  rsyslog rsyslog-openssl prometheus systemd logrotate   # the service tests: a real rsyslog (TLS too), promtool, systemd-analyze, journald, logrotate
 )
 if [ "${1:-}" = vm ]; then
   packages+=(qemu-system-x86 busybox-static xz-utils)

@@ -26,6 +26,7 @@ from tracer.event.model import (
     Interfaces,
     Namespace,
     Netfilter,
+    Observer,
     Packet,
     Probe,
     Process,
@@ -40,6 +41,7 @@ from tracer.event.text import describe_rule, one_line, printable, stack_lines
 ROOT = Path(__file__).resolve().parent.parent
 
 SYN = PacketHeaders(4, "198.18.0.1", "198.18.0.2", 6, 40000, 443, ("SYN",))
+WEB_1 = Observer("web-1", None, "0.1.0")
 RULE_DROP = Netfilter("nftables", "nftrace", "inet", "input", "fw", "web", "input",
                       Rule(4, "tcp dport 443 drop", "legacy block"), False, "drop")
 
@@ -55,13 +57,14 @@ def full_event(**changes: Any) -> DropEvent:
         "netns": Namespace(4026532211, "lab-server"),
         "netfilter": RULE_DROP,
         "conntrack": ConntrackInfo("new", "original", ("confirmed",), 0, 0),
-        "hostname": "web-1",
+        "observer": WEB_1,
     }
     sections.update(changes)
     return DropEvent(**sections)
 
 
-#: What tracer wrote for this event before the model had sections, byte for byte.
+#: The wire form of this event, byte for byte: what tracer wrote before the model had
+#: sections, plus the SIEM fields of issue 9 (`rule`, `related`, `host`, `observer.vendor`...).
 FULL_EVENT_JSON = (
     b'{"@timestamp":"2026-11-21T11:50:00.123456Z","ecs":{"version":"8.11.0"},"event":{"kind":"event",'
     b'"category":["network"],"type":["connection","denied"],"action":"dropped","dataset":"tracer.drop",'
@@ -69,12 +72,15 @@ FULL_EVENT_JSON = (
     b'"stack":["nf_hook_slow+0xa1","ip_local_deliver+0xd6"]},"netfilter":{"backend":"nftables",'
     b'"family":"inet","hook":"input","table":"fw","chain":"web","base_chain":"input","rule":{"handle":4,'
     b'"text":"tcp dport 443 drop","comment":"legacy block"},"policy":false,"verdict":"drop",'
-    b'"attribution":"nftrace"},"conntrack":{"state":"new","direction":"original","status":["confirmed"],'
-    b'"zone":0,"mark":0},"source":{"ip":"198.18.0.1","port":40000},"destination":{"ip":"198.18.0.2",'
-    b'"port":443},"tcp":{"flags":["SYN"]},"network":{"transport":"tcp","type":"ipv4","iana_number":"6",'
-    b'"direction":"ingress","community_id":"1:nzmqH0i9ojhj6zrI5caNuu9uoEk="},"observer":{"hostname":"web-1",'
-    b'"type":"host","ingress":{"interface":{"id":"5","name":"veth0"}}},"netns":{"inode":4026532211,'
-    b'"name":"lab-server"},"packet":{"length":60,"mark":0}}\n'
+    b'"attribution":"nftrace"},"rule":{"id":"4","name":"legacy block","ruleset":"inet fw web",'
+    b'"description":"tcp dport 443 drop"},"conntrack":{"state":"new","direction":"original",'
+    b'"status":["confirmed"],"zone":0,"mark":0},"source":{"ip":"198.18.0.1","port":40000},'
+    b'"destination":{"ip":"198.18.0.2","port":443},"tcp":{"flags":["SYN"]},"network":{"transport":"tcp",'
+    b'"type":"ipv4","iana_number":"6","direction":"ingress","community_id":"1:nzmqH0i9ojhj6zrI5caNuu9uoEk="},'
+    b'"related":{"ip":["198.18.0.1","198.18.0.2"]},"host":{"name":"web-1","hostname":"web-1"},'
+    b'"observer":{"hostname":"web-1","type":"host","vendor":"tracer","product":"tracer","version":"0.1.0",'
+    b'"ingress":{"interface":{"id":"5","name":"veth0"}}},"netns":{"inode":4026532211,"name":"lab-server"},'
+    b'"packet":{"length":60,"mark":0}}\n'
 )
 
 
@@ -119,7 +125,7 @@ def test_sections_render_the_wire_form_byte_for_byte() -> None:
 
 def test_only_the_drop_section_is_required() -> None:
     doc = DropEvent(timestamp_ns=1_790_000_000_000_000_000, drop=Drop("NO_SOCKET")).to_ecs()
-    assert set(doc) == {"@timestamp", "ecs", "event", "drop", "observer"}
+    assert set(doc) == {"@timestamp", "ecs", "event", "drop", "host", "observer"}
     assert doc["drop"] == {"reason": "NO_SOCKET"}
     validate(doc)
 
@@ -229,7 +235,7 @@ class CountingEvent(DropEvent):
 def counting_event() -> CountingEvent:
     base = full_event()
     return CountingEvent(timestamp_ns=base.timestamp_ns, drop=base.drop, packet=base.packet,
-                         netfilter=base.netfilter, hostname="web-1")
+                         netfilter=base.netfilter, observer=WEB_1)
 
 
 def test_each_form_is_computed_at_most_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,3 +266,98 @@ def test_each_form_is_computed_at_most_once(monkeypatch: pytest.MonkeyPatch) -> 
     assert rendered.json() == orjson.dumps(rendered.ecs()) + b"\n"
     assert rendered.ecs() is rendered.ecs() and rendered.json() is rendered.json()
     assert rendered.text() == one_line(event)
+
+
+# ------------------------------------------------------------ SIEM fields (issue 9)
+
+
+def _rule_of(nf: Netfilter | None, **changes: Any) -> dict[str, Any] | None:
+    doc = full_event(netfilter=nf, **changes).to_ecs()
+    validate(doc)
+    return doc.get("rule")
+
+
+def test_ecs_rule_of_an_nftables_rule() -> None:
+    assert _rule_of(RULE_DROP) == {"id": "4", "name": "legacy block", "ruleset": "inet fw web",
+                                   "description": "tcp dport 443 drop"}
+    no_comment = Netfilter("nftables", "nftrace", "inet", "input", "fw", "input", "input",
+                           Rule(9, "udp dport 53 drop"), False, "drop")
+    assert _rule_of(no_comment) == {"id": "9", "name": "udp dport 53 drop", "ruleset": "inet fw input",
+                                    "description": "udp dport 53 drop"}
+    # The text could not be known for certain: the handle and the ruleset still say which rule.
+    unknown_text = Netfilter("nftables", "nftrace", "inet", "input", "fw", "input", "input", Rule(9, None), False,
+                             "drop")
+    assert _rule_of(unknown_text) == {"id": "9", "ruleset": "inet fw input"}
+
+
+def test_ecs_rule_of_iptables_rules_is_the_line_their_owner_wrote() -> None:
+    line = "-A OUTPUT -p tcp -m tcp --dport 23 -j REJECT --reject-with tcp-reset"
+    nft = Netfilter("iptables-nft", "nftrace", "ip", "output", "filter", "OUTPUT", "OUTPUT",
+                    Rule(7, "meta l4proto tcp tcp dport 23 counter reject with tcp reset", None, line), False,
+                    "reject")
+    assert _rule_of(nft, action="rejected", interfaces=None) == {
+        "id": "7", "name": line, "ruleset": "ip filter OUTPUT", "description": line}
+    legacy_line = "-A INPUT -p tcp -m tcp --dport 443 -j DROP"
+    legacy = Netfilter("iptables-legacy", "nftrace", "ip", "input", "filter", "INPUT", "INPUT",
+                       Rule(3, legacy_line, "old", legacy_line), False, "drop")
+    assert _rule_of(legacy) == {"id": "3", "name": "old", "ruleset": "ip filter INPUT", "description": legacy_line}
+
+
+def test_ecs_rule_of_a_policy_and_of_no_rule() -> None:
+    policy = Netfilter("nftables", "nftrace", "inet", "input", "filter", "input", "input", policy=True,
+                       verdict="drop")
+    assert _rule_of(policy) == {"name": "policy drop", "ruleset": "inet filter input"}
+    # A legacy policy traced without a family is still a policy; only the ruleset needs all three names.
+    assert _rule_of(Netfilter("iptables-legacy", "nftrace", None, "input", "filter", "INPUT", "INPUT",
+                              policy=True, verdict="drop")) == {"name": "policy drop"}
+    # Table and base chain from the probes, or the hook from the stack: no rule is known, so no `rule`.
+    assert _rule_of(Netfilter("nftables", "fexit", "inet", "input", "fw", base_chain="input", verdict="drop")) is None
+    assert _rule_of(Netfilter("conntrack", "stack", hook="prerouting", verdict="drop")) is None
+    assert _rule_of(None) is None
+
+
+def test_related_ip_lists_each_address_once() -> None:
+    assert full_event().to_ecs()["related"] == {"ip": ["198.18.0.1", "198.18.0.2"]}
+    loop = PacketHeaders(6, "2001:db8::1", "2001:db8::1", 17, 5000, 53)
+    assert full_event(packet=Packet(loop), netfilter=None).to_ecs()["related"] == {"ip": ["2001:db8::1"]}
+    assert "related" not in full_event(packet=Packet(None, 28)).to_ecs()
+
+
+def test_host_and_observer_name_this_host_and_this_tracer() -> None:
+    import socket
+
+    import tracer
+    from tracer.event.ecs import tracer_version
+
+    assert tracer_version() == tracer.__version__  # pyproject.toml's version is the package's
+    doc = DropEvent(timestamp_ns=1, drop=Drop("NO_SOCKET")).to_ecs()
+    hostname = socket.gethostname()
+    assert doc["host"] == {"name": hostname.lower(), "hostname": hostname}
+    assert doc["observer"] == {"hostname": hostname, "type": "host", "vendor": "tracer", "product": "tracer",
+                               "version": tracer.__version__}
+    # ECS host.name is lower case; host.hostname is as `hostname` prints it.
+    mixed = full_event(observer=Observer("Web-1.Example", None, None)).to_ecs()
+    assert mixed["host"] == {"name": "web-1.example", "hostname": "Web-1.Example"}
+    assert "version" not in mixed["observer"]
+    validate(mixed)
+
+
+def test_notices_carry_host_and_observer() -> None:
+    from tracer.event.notice import LOSS_DATASET, Notice
+
+    notice = Notice(timestamp_ns=1, dataset=LOSS_DATASET, action="events_lost", message="1 drop(s) not shown",
+                    details={"loss": {"queue": 1, "total": 1, "counted_in_summaries": True}}, observer=WEB_1)
+    doc = notice.to_ecs()
+    assert doc["host"] == {"name": "web-1", "hostname": "web-1"}
+    assert doc["observer"] == {"hostname": "web-1", "type": "host", "vendor": "tracer", "product": "tracer",
+                               "version": "0.1.0"}
+    assert "rule" not in doc and "related" not in doc
+    validate(doc)
+
+
+def test_siem_fields_are_made_not_read_back() -> None:
+    """`rule` and `related` come from netfilter and the addresses: a replay cannot make them disagree."""
+    doc = full_event().to_ecs()
+    doc["rule"] = {"id": "999", "name": "something else"}
+    doc["related"] = {"ip": ["198.18.0.9"]}
+    assert DropEvent.from_ecs(doc).to_ecs() == full_event().to_ecs()

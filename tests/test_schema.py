@@ -92,6 +92,17 @@ def spec_event() -> dict[str, Any]:
     return event
 
 
+def siem_event() -> dict[str, Any]:
+    """The spec's example with the SIEM fields of issue 9 (`rule`, `related`, `host`, `observer.*`)."""
+    event = spec_event()
+    event["rule"] = {"id": "4", "name": "legacy block", "ruleset": "inet fw input",
+                     "description": "tcp dport 443 drop"}
+    event["related"] = {"ip": ["198.18.0.1", "198.18.0.2"]}
+    event["host"] = {"name": "web-1", "hostname": "web-1"}
+    event["observer"].update(vendor="tracer", product="tracer", version="0.1.0")
+    return event
+
+
 def doc_examples() -> list[dict[str, Any]]:
     """The drop events (and summaries) of docs/drop-event.md; notices have their own schema."""
     return support.doc_examples()
@@ -131,6 +142,17 @@ def test_load_schema_returns_a_private_copy() -> None:
 
 def test_spec_example_validates() -> None:
     schema.validate(spec_event())
+
+
+def test_spec_example_with_siem_fields_validates() -> None:
+    schema.validate(siem_event())
+
+
+def test_a_reject_validates_with_its_verdict() -> None:
+    event = siem_event()
+    event["event"]["action"] = "rejected"
+    event["netfilter"]["verdict"] = "reject"
+    schema.validate(event)
 
 
 def test_spec_example_verbatim_fails_only_on_its_elisions() -> None:
@@ -351,13 +373,31 @@ MISTAKES: dict[str, tuple[Mutation, str]] = {
     "probe without id": (_set("probe", {}), "probe"),
     "event.kind alert": (_set("event.kind", "alert"), "event.kind"),
     "event.type without denied": (_set("event.type", ["connection"]), "event.type"),
+    # issue 9: the verdict and the action agree, and the SIEM fields have their ECS types
+    "unknown verdict": (_set("netfilter.verdict", "accept"), "netfilter.verdict"),
+    "reject verdict on a dropped event": (_set("netfilter.verdict", "reject"), "event.action"),
+    "rejected event with a drop verdict": (_set("event.action", "rejected"), "netfilter.verdict"),
+    "rejected event outside netfilter": (_all(_set("event.action", "rejected"), _delete("netfilter"),
+                                              _delete("rule")), "(top level)"),
+    "rule.id as integer": (_set("rule.id", 4), "rule.id"),
+    "empty rule object": (_set("rule", {}), "rule"),
+    "typo in an ECS rule key": (_set("rule.rulset", "inet fw input"), "rule"),
+    "rule without netfilter": (_delete("netfilter"), "(top level)"),
+    "ruleset without its family": (_set("rule.ruleset", "fw input"), "rule.ruleset"),
+    "related.ip not an address": (_set("related.ip", ["web-1"]), "related.ip[0]"),
+    "related.ip twice the same": (_set("related.ip", ["198.18.0.1", "198.18.0.1"]), "related.ip"),
+    "related.ip as a string": (_set("related.ip", "198.18.0.1"), "related.ip"),
+    "host.name in upper case": (_set("host.name", "Web-1"), "host.name"),
+    "host without hostname": (_delete("host.hostname"), "host"),
+    "another observer.vendor": (_set("observer.vendor", "acme"), "observer.vendor"),
+    "observer.version empty": (_set("observer.version", ""), "observer.version"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(MISTAKES))
 def test_mistake_is_rejected(name: str) -> None:
     mutate, path = MISTAKES[name]
-    event = spec_event()
+    event = siem_event()
     mutate(event)
     with pytest.raises(schema.DropEventError) as caught:
         schema.validate(event)
@@ -374,3 +414,39 @@ def test_error_message_names_field_and_rule() -> None:
     assert "'@timestamp' is a required property" in text
     assert "netfilter.policy: True was expected (rule null means the chain policy dropped the packet)" in text
     assert isinstance(caught.value, ValueError)
+
+
+# -- notices: closed objects too ------------------------------------------------
+
+
+def _notice(dataset: str) -> dict[str, Any]:
+    return copy.deepcopy(next(e for e in support.doc_examples(notices=True) if e["event"]["dataset"] == dataset))
+
+
+def test_an_output_loss_report_validates() -> None:
+    """What the daemon reports when an output loses events for good (they are in no summary)."""
+    event = _notice("tracer.loss")
+    event["event"]["action"] = "output_events_lost"
+    event["tracer"]["loss"] = {"spool_full": 12, "rejected": 1, "output": "elasticsearch-1", "total": 13,
+                               "counted_in_summaries": False}
+    schema.validate(event, schema.NOTICE_EVENT)
+
+
+NOTICE_MISTAKES: dict[str, tuple[str, Mutation, str]] = {
+    "typo in a conntrack alert key": ("tracer.conntrack", _set("conntrack.treshold", 0.9), "conntrack"),
+    "table count as string": ("tracer.conntrack", _set("conntrack.table.count", "12"), "conntrack.table.count"),
+    "unknown loss kind": ("tracer.loss", _set("tracer.loss.lost", 3), "tracer.loss"),
+    "unknown tracer key": ("tracer.loss", _set("tracer.losses", {}), "tracer"),
+    "timestamp without microseconds": ("tracer.loss", _set("event.start", "2026-12-01T13:01:16Z"), "event.start"),
+    "unknown observer key": ("tracer.loss", _set("observer.name", "x"), "observer"),
+    "host.name in upper case": ("tracer.loss", _set("host.name", "FW-1"), "host.name"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOTICE_MISTAKES))
+def test_notice_mistake_is_rejected(name: str) -> None:
+    dataset, mutate, path = NOTICE_MISTAKES[name]
+    event = _notice(dataset)
+    mutate(event)
+    problems = schema.errors(event, schema.NOTICE_EVENT)
+    assert path in {p.split(":", 1)[0] for p in problems}, problems

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,6 +107,9 @@ class _Lib:
         _bind(lib, "bpf_program__section_name", _c.c_char_p, _vp)
         _bind(lib, "bpf_program__set_autoload", _c.c_int, _vp, _c.c_bool)
         _bind(lib, "bpf_program__attach", _vp, _vp)
+        _bind(lib, "bpf_program__fd", _c.c_int, _vp)
+        _bind(lib, "bpf_obj_get_info_by_fd", _c.c_int, _c.c_int, _vp, _c.POINTER(_c.c_uint32))
+        _bind(lib, "bpf_enable_stats", _c.c_int, _c.c_int)
         _bind(lib, "bpf_link__destroy", _c.c_int, _vp)
         _bind(lib, "bpf_map__fd", _c.c_int, _vp)
         _bind(lib, "bpf_map__set_max_entries", _c.c_int, _vp, _c.c_uint32)
@@ -169,6 +174,54 @@ def num_possible_cpus() -> int:
     return n
 
 
+#: BPF_ENABLE_STATS type: count run_cnt and run_time_ns (enum bpf_stats_type, include/uapi/linux/bpf.h).
+BPF_STATS_RUN_TIME = 0
+
+
+@functools.cache
+def _prog_info_layout() -> tuple[int, int, int]:
+    """The running kernel's `struct bpf_prog_info`: its size and the offsets of run_cnt and
+    run_time_ns, read from its BTF rather than copied from a header of another version."""
+    with Btf.vmlinux() as btf:
+        tid = btf.find("bpf_prog_info", BTF_KIND_STRUCT)
+        if tid is None:
+            raise BpfError("the kernel's BTF has no struct bpf_prog_info", errno.ENOENT)
+        offsets = {m.name: m.bit_offset // 8 for m in btf.members(tid)}
+        size = btf.type(tid).size_or_type
+    if "run_cnt" not in offsets or "run_time_ns" not in offsets:
+        raise BpfError("this kernel's struct bpf_prog_info has no run_cnt/run_time_ns", errno.ENOTSUP)
+    return size, offsets["run_cnt"], offsets["run_time_ns"]
+
+
+def program_run_stats(fd: int) -> tuple[int, int]:
+    """(run_cnt, run_time_ns) of a loaded program, as the kernel counts them.
+
+    The kernel counts only while `kernel.bpf_stats_enabled` is 1 or some
+    process holds an `enable_stats()` descriptor; otherwise the figures stay
+    where they were (0 for a program loaded meanwhile).
+    """
+    size, cnt_at, time_at = _prog_info_layout()
+    info = _c.create_string_buffer(size)  # zeroed: no array of the info is asked for
+    length = _c.c_uint32(size)
+    ret = lib().lib.bpf_obj_get_info_by_fd(fd, info, _c.byref(length))
+    if ret:
+        raise lib().fail("bpf_obj_get_info_by_fd", ret)
+    if length.value < max(cnt_at, time_at) + 8:
+        raise BpfError("bpf_obj_get_info_by_fd: short bpf_prog_info", errno.EINVAL)
+    return (int.from_bytes(info.raw[cnt_at:cnt_at + 8], sys.byteorder),
+            int.from_bytes(info.raw[time_at:time_at + 8], sys.byteorder))
+
+
+def enable_stats() -> int:
+    """A descriptor that keeps the kernel counting every BPF program's runs while it is open
+    (BPF_ENABLE_STATS): the alternative to the sysctl kernel.bpf_stats_enabled that ends
+    with the process. The caller closes it."""
+    fd = lib().lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
+    if fd < 0:
+        raise lib().fail("bpf_enable_stats", fd)
+    return fd
+
+
 class Link:
     """An attached program; detached when destroyed or garbage collected."""
 
@@ -203,6 +256,11 @@ class Program:
         if not ptr:
             raise L.fail(f"attach {self.name} ({self.section})")
         return Link(ptr, self.name)
+
+    @property
+    def fd(self) -> int:
+        """The loaded program's file descriptor (negative before the object is loaded)."""
+        return lib().lib.bpf_program__fd(self._ptr)
 
 
 @dataclass

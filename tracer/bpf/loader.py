@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from tracer.bpf.libbpf import (
     Link,
     RingBuffer,
     num_possible_cpus,
+    program_run_stats,
 )
 from tracer.libc import wait_for_rcu_readers
 
@@ -209,6 +211,10 @@ class LoadedTracer:
         self._links: list[Link] = []
         self._rings: list[RingBuffer] = []
         self._epoch = 0
+        # Loaded programs' descriptors, for program_stats() from another thread (a metrics
+        # scrape); emptied under the lock before close() frees them.
+        self._stats_lock = threading.Lock()
+        self._program_fds: dict[str, int] = {}
         try:
             self._load(ringbuf_bytes)
         except BaseException:
@@ -240,6 +246,8 @@ class LoadedTracer:
             self._load(ringbuf_bytes)
             return
         self._links = [self._obj.program(p).attach() for p in wanted]
+        with self._stats_lock:
+            self._program_fds = {p: self._obj.program(p).fd for p in wanted}
 
     # ---------------------------------------------------------- counting epochs
 
@@ -346,7 +354,18 @@ class LoadedTracer:
             out[name] = sum(vals)
         return out
 
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_cnt, run_time_ns) of each loaded program, by name; {} once closed. Any thread.
+
+        The kernel counts only while kernel.bpf_stats_enabled is 1 (or a
+        BPF_ENABLE_STATS descriptor is held): else the figures stand still.
+        """
+        with self._stats_lock:
+            return {name: program_run_stats(fd) for name, fd in self._program_fds.items()}
+
     def close(self) -> None:
+        with self._stats_lock:
+            self._program_fds = {}
         for link in self._links:
             link.destroy()
         self._links = []

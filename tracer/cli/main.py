@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"at most N events a second (default {MAX_RATE_DEFAULT}); first drops beyond it "
                         "are counted in the summaries instead")
 
+    r = sub.add_parser("run", help="the service: watch and feed the outputs of a configuration file",
+                       description="Run as a service (systemd/tracer.service): the [watch] filters, the "
+                                   "[[output]] tables (file, syslog, journald, Elasticsearch, Splunk HEC), "
+                                   "a spool for outputs that are down, and metrics. SIGHUP reloads, SIGTERM "
+                                   "stops. Exit 2 on a bad configuration.")
+    r.add_argument("--config", default="/etc/tracer/tracer.toml", metavar="FILE",
+                   help="the TOML configuration (default /etc/tracer/tracer.toml; example: systemd/tracer.toml)")
+    r.add_argument("--check-config", action="store_true", help="check the configuration and exit (0 if good)")
+
     d = sub.add_parser("doctor", help="check what this kernel and host allow")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--reasons", action="store_true", help="also list this kernel's drop reasons")
@@ -393,6 +402,26 @@ def _watch(args: argparse.Namespace) -> int:
         signals.restore()
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tracer.cli import preflight
+    from tracer.service import daemon
+
+    path = Path(args.config)
+    try:
+        if args.check_config:
+            cfg = daemon.check(path)
+            names = ", ".join(f"{o.name} ({o.type})" for o in cfg.outputs)
+            say(f"tracer: {path}: configuration is valid; outputs: {names}")
+            return EXIT_OK
+        return daemon.run(path)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except preflight.CannotRun as exc:
+        raise RunError(str(exc)) from None
+
+
 def _stderr_timeout() -> float:
     """What is left for stderr: a signal's 2 s budget, else a second."""
     if _Signals.latest is None:
@@ -433,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         env = environment_defaults()
-        logsetup.configure(args.log_level or env.get("log_level"), nonblocking=args.command == "watch")
+        logsetup.configure(args.log_level or env.get("log_level"), nonblocking=args.command in ("watch", "run"))
         _use_environment(env)
     except ValueError as exc:
         say(f"tracer: error: {exc}")
@@ -458,6 +487,8 @@ def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "watch":
             return _watch(args)
+        if args.command == "run":
+            return _run(args)
         if args.command == "doctor":
             from tracer.cli.doctor import run as doctor
 
@@ -483,7 +514,7 @@ def _command(args: argparse.Namespace) -> int:
     except PermissionError as exc:
         log.debug("failed", exc_info=True)
         say(f"tracer: {exc}")
-        say("tracer: run as root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+        say("tracer: run as root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYSLOG)")
         return EXIT_FAIL
     except OSError as exc:
         log.debug("failed", exc_info=True)

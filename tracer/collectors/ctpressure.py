@@ -516,6 +516,27 @@ class ConntrackPressure:
         except Exception as exc:
             self.log.warning("ctpressure.emit_failed", action=notice.action, error=repr(exc))
 
+    # ------------------------------------------------------------ for metrics
+
+    def levels(self) -> list[tuple[int, str | None, int, int]]:
+        """(inode, name, entries, max) from each watched namespace's newest reading. Any thread.
+
+        What the poller last read, without a request of its own and without
+        the namespace's lock, which a slow read holds for up to a second: a
+        metrics scrape must not wait on it. A reading is appended whole, so
+        the newest one is always complete. A namespace not read yet is left out.
+        """
+        with self._watched_lock:
+            watched = list(self._watched.values())
+        out = []
+        for w in watched:
+            try:
+                r = w.history[-1]
+            except IndexError:
+                continue
+            out.append((w.ns.inode, w.ns.name, r.count, r.max))
+        return out
+
     # ------------------------------------------------------------ for attribution
 
     def dropping(self, netns_inode: int, at_ns: int | None = None) -> bool:

@@ -21,6 +21,7 @@ Which namespaces are marked, and when, the marking coordinator decides
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -583,6 +584,15 @@ class _NetnsWatch:
             if self.collector.marking.switch_mode(ctx, table, scope=self.collector.filter, stateful=stateful,
                                                   log=self.log):
                 self.stateful = stateful
+
+    def change_scope(self) -> None:
+        """Puts the collector's (new) scope into this namespace's marking table, if marked."""
+        with self._lock:
+            ctx, table = self._ctx, self.marked
+            if table is None or ctx is None or ctx.closed or self._stopping.is_set():
+                return
+            self.collector.marking.change_scope(ctx, table, scope=self.collector.filter, stateful=self.stateful,
+                                                log=self.log)
 
     def add_flows(self, elements: list[FlowElement]) -> None:
         """Adds known flows to the marking table's sets (on the loop thread: trace_flow).
@@ -1169,6 +1179,16 @@ class NftCollector:
             return
         with self._lock:
             self._watches[ns.inode] = watch
+
+    def change_scope(self, scope: Scope) -> None:
+        """A new scope (ports, hosts, protocol, interface) for every marking table, each
+        replaced in one atomic batch; which namespaces are watched does not change."""
+        with self._update_lock:
+            self.filter = dataclasses.replace(scope, netns=self.filter.netns)
+            with self._lock:
+                watches = list(self._watches.values())
+            for w in watches:
+                w.change_scope()
 
     def recheck_marking(self) -> None:
         """Marks the watched namespaces that should be marked by now and are not (the

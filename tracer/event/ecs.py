@@ -1,4 +1,4 @@
-"""ECS values the sections share: timestamps, the observer's name, Community ID, direction.
+"""ECS values the sections share: timestamps, the observer's name and version, Community ID, direction.
 
 Kept apart from the sections so that each value has one definition: the
 text view cuts its time of day out of the same `iso_time` the JSON carries,
@@ -8,6 +8,7 @@ and `from_ecs` reads timestamps back with its exact inverse.
 from __future__ import annotations
 
 import calendar
+import importlib.metadata
 import socket
 import time
 from datetime import UTC, datetime
@@ -18,6 +19,13 @@ import communityid
 from tracer.event.packet import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PacketHeaders
 
 ECS_VERSION = "8.11.0"
+
+#: ECS `observer.vendor` and `observer.product` of every event: the tracer names itself
+#: (it is its own vendor, as open-source sensors are), so SIEM content can select its events.
+OBSERVER_VENDOR = "tracer"
+OBSERVER_PRODUCT = "tracer"
+#: The distribution whose installed version is `observer.version`.
+_DISTRIBUTION = "tracer"
 
 INGRESS_HOOKS = frozenset({"prerouting", "input", "forward", "ingress"})
 EGRESS_HOOKS = frozenset({"output", "postrouting", "egress"})
@@ -53,6 +61,20 @@ def parse_iso_time(text: str) -> int:
 def local_hostname() -> str:
     """`observer.hostname` of events this host observes (looked up once)."""
     return socket.gethostname()
+
+
+@cache
+def tracer_version() -> str | None:
+    """`observer.version`: the installed tracer's version, None when it is not installed.
+
+    Read from the distribution's metadata rather than `tracer.__version__`,
+    because nothing in tracer.event imports anything else from tracer; the
+    two are the same string (pyproject.toml, tests/test_event_model.py checks it).
+    """
+    try:
+        return importlib.metadata.version(_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 _cid = communityid.CommunityID(seed=0)

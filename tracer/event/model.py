@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tracer.event.ecs import ECS_VERSION, community_id, direction_of, iso_time, local_hostname, parse_iso_time
+from tracer.event.ecs import ECS_VERSION, community_id, direction_of, iso_time, parse_iso_time
 from tracer.event.sections import (
     ConntrackInfo,
     Doc,
@@ -29,11 +29,13 @@ from tracer.event.sections import (
     Interfaces,
     Namespace,
     Netfilter,
+    Observer,
     Packet,
     Probe,
     Process,
     Rule,
     Summary,
+    this_observer,
 )
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "Interfaces",
     "Namespace",
     "Netfilter",
+    "Observer",
     "Packet",
     "Probe",
     "Process",
@@ -81,7 +84,7 @@ class DropEvent:
     process: Process | None = None
     probe: Probe | None = None
     summary: Summary | None = None
-    hostname: str | None = None  # observer.hostname; None: this host
+    observer: Observer | None = None  # host.* and observer.*; None: this host, this tracer
 
     @property
     def direction(self) -> str | None:
@@ -106,13 +109,15 @@ class DropEvent:
         doc["drop"] = self.drop.to_ecs()
         if self.netfilter is not None:
             doc["netfilter"] = self.netfilter.to_ecs()
+            rule = self.netfilter.rule_ecs()
+            if rule is not None:
+                doc["rule"] = rule
         if self.conntrack is not None:
             doc["conntrack"] = self.conntrack.to_ecs()
         (self.packet or _NO_PACKET).add_flow_ecs(doc, self.direction)
-        observer: Doc = {"hostname": self.hostname or local_hostname(), "type": "host"}
+        observer = (self.observer or this_observer()).add_ecs(doc)
         if self.interfaces is not None:
             self.interfaces.add_ecs(observer)
-        doc["observer"] = observer
         for key, section in (("netns", self.netns), ("process", self.process), ("packet", self.packet),
                              ("probe", self.probe)):
             part = section.to_ecs() if section is not None else None
@@ -129,7 +134,8 @@ class DropEvent:
         document back, except for one fact the JSON does not keep: the
         kernel stack's hook, so a `network.direction` that no netfilter hook
         explains is lost. What only the kernel record has (IP id, TTL, raw
-        transport bytes) is not in the JSON either.
+        transport bytes) is not in the JSON either. `rule` and `related` are
+        not read: they are made from `netfilter` and the addresses.
         """
         ev = doc["event"]
         observer = doc["observer"]
@@ -145,5 +151,5 @@ class DropEvent:
             process=Process.from_ecs(doc["process"]) if "process" in doc else None,
             probe=Probe.from_ecs(doc["probe"]) if "probe" in doc else None,
             summary=Summary.from_ecs(ev) if ev["dataset"] == "tracer.drop.summary" else None,
-            hostname=observer["hostname"],
+            observer=Observer.from_ecs(doc),
         )

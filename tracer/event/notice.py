@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.event.ecs import ECS_VERSION, iso_time, local_hostname
-from tracer.event.sections import Doc, Namespace
+from tracer.event.ecs import ECS_VERSION, iso_time
+from tracer.event.sections import Doc, Namespace, Observer, this_observer
 from tracer.event.text import printable
 
 #: `event.dataset` of each notice kind.
@@ -48,7 +48,7 @@ class Notice:
     details: Mapping[str, Any] = field(default_factory=dict)
     start_ns: int | None = None
     end_ns: int | None = None
-    hostname: str | None = None
+    observer: Observer | None = None  # host.* and observer.*; None: this host, this tracer
 
     def to_ecs(self) -> Doc:
         event: Doc = {
@@ -69,8 +69,8 @@ class Notice:
             "ecs": {"version": ECS_VERSION},
             "event": event,
             "message": self.message,
-            "observer": {"hostname": self.hostname or local_hostname(), "type": "host"},
         }
+        (self.observer or this_observer()).add_ecs(doc)
         if self.netns is not None:
             doc["netns"] = self.netns.to_ecs()
         if self.details:

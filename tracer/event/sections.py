@@ -18,9 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from tracer.event.ecs import community_id, iso_time, parse_iso_time
+from tracer.event.ecs import (
+    OBSERVER_PRODUCT,
+    OBSERVER_VENDOR,
+    community_id,
+    iso_time,
+    local_hostname,
+    parse_iso_time,
+    tracer_version,
+)
 from tracer.event.packet import TRANSPORT_NAMES, PacketHeaders
 from tracer.event.text import NO_FLOW, printable
 
@@ -102,6 +111,10 @@ class Packet:
                 network["community_id"] = cid
         if network:
             doc["network"] = network
+        if p is not None:
+            # ECS `related.ip`: every address of the event, once (both are canonical text, so
+            # equal strings are equal addresses); what SIEM content searches "any address" in.
+            doc["related"] = {"ip": [p.src] if p.src == p.dst else [p.src, p.dst]}
 
     def to_ecs(self) -> Doc | None:
         """ECS `packet` (length, mark), None when neither is known."""
@@ -194,6 +207,46 @@ class Interfaces:
 
 
 @dataclass(frozen=True, slots=True)
+class Observer:
+    """The host that saw the drop (ECS `host`) and the tracer that reported it (ECS `observer`).
+
+    Events carry both because SIEM content looks for the host in
+    `host.name` and for the sensor in `observer.*`. `host.name` is the
+    hostname in lower case: ECS recommends the lower-case FQDN, but Elastic
+    Agent and Beats default to the lower-case hostname, and matching them
+    joins a drop to the host's other data; finding an FQDN would also ask
+    the resolver, which can hang at boot. `host.hostname` and
+    `observer.hostname` are the hostname as `hostname` prints it.
+    """
+
+    hostname: str
+    name: str | None = None  # host.name; None: the hostname in lower case
+    version: str | None = None  # observer.version, the tracer's; None: unknown (not installed)
+
+    def add_ecs(self, doc: Doc) -> Doc:
+        """Adds `host` and `observer` to `doc`; returns `observer`, for the interfaces to join."""
+        doc["host"] = {"name": self.name or self.hostname.lower(), "hostname": self.hostname}
+        observer: Doc = {"hostname": self.hostname, "type": "host", "vendor": OBSERVER_VENDOR,
+                         "product": OBSERVER_PRODUCT}
+        if self.version:
+            observer["version"] = self.version
+        doc["observer"] = observer
+        return observer
+
+    @classmethod
+    def from_ecs(cls, doc: Mapping[str, Any]) -> Observer:
+        """From a whole event: the section spans `host` and `observer`."""
+        observer = doc["observer"]
+        return cls(observer["hostname"], doc.get("host", {}).get("name"), observer.get("version"))
+
+
+@cache
+def this_observer() -> Observer:
+    """This host and this tracer: the `Observer` of every event the tracer makes itself."""
+    return Observer(local_hostname(), None, tracer_version())
+
+
+@dataclass(frozen=True, slots=True)
 class Namespace:
     """The network namespace of the drop (ECS `netns`): its inode, and its `ip netns` name if any."""
 
@@ -268,6 +321,48 @@ class Netfilter:
         if self.verdict is not None:
             out["verdict"] = self.verdict
         out["attribution"] = self.attribution
+        return out
+
+    @property
+    def ruleset(self) -> str | None:
+        """ECS `rule.ruleset`: `family table chain` (`inet fw input`), as `nft list chain` takes them.
+
+        The chain is the one whose rule or policy decided (a user chain
+        reached by jump included), since that is where the rule lives. None
+        unless all three are known: a partial name would group unrelated drops.
+        """
+        chain = self.chain or self.base_chain
+        if self.family is None or self.table is None or chain is None:
+            return None
+        return f"{self.family} {self.table} {chain}"
+
+    def rule_ecs(self) -> Doc | None:
+        """ECS `rule`: the rule, or the chain policy, that gave the verdict; None when neither is known.
+
+        SIEM content keys on these fields rather than on tracer's own
+        `netfilter.rule`. `rule.id` is the handle (the iptables-legacy rule
+        number), as text because ECS types it keyword; it is unique within
+        `rule.ruleset`'s table only. `rule.name` is the comment, else the rule
+        as its owner wrote it (the `iptables -S` line for the iptables
+        backends, the nft text otherwise), which `rule.description` always
+        is. A policy has no handle and no text: its name is `policy drop`.
+        """
+        rule = None if self.policy is True else self.rule
+        if rule is None and self.policy is not True:
+            return None
+        written = None if rule is None else rule.iptables or rule.text
+        out: Doc = {}
+        if rule is None:
+            out["name"] = f"policy {self.verdict or 'drop'}"
+        else:
+            out["id"] = str(rule.handle)
+            if rule.comment or written:
+                out["name"] = rule.comment or written
+        ruleset = self.ruleset
+        if ruleset is not None:
+            out["ruleset"] = ruleset
+        if written:
+            out["description"] = written
         return out
 
     @classmethod

@@ -332,6 +332,20 @@ def mark_commands(
     return "\n".join(lines) + "\n"
 
 
+def scope_commands(table: str, f: Scope, *, stateful: bool) -> str:
+    """nft commands (one atomic batch) that give an existing marking table a new scope
+    (`tracer run` reloaded its filters): the hook chains' matches are replaced, the
+    sets of known flows and the budgets stay, and no packet meets a half-changed table."""
+    lines = []
+    for hook in MARK_HOOKS:
+        lines.append(f"flush chain inet {table} {hook}")
+        lines += _rules_commands(table, hook, (f"{match} goto early".strip() for match in nft_match_rules(f, hook)))
+        lines.append(f"flush chain inet {table} {CT_CHAINS[hook]}")
+        if stateful:
+            lines += _rules_commands(table, CT_CHAINS[hook], _ct_chain_rules(f, hook))
+    return "\n".join(lines) + "\n"
+
+
 def mode_commands(table: str, f: Scope, *, stateful: bool) -> str:
     """nft commands (one atomic batch) that switch an existing marking table between the
     stateful and the stateless rules, keeping its sets (the flows the tracer added)."""
@@ -991,6 +1005,16 @@ class MarkingCoordinator:
             log.warning("nft.marking_mode_failed", table=table, stateful=stateful, error=exc.stderr)
             return False
         log.info("nft.marking_mode_changed", table=table, stateful=stateful)
+        return True
+
+    def change_scope(self, ctx: NftContext, table: str, *, scope: Scope, stateful: bool, log: Any) -> bool:
+        """Gives our marking table `table` the matches of a new scope; True if it worked."""
+        try:
+            ctx.cmd(scope_commands(table, scope, stateful=stateful))
+        except NftError as exc:
+            log.warning("nft.marking_scope_failed", table=table, error=exc.stderr)
+            return False
+        log.info("nft.marking_scope_changed", table=table)
         return True
 
     def unmark(self, ctx: NftContext, table: str, log: Any) -> None:

@@ -25,10 +25,12 @@ shown one by one is reported as `tracer.loss` (tracer.pipeline.losses).
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -50,7 +52,7 @@ from tracer.netfilter.marking import FlowKey, MarkingCoordinator
 from tracer.netns import Netns
 from tracer.outputs.base import Sink
 from tracer.pipeline import attribution
-from tracer.pipeline.losses import LossMeter
+from tracer.pipeline.losses import LossMeter, output_loss_notice
 from tracer.pipeline.namespaces import NO_NETNS, Namespaces
 from tracer.pipeline.summaries import Summaries, key_flow
 from tracer.probe import marker as probe_marker
@@ -66,6 +68,8 @@ QUEUE_DROPS = 100_000
 FINISH_TIMEOUT = 1.5
 #: How long the source may wait to queue an epoch's marker behind a stuck join (seconds).
 MARKER_TIMEOUT = 5.0
+#: Settings `reconfigure` applies to a running watch; the others need a restart.
+LIVE_SETTINGS = ("scope", "every_drop", "max_rate", "stack")
 
 
 class Engine:
@@ -97,6 +101,10 @@ class Engine:
         self._finishing = False
         self._discarded = 0  # drops skipped by the join at the end (in the last summaries)
         self._reported = {"ceiling": 0, "discarded": 0, "ring_buffer": 0}
+        #: Called by the join thread at least every 0.2 s (the daemon's watchdog).
+        self.tick: Callable[[], None] | None = None
+        self._output_losses: Counter[tuple[str, str]] = Counter()  # (output, kind): from output workers
+        self._output_losses_lock = threading.Lock()
 
     # ---------------------------------------------------------- set-up
 
@@ -274,6 +282,8 @@ class Engine:
                 if item is not None:
                     self._handle(item)
                 self._report_losses()
+                if self.tick is not None:
+                    self.tick()
                 if self._count_reached or (deadline is not None and time.monotonic() >= deadline):
                     break
             if not self._count_reached:
@@ -336,6 +346,54 @@ class Engine:
         notice = self.losses.report(force=True)
         if notice is not None:
             self._emit(notice)
+        for notice in self._output_loss_notices():
+            self._emit(notice)
+
+    def output_lost(self, output: str, kind: str, n: int) -> None:
+        """An output lost events (spool full, refused by its destination, down without a
+        spool): counted here from its worker thread, reported by the join as `tracer.loss`."""
+        if n > 0:
+            with self._output_losses_lock:
+                self._output_losses[(output, kind)] += n
+
+    def _output_loss_notices(self) -> list[Notice]:
+        with self._output_losses_lock:
+            counts, self._output_losses = self._output_losses, Counter()
+        by_output: dict[str, dict[str, int]] = {}
+        for (output, kind), n in counts.items():
+            by_output.setdefault(output, {})[kind] = n
+        return [output_loss_notice(output, kinds) for output, kinds in sorted(by_output.items())]
+
+    def reconfigure(self, new: Config) -> tuple[str, ...]:
+        """Applies a reloaded configuration to the running watch, from any thread; returns the
+        settings that changed but need a restart (they keep their old values).
+
+        The filters move without a gap: the BPF filter is one map update, and
+        each marking table gets its new matches in one nft transaction. The
+        namespaces watched (`netns`), the probes and the marking rate stay as
+        they were started.
+        """
+        old = self.config
+        scope = dataclasses.replace(new.scope, netns=old.scope.netns)
+        live = dataclasses.replace(old, scope=scope, every_drop=new.every_drop, max_rate=new.max_rate,
+                                   stack=new.stack)
+        needs_restart = tuple(f.name for f in dataclasses.fields(Config)
+                              if f.name not in (*LIVE_SETTINGS, "count", "duration", "json", "log_level")
+                              and getattr(new, f.name) != getattr(old, f.name))
+        if new.scope.netns != old.scope.netns:
+            needs_restart += ("netns",)
+        if live == old:
+            return needs_restart
+        self.config = live
+        self.source.reconfigure(live)
+        if self.nftrace is not None and scope != old.scope:
+            self.nftrace.nft.change_scope(scope)
+        if self.summaries is not None and live.max_rate != old.max_rate:
+            self.summaries.ceiling.rate = self.summaries.ceiling.burst = live.max_rate
+        log.info("watch reconfigured", ports=list(scope.ports), hosts=[str(h) for h in scope.hosts],
+                 proto=scope.proto, iface=scope.iface, reasons=list(scope.reasons), every_drop=live.every_drop,
+                 max_rate=live.max_rate)
+        return needs_restart
 
     def _finish(self) -> None:
         """The end of a watch: the source's last counts become the last summaries."""

@@ -64,3 +64,30 @@ class LossMeter:
             start_ns=start,
             end_ns=end,
         )
+
+
+#: How each kind of an output's loss reads in the report's sentence.
+_OUTPUT_KIND_TEXT = {
+    "spool_full": "the spool was full (oldest dropped)",
+    "rejected": "refused by the destination",
+    "output_down": "the output was down and has no spool",
+    "queue": "the output's queue was full",
+    "spool_corrupt": "its spool file was damaged and set aside",
+    "spool_error": "its spool could not store them",
+    "shutdown": "still held at stop, with no spool",
+}
+
+
+def output_loss_notice(output: str, counts: dict[str, int]) -> Notice:
+    """One `tracer.loss` report of events an output lost for good (they are in no summary)."""
+    total = sum(counts.values())
+    why = "; ".join(f"{n} {_OUTPUT_KIND_TEXT.get(kind, kind)}" for kind, n in sorted(counts.items()))
+    now = time.time_ns()
+    return Notice(
+        timestamp_ns=now,
+        dataset=LOSS_DATASET,
+        action="output_events_lost",
+        message=f"{total} event(s) lost by output {output} ({why})",
+        severity=70,
+        details={"loss": {**counts, "output": output, "total": total, "counted_in_summaries": False}},
+    )

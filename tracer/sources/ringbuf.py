@@ -99,6 +99,13 @@ class RingBufferSource:
         self.tracer.set_filter(cfg)
         self.netns_inode = inode
 
+    def reconfigure(self, config: Config) -> None:
+        """New filters (a reload): the kernel's filter is replaced in one map update."""
+        self.user_reasons = [self.reasons.value(r) for r in config.scope.reasons]
+        self.config = config
+        if self.tracer is not None:
+            self.follow_netns(self.netns_inode)
+
     def wanted(self, drop: KernelDrop) -> bool:
         """The user's reasons, checked again here: the kernel filter is a bitmap of 1024."""
         return not self.user_reasons or self.reasons.by_name.get(drop.reason) in self.user_reasons

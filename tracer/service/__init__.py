@@ -1,0 +1,1 @@
+"""The daemon: `tracer run` under systemd (config file, outputs, spool, metrics, notify)."""
