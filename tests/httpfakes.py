@@ -112,16 +112,28 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeServer:
-    """A server on 127.0.0.1; `answer(req)` is what it says. Stop it with `stop()` (or use `with`)."""
+    """A server on 127.0.0.1; `answer(req)` is what it says. Stop it with `stop()` (or use `with`).
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+    For the subclasses: `override` answers a request outright, `check=False` skips the wire
+    format checks (the benchmark's), `seen` counts what arrived.
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None, *,
+                 override: Callable[[Request], Answer | None] | None = None, check: bool = True) -> None:
         self.tls = tls
+        self.override = override
+        self.check = check
+        self.seen = 0  # documents or events received, for the subclasses' policies that count
         self.requests: list[Request] = []
         self.problems: list[str] = []
         self.connections: set[Any] = set()
         self.lock = threading.Lock()
         self._httpd: _Server | None = None
         self.port = 0
+
+    def overridden(self, req: Request) -> Answer | None:
+        """`override`'s answer to `req`, if it gives one: the subclasses ask once auth passed."""
+        return None if self.override is None else self.override(req)
 
     @property
     def url(self) -> str:
@@ -210,16 +222,13 @@ class FakeElasticsearch(FakeServer):
                  item_policy: ItemPolicy | None = None, max_body: int | None = None,
                  override: Callable[[Request], Answer | None] | None = None, check: bool = True,
                  prefix: str = "") -> None:
-        super().__init__(tls)
+        super().__init__(tls, override=override, check=check)
         self.auth = auth
         self.item_policy = item_policy
         self.max_body = max_body
-        self.override = override
-        self.check = check
         self.prefix = prefix
         self.stored: list[bytes] = []
         self.bulks: list[Bulk] = []
-        self.seen = 0  # documents received, for item policies that count
 
     def answer(self, req: Request) -> Answer:
         if self.max_body is not None and len(req.raw) > self.max_body:
@@ -228,10 +237,8 @@ class FakeElasticsearch(FakeServer):
             return es_top_error(401, "security_exception",
                                 "unable to authenticate with provided credentials and anonymous access "
                                 "is not allowed for this request")
-        if self.override is not None:
-            answer = self.override(req)
-            if answer is not None:
-                return answer
+        if (answer := self.overridden(req)) is not None:
+            return answer
         if req.path != self.prefix + "/_bulk":
             return es_top_error(400, "invalid_index_name_exception", f"Invalid index name [{req.path}]")
         if not self.check:
@@ -327,16 +334,13 @@ class FakeSplunk(FakeServer):
                  path: str = "/services/collector/event", bad_event: Callable[[int, dict[str, Any]], int] | None = None,
                  indexes: set[str] | None = None, override: Callable[[Request], Answer | None] | None = None,
                  check: bool = True) -> None:
-        super().__init__(tls)
+        super().__init__(tls, override=override, check=check)
         self.token = token
         self.path = path
         self.bad_event = bad_event
         self.indexes = indexes
-        self.override = override
-        self.check = check
         self.stored: list[dict[str, Any]] = []
         self.raw_events: list[bytes] = []  # each stored envelope, bytes as sent
-        self.seen = 0
 
     def answer(self, req: Request) -> Answer:
         auth = req.headers.get("authorization")
@@ -346,10 +350,8 @@ class FakeSplunk(FakeServer):
             return hec(401, "Invalid authorization", 3)
         if auth != f"Splunk {self.token}":
             return hec(403, "Invalid token", 4)
-        if self.override is not None:
-            answer = self.override(req)
-            if answer is not None:
-                return answer
+        if (answer := self.overridden(req)) is not None:
+            return answer
         if req.path != self.path:
             return Answer(404, b"<html>Not Found</html>", "text/html")
         if not self.check:

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 from tracer.cli import demo
 from tracer.config import Config, Scope, host_networks
@@ -216,3 +219,71 @@ def wait_for(predicate, timeout: float = 3.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(predicate())
+
+
+#: The UDP port nobody's namespace (`start_nobody`) drops with its own rule.
+NOBODY_PORT = 7445
+
+
+def nobody_script(comment: str) -> str:
+    """bash for nobody's own user and network namespace (what a rootless container is; no `ip netns`
+    name shows it): lo up, a ruleset of its own dropping UDP to NOBODY_PORT with the rule comment
+    `comment`, READY, then one datagram to that port (and SENT) for each line read."""
+    rule = f'udp dport {NOBODY_PORT} counter drop comment "{comment}";'
+    return ("\nset -e\nip link set lo up\nnft -f - <<'NFT'\ntable ip fw {\n"
+            f"  chain input {{ type filter hook input priority 0; policy accept; {rule} }}\n"
+            "}\nNFT\necho READY\n"
+            f"while read -r _; do echo x > /dev/udp/127.0.0.1/{NOBODY_PORT} || true; echo SENT; done\n")
+
+
+def start_nobody(comment: str, setpriv: str = "setpriv") -> subprocess.Popen[str]:
+    """nobody (65534) in a user and network namespace of its own running `nobody_script(comment)`;
+    returns once its ruleset is in (killed if it never says READY). The caller kills it."""
+    proc = subprocess.Popen(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+         "unshare", "--user", "--map-root-user", "--net", "bash", "-c", nobody_script(comment)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise
+    return proc
+
+
+def send_from_nobody(proc: subprocess.Popen[str]) -> None:
+    """One datagram from inside nobody's namespace (`start_nobody`) to its dropping port."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "SENT"
+
+
+def wait_started(proc: subprocess.Popen, ready: Callable[[], bool], stderr_file: Path,
+                 timeout: float = 10.0) -> str | None:
+    """Polls `ready()` while a receiver the test started comes up: None once it is true, else why
+    not ("exited: " and its stderr_file, or "not ready within N s"), for the caller's own failure."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            return f"exited: {stderr_file.read_text()}"
+        if time.monotonic() > deadline:
+            return f"not ready within {timeout:g} s"
+        time.sleep(0.05)
+    return None
+
+
+T = TypeVar("T")
+
+
+def wait_for_n(read: Callable[[], list[T]], n: int, timeout: float, step: float,
+               short: Callable[[list[T]], str]) -> list[T]:
+    """Polls `read()` (what a receiver has so far) until it holds `n` items, and returns them;
+    AssertionError with `short(got)` if it never does within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while len(got := read()) < n:
+        if time.monotonic() > deadline:
+            raise AssertionError(short(got))
+        time.sleep(step)
+    return got

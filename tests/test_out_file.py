@@ -12,13 +12,12 @@ import os
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
+from tests.test_spool import event, wait_for
 from tracer.config import ConfigError
 from tracer.outputs.file import FileTransport, Options
 from tracer.outputs.queued import QueuedSink
@@ -41,14 +40,6 @@ def seqs(*paths: Path) -> list[int]:
         assert not data or data.endswith(b"\n")
         out += [int(orjson.loads(line)["tracer"]["seq"]) for line in data.splitlines()]
     return out
-
-
-def wait_for(what: Callable[[], bool], timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not what():
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.005)
 
 
 def deliver(path: Path, records: list[Record], **kw: int) -> None:
@@ -74,8 +65,6 @@ def test_new_file_is_0600_in_a_directory_made_0750(tmp_path: Path) -> None:
 
 
 def test_the_json_without_its_newline_becomes_one_line(tmp_path: Path) -> None:
-    from tests.test_spool import event
-
     path = tmp_path / "drops.ndjson"
     sink = QueuedSink(FileTransport(str(path)), spool=None)
     sink.submit(event(7))

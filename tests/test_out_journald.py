@@ -18,6 +18,7 @@ import array
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -30,8 +31,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.support import doc_examples
-from tests.test_out_syslog import HOSTILE, drop_record, notice_record
+from tests.support import doc_examples, stop_process, wait_for_n, wait_started
+from tests.test_out_syslog import HOSTILE, down_then_back, drop_record, notice_record
 from tracer.config import ConfigError
 from tracer.outputs import journald
 from tracer.outputs.transport import OutputDown, Record, SendResult
@@ -140,6 +141,18 @@ def transport_to(path: str, **kw: Any) -> journald.JournaldTransport:
     t = options.transport()
     t.open()
     return t
+
+
+def timed_sends(t: journald.JournaldTransport, records: list[Record], total: int) -> float:
+    """Sends `records` again and again until `total` are sent, each batch taken whole; closes `t`.
+    Returns the seconds the sends took."""
+    try:
+        started = time.perf_counter()
+        for _ in range(total // len(records)):
+            assert t.send(records) == SendResult()
+        return time.perf_counter() - started
+    finally:
+        t.close()
 
 
 # ------------------------------------------------------------ framing, on the test's socket
@@ -314,25 +327,17 @@ class Journald:
             ["unshare", "--user", "--map-root-user", "--mount", "--net", "--propagation", "private",
              "sh", str(self.root / "start.sh"), str(self.root)],
             stdout=subprocess.DEVNULL, stderr=(self.root / "stderr").open("ab"))
-        deadline = time.monotonic() + 10
-        while not (os.path.exists(self.socket) and self.journal_files()):
-            if self.proc.poll() is not None:
-                pytest.fail(f"systemd-journald exited: {(self.root / 'stderr').read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail("systemd-journald did not start within 10 s")
-            time.sleep(0.05)
+        why = wait_started(self.proc, lambda: os.path.exists(self.socket) and bool(self.journal_files()),
+                           self.root / "stderr")
+        if why is not None:
+            pytest.fail(f"systemd-journald {why}")
 
     def journal_files(self) -> list[Path]:
         return list((self.root / "runlog").glob("journal/*/*.journal"))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, 10)
         self.proc = None
         if os.path.exists(self.socket):
             os.unlink(self.socket)  # as systemd would on a real stop; a new journald binds it again
@@ -345,12 +350,8 @@ class Journald:
         return [json.loads(line) for line in out.splitlines()]
 
     def wait_entries(self, identifier: str, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while len(got := self.entries(identifier)) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(got)} of {n} entries in the journal")
-            time.sleep(0.1)
-        return got
+        return wait_for_n(lambda: self.entries(identifier), n, timeout, 0.1,
+                          lambda got: f"{len(got)} of {n} entries in the journal")
 
 
 def value_of(entry: dict[str, Any], name: str) -> bytes:
@@ -413,20 +414,8 @@ def test_journald_takes_a_large_event_through_a_memfd(real_journald: Journald) -
 def test_journald_down_then_back(real_journald: Journald) -> None:
     ident = unique_identifier()
     t = transport_to(real_journald.socket, identifier=ident)
-    try:
-        assert t.send([drop_record("before")]) == SendResult()
-        real_journald.wait_entries(ident, 1)
-        real_journald.stop()
-        with pytest.raises(OutputDown, match="is systemd-journald running"):
-            t.send([drop_record("while down")])
-        t.close()
-        with pytest.raises(OutputDown):
-            t.open()
-        real_journald.start()
-        t.open()
-        assert t.send([drop_record("after")]) == SendResult()
-    finally:
-        t.close()
+    down_then_back(t, real_journald, lambda n: real_journald.wait_entries(ident, n),
+                   down="is systemd-journald running")
     got = real_journald.wait_entries(ident, 2)
     assert [value_of(e, "TRACER_RULE_COMMENT") for e in got] == [b"before", b"after"]
 
@@ -437,13 +426,7 @@ def test_journald_throughput(real_journald: Journald) -> None:
     records = [drop_record(f"n{i}") for i in range(journald.MAX_BATCH)]
     total = 20 * len(records)
     t = transport_to(real_journald.socket, identifier=ident)
-    try:
-        started = time.perf_counter()
-        for _ in range(total // len(records)):
-            assert t.send(records) == SendResult()
-        elapsed = time.perf_counter() - started
-    finally:
-        t.close()
+    elapsed = timed_sends(t, records, total)
     assert len(real_journald.wait_entries(ident, total, timeout=60)) == total
     print(f"\njournald: {total} entries in {elapsed:.2f} s = {total / elapsed:,.0f} entries/s (accepted by journald)")
     assert total / elapsed > 1000
@@ -455,7 +438,7 @@ def test_own_socket_throughput(own: OwnSocket) -> None:
 
     records = [drop_record(f"n{i}") for i in range(journald.MAX_BATCH)]
     total = 40 * len(records)
-    received = []
+    received: list[bytes] = []
 
     def drain() -> None:
         received.extend(own.sock.recv(1 << 20) for _ in range(total))
@@ -463,13 +446,7 @@ def test_own_socket_throughput(own: OwnSocket) -> None:
     reader = threading.Thread(target=drain)
     reader.start()
     t = transport_to(own.path)
-    try:
-        started = time.perf_counter()
-        for _ in range(total // len(records)):
-            assert t.send(records) == SendResult()
-        elapsed = time.perf_counter() - started
-    finally:
-        t.close()
+    elapsed = timed_sends(t, records, total)
     reader.join(10)
     assert len(received) == total
     print(f"\njournald framing: {total / elapsed:,.0f} entries/s built and sent")

@@ -16,21 +16,22 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pytest
 import trustme
 
+from tests.support import stop_process, wait_for_n, wait_started
 from tests.test_event_model import RULE_DROP, full_event
 from tracer.config import ConfigError
 from tracer.event.rendered import Rendered
 from tracer.event.sections import Rule
 from tracer.outputs import syslog
-from tracer.outputs.transport import OutputDown, Record, SendResult
+from tracer.outputs.transport import OutputDown, Record, SendResult, Transport
 
 #: A rule comment an unprivileged namespace owner could choose: a fake second
 #: message after a newline, quotes and brackets that end SD and JSON strings,
@@ -57,6 +58,37 @@ def notice_record(dataset: str, action: str, severity: int, kind: str = "alert")
                      "dataset": dataset, "severity": severity},
            "message": f"{action} happened", "observer": {"hostname": "web-1", "type": "host"}}
     return Record(orjson.dumps(doc), f"ALERT  {action} happened")
+
+
+class Restartable(Protocol):
+    """A receiver a test stops and starts again (Rsyslog here, Journald in tests/test_out_journald.py)."""
+
+    def stop(self) -> None: ...
+
+    def start(self) -> None: ...
+
+
+def down_then_back(t: Transport, receiver: Restartable, wait: Callable[[int], object],
+                   down: str | None = None) -> None:
+    """Sends "before" on the open `t`, stops `receiver`: the send and a reopen raise OutputDown
+    (the send's message matching `down`); starts it: a reopen sends "after". `t` is closed after
+    each failure as the queued sink closes it, and at the end; `wait(n)` waits until the receiver
+    has n records. The caller reads the two records back."""
+    try:
+        assert t.send([drop_record("before")]) == SendResult()
+        wait(1)
+        receiver.stop()
+        with pytest.raises(OutputDown, match=down):
+            t.send([drop_record("while down")])
+        t.close()
+        with pytest.raises(OutputDown):
+            t.open()
+        receiver.start()
+        t.close()
+        t.open()
+        assert t.send([drop_record("after")]) == SendResult()
+    finally:
+        t.close()
 
 
 # ------------------------------------------------------------ a real rsyslogd
@@ -124,13 +156,8 @@ input(type="imuxsock" Socket="{self.rfc5424_socket}" ruleset="ux5424" RateLimit.
         conf, pidfile = self.root / "rsyslog.conf", self.root / "rsyslogd.pid"
         self.proc = subprocess.Popen(["rsyslogd", "-n", "-f", str(conf), "-i", str(pidfile)],
                                      stdout=subprocess.DEVNULL, stderr=(self.root / "stderr").open("ab"))
-        deadline = time.monotonic() + 10
-        while not self._ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"rsyslogd exited: {(self.root / 'stderr').read_text()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("rsyslogd did not open its inputs within 10 s")
-            time.sleep(0.05)
+        if (why := wait_started(self.proc, self._ready, self.root / "stderr")) is not None:
+            raise RuntimeError(f"rsyslogd {why} (its inputs)")
 
     def _ready(self) -> bool:
         if not (self.local_socket.exists() and self.rfc5424_socket.exists()):
@@ -155,13 +182,8 @@ input(type="imuxsock" Socket="{self.rfc5424_socket}" ruleset="ux5424" RateLimit.
         return True
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, 10)
         self.proc = None
 
     def lines(self, name: str) -> list[dict[str, str]]:
@@ -194,12 +216,8 @@ input(type="imuxsock" Socket="{self.rfc5424_socket}" ruleset="ux5424" RateLimit.
         return last
 
     def wait_lines(self, name: str, n: int, timeout: float = 10.0) -> list[dict[str, str]]:
-        deadline = time.monotonic() + timeout
-        while len(got := self.lines(name)) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name}: {len(got)} of {n} messages arrived: {got[-3:]}")
-            time.sleep(0.05)
-        return got
+        return wait_for_n(lambda: self.lines(name), n, timeout, 0.05,
+                          lambda got: f"{name}: {len(got)} of {n} messages arrived: {got[-3:]}")
 
 
 def make_certs(d: Path) -> Certs:
@@ -392,22 +410,8 @@ def test_rsyslog_down_raises_output_down_and_open_after_restart_works(
         rsyslog: Rsyslog, certs: Certs, scheme: str) -> None:
     options = syslog.Options(address=address_of(rsyslog, scheme), ca_file=str(certs.ca) if scheme == "tls" else None)
     t = options.transport()
-    try:
-        t.open()
-        assert t.send([drop_record("before")]) == SendResult()
-        rsyslog.wait_lines(scheme, 1)
-        rsyslog.stop()
-        with pytest.raises(OutputDown):
-            t.send([drop_record("while down")])
-        t.close()
-        with pytest.raises(OutputDown):
-            t.open()
-        rsyslog.start()
-        t.close()
-        t.open()
-        assert t.send([drop_record("after")]) == SendResult()
-    finally:
-        t.close()
+    t.open()
+    down_then_back(t, rsyslog, lambda n: rsyslog.wait_lines(scheme, n))
     got = rsyslog.wait_lines(scheme, 2)
     assert [orjson.loads(g["msg"])["netfilter"]["rule"]["comment"] for g in got] == ["before", "after"]
 

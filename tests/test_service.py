@@ -16,6 +16,7 @@ import subprocess
 import textwrap
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -55,6 +56,12 @@ def write(tmp_path: Path, text: str, name: str = "tracer.toml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return path
+
+
+def one_file_output(tmp_path: Path, port: int, path: Path, name: str | None = None) -> Path:
+    """tracer.toml watching `port`, with one file output to `path` (named `name` if given): the reload tests' start."""
+    named = f'name = "{name}"\n' if name is not None else ""
+    return write(tmp_path, f'[watch]\nport = {port}\n[[output]]\ntype = "file"\n{named}path = "{path}"\n')
 
 
 def check(path: Path) -> subprocess.CompletedProcess:
@@ -107,6 +114,15 @@ def test_a_bad_configuration_names_the_line_and_key(tmp_path, text, where, messa
     assert result.returncode == 2, result.stderr
     assert where in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_run_refuses_a_bad_configuration_before_touching_the_host(tmp_path):
+    """`tracer run` itself (not only --check-config): exit 2, one line, nothing started."""
+    path = write(tmp_path, "[[output]]\ntype = \"file\"\npath = \"/proc/version/x\"\n")
+    result = subprocess.run(tracer_cmd("run", "--config", str(path)), check=False, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert ":3: output[1].path" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path):
@@ -237,6 +253,18 @@ def watching(daemons, lab, server, config: Path, tmp_path: Path, **kw) -> Daemon
     return d
 
 
+def scrape(port: int) -> dict[str, dict[tuple, float]]:
+    """The daemon's /metrics, parsed: metric name -> sorted labels -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
 def events(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -256,11 +284,14 @@ def test_notify_reload_and_stop(net, tmp_path, daemons):
     lab, client, server, link = net
     before = {ns.name: lab.nft_list(ns) for ns in (client, server)}
     root_before = root_ruleset()
+    metrics = free_port()
     config = write(tmp_path, f"""
         [watch]
         port = [7443]
         [spool]
         dir = "{tmp_path}/spool"
+        [metrics]
+        listen = "127.0.0.1:{metrics}"
         [[output]]
         type = "file"
         path = "{tmp_path}/drops.ndjson"
@@ -272,6 +303,10 @@ def test_notify_reload_and_stop(net, tmp_path, daemons):
     d.notify.wait("WATCHDOG", after=first_ping + 1)  # repeated
     lab.udp_send(client, str(link.b_v4.ip), 7443)
     assert wait_for(lambda: udp_drops(tmp_path / "drops.ndjson", 7443, lab.prefix), timeout=10), d.log()
+    scraped = scrape(metrics)
+    assert scraped["tracer_output_up"][(("output", "file"),)] == 1
+    assert scraped["tracer_output_events_total"][(("outcome", "delivered"), ("output", "file"))] >= 1
+    assert any(dict(labels).get("reason") == "NETFILTER_DROP" for labels in scraped["tracer_drops_total"])
     d.proc.send_signal(signal.SIGHUP)
     reloading = d.notify.wait("RELOADING")
     d.notify.wait("READY", after=reloading)
@@ -288,14 +323,7 @@ def test_notify_reload_and_stop(net, tmp_path, daemons):
 def test_reload_moves_the_filter_and_adds_an_output(net, tmp_path, daemons):
     lab, client, server, link = net
     first, second = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
-    config = write(tmp_path, f"""
-        [watch]
-        port = 7443
-        [[output]]
-        type = "file"
-        name = "first"
-        path = "{first}"
-    """)
+    config = one_file_output(tmp_path, 7443, first, name="first")
     d = watching(daemons, lab, server, config, tmp_path)
     lab.udp_send(client, str(link.b_v4.ip), 7443)
     lab.udp_send(client, str(link.b_v4.ip), 7444)
@@ -332,13 +360,7 @@ def test_reload_moves_the_filter_and_adds_an_output(net, tmp_path, daemons):
 def test_a_reload_with_a_bad_config_keeps_the_running_one(net, tmp_path, daemons):
     lab, client, server, link = net
     out = tmp_path / "drops.ndjson"
-    config = write(tmp_path, f"""
-        [watch]
-        port = 7443
-        [[output]]
-        type = "file"
-        path = "{out}"
-    """)
+    config = one_file_output(tmp_path, 7443, out)
     d = watching(daemons, lab, server, config, tmp_path)
     config.write_text("[watch]\nport = 0\n")
     d.proc.send_signal(signal.SIGHUP)

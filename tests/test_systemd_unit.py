@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import send_from_nobody, start_nobody
 from tracer.config import Config
 from tracer.lab import Lab
 from tracer.netfilter.marking import STATE_DIR
@@ -264,19 +265,6 @@ def test_make_install_service_and_uninstall(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the capabilities, for real
 
-#: nobody's own user and network namespace (what a rootless container is): no `ip netns` name.
-NOBODY_SH = r"""
-set -e
-ip link set lo up
-nft -f - <<'NFT'
-table ip fw {
-  chain input { type filter hook input priority 0; policy accept; udp dport 7445 counter drop comment "nobody"; }
-}
-NFT
-echo READY
-while read -r _; do echo x > /dev/udp/127.0.0.1/7445 || true; echo SENT; done
-"""
-
 #: Run before the tracer: PR_SET_MDWE(PR_MDWE_REFUSE_EXEC_GAIN), the kernel's own form of the
 #: unit's MemoryDenyWriteExecute= (no mapping both writable and executable, none made
 #: executable later; inherited across exec). Then exec the rest of argv.
@@ -291,12 +279,9 @@ MDWE_EXEC = (
 
 @pytest.fixture
 def nobody_ns() -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [tool("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups",
-         "unshare", "--user", "--map-root-user", "--net", "bash", "-c", NOBODY_SH],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    """nobody's own user and network namespace (what a rootless container is): no `ip netns` name."""
+    proc = start_nobody("nobody", tool("setpriv"))
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
         yield proc
     finally:
         proc.kill()
@@ -338,10 +323,7 @@ def test_the_units_capabilities_run_a_full_watch(lab: Lab, nobody_ns: subprocess
         for _ in range(3):
             lab.udp_send(leg, str(link.a_v4.ip), 7443)
             lab.udp_send(srv, str(link.b_v4.ip), 7444)
-            assert nobody_ns.stdin is not None and nobody_ns.stdout is not None
-            nobody_ns.stdin.write("go\n")
-            nobody_ns.stdin.flush()
-            assert nobody_ns.stdout.readline().strip() == "SENT"
+            send_from_nobody(nobody_ns)
         time.sleep(3)
     finally:
         proc.send_signal(2)

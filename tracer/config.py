@@ -289,8 +289,8 @@ def log_level(text: str) -> str:
 def environment_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Settings the environment gives when neither flags nor a file do.
 
-    The only place the tracer reads its environment: for running a build
-    from elsewhere (the bench's --tracer-cmd: TRACER_BPF_OBJECT), another
+    With `systemd_environment`, the only place the tracer reads its
+    environment: for running a build from elsewhere (the bench's --tracer-cmd: TRACER_BPF_OBJECT), another
     libbpf (TRACER_LIBBPF), and the log level of child processes in tests.
     """
     env = os.environ if environ is None else environ
@@ -304,6 +304,16 @@ def environment_defaults(environ: Mapping[str, str] | None = None) -> dict[str, 
     if env.get("TRACER_DEBUG_STATS"):
         out["debug_stats"] = True
     return out
+
+
+#: What systemd tells a service through its environment (sd_notify(3)).
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def systemd_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The notify socket and watchdog settings systemd gave `tracer run`, if any."""
+    env = os.environ if environ is None else environ
+    return {k: env[k] for k in SYSTEMD_VARIABLES if k in env}
 
 
 @dataclass(frozen=True)

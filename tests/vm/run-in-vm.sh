@@ -33,7 +33,8 @@
 #   TRACER_VM_APPEND   extra kernel command line []
 set -euo pipefail
 
-WORK=${TRACER_VM_DIR:-/var/tmp/tracer-vmtest}
+# WORK, BOOT_MODS*, the shared halves of the guest init, vm_boot...
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 case $WORK in /run|/run/*|/proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/var/run|/var/run/*)
   echo "run-in-vm: TRACER_VM_DIR=$WORK is hidden in the guest; pick another" >&2; exit 2;; esac
 [[ $WORK == /* ]] || { echo "run-in-vm: TRACER_VM_DIR must be absolute" >&2; exit 2; }
@@ -45,38 +46,13 @@ PRUNE='sound drivers/gpu drivers/media drivers/infiniband drivers/usb drivers/ii
   drivers/staging drivers/hwmon drivers/comedi drivers/mtd drivers/isdn
   drivers/bluetooth drivers/mmc drivers/video drivers/net/wireless
   drivers/net/ethernet drivers/net/usb drivers/scsi drivers/ata drivers/md'
-# What the initramfs needs to mount the host root: modules live in these dirs.
-BOOT_MODS_DIRS='drivers/virtio net/9p fs/9p fs/netfs fs/fscache fs/overlayfs'
-BOOT_MODS='virtio_pci 9pnet_virtio 9p overlay'
 
 # ---------------------------------------------------------------- guest PID 1
 # Stays in the initramfs root (chroot, not switch_root) because the kernel runs
 # its modprobe helper in PID 1's root: busybox modprobe + /lib/modules there.
 write_init() {
+  vm_init_root   # ... the overlay root $R; config also gave OUT_TTY, ERR_TTY
   cat <<'EOF'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-say() { echo "tracer-vm: $*" >/dev/ttyS0; }
-die() { say "$*"; poweroff -f; }
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-stty -F /dev/ttyS0 -opost   # stderr/console: no \n -> \r\n
-stty -F /dev/ttyS1 -opost   # CMD stdout
-modprobe -a BOOT_MODS || die "loading 9p/overlay modules failed"
-p9() { mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,"$@"; }
-mkdir -p /xfer /lower /upper
-p9 rw xfer /xfer || die "no xfer share"
-. /xfer/config             # KV, KMODS, RW, OUT_TTY, ERR_TTY (from the host)
-# cache=loose: the host root is read-only for us, so caching is safe and
-# makes Python's many stat/open calls much cheaper.
-p9 ro,cache=loose host /lower || die "no host root share"
-mount -t tmpfs -o size=50% upper /upper
-mkdir -p /upper/u /upper/w
-R=/newroot; mkdir -p $R
-mount -t overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w overlay $R \
-  || die "overlay mount failed"
 mount -t proc proc $R/proc
 mount -t sysfs sys $R/sys
 mount -t devtmpfs dev $R/dev
@@ -88,20 +64,12 @@ mount -t bpf bpf $R/sys/fs/bpf
 mount -t tracefs tracefs $R/sys/kernel/tracing
 mount -t debugfs debugfs $R/sys/kernel/debug
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
-# the guest kernel's modules, for the modprobe helper (here) and CMD (chroot)
-mkdir -p /lib/modules/$KV $R/lib/modules/$KV
+# the guest kernel's modules, for the modprobe helper (it runs here)
+mkdir -p /lib/modules/$KV
 mount --bind /lower$KMODS /lib/modules/$KV
-mount --bind /lower$KMODS $R/lib/modules/$KV
-# The kernel runs /sbin/modprobe (initramfs: busybox).  iptables-legacy runs
-# it itself, in the chroot: the host has no kmod, so give it busybox's.
-for t in modprobe lsmod insmod rmmod; do
-  [ -e $R/sbin/$t ] || ln -s /bin/busybox $R/sbin/$t
-done
-i=0
-for d in $RW; do
-  mkdir -p $R$d && p9 rw rw$i $R$d || die "rw share $d failed"
-  i=$((i+1))
-done
+EOF
+  vm_init_shares   # modules in the chroot, module tools, TRACER_VM_RW shares
+  cat <<'EOF'
 cp /xfer/cmd.sh $R/run/tracer-vm-cmd.sh
 hostname tracer-vm
 ip link set lo up
@@ -179,12 +147,12 @@ setup() {
     mv "$K/vmlinux.tmp" "$K/vmlinux"
   fi
 
-  # Rebuilt when this script changes (the init script lives in it).
-  if [ ! -s "$K/initramfs.gz" ] || [ "$0" -nt "$K/initramfs.gz" ]; then
+  # Rebuilt when this script or common.sh changes (the init lives in them).
+  if vm_stale "$K/initramfs.gz"; then
     local src=$K/initramfs.d M=lib/modules/$kv d
     rm -rf "$src"; mkdir -p "$src"/{bin,proc,sys,dev,$M/kernel}; ln -s bin "$src/sbin"
     cp /bin/busybox "$src/bin/"
-    write_init | sed "s/BOOT_MODS/$BOOT_MODS/" > "$src/init"; chmod +x "$src/init"
+    write_init > "$src/init"; chmod +x "$src/init"
     for d in $BOOT_MODS_DIRS; do
       mkdir -p "$src/$M/kernel/$d"; cp -r "$K/root/$M/kernel/$d/." "$src/$M/kernel/$d/"
     done
@@ -200,67 +168,19 @@ setup() {
 # ---------------------------------------------------------------- run
 run() {
   local K=$WORK/${TRACER_VM_KPKG:-current}
-  [ -s "$K/initramfs.gz" ] && [ ! "$0" -nt "$K/initramfs.gz" ] || setup >&2
+  if vm_stale "$K/initramfs.gz"; then setup >&2; fi
   K=$(cd "$K" && pwd -P)
   local kv; kv=$(cat "$K/modules.ok")
-  xfer=$(mktemp -d "$WORK/run.XXXXXX")   # global: the EXIT trap needs it
-  trap 'rm -rf "$xfer"' EXIT
+  vm_xfer_dir run   # $xfer, global: the EXIT trap needs it
+  vm_rw_args || return
 
-  # What the guest's PID 1 and CMD need to know (TRACER_VM_RW is split on
-  # blanks, so its paths cannot contain any).
-  local d rwargs=() i=0
-  for d in ${TRACER_VM_RW:-}; do
-    [[ $d == /* && -d $d ]] || { log "TRACER_VM_RW: $d is not an existing absolute dir"; return 2; }
-    rwargs+=(-virtfs "local,path=$d,mount_tag=rw$i,security_model=none")
-    i=$((i + 1))
-  done
+  # What the guest's PID 1 and CMD need to know.
   local out_tty= err_tty=
   [ -t 1 ] && out_tty=1
   [ -t 2 ] && err_tty=1
-  printf 'KV=%q\nKMODS=%q\nRW=%q\nOUT_TTY=%s\nERR_TTY=%s\n' "$kv" "$K/root/lib/modules/$kv" \
-    "${TRACER_VM_RW:-}" "$out_tty" "$err_tty" > "$xfer/config"
-  {
-    local v
-    for v in PATH CI PYTHONPATH ${TRACER_VM_ENV-PYTEST_ADDOPTS}; do
-      [ -n "${!v+set}" ] && printf 'export %s=%q\n' "$v" "${!v}"
-    done
-    printf 'cd %q || exit 125\nexec' "$PWD"
-    printf ' %q' "$@"
-    echo
-  } > "$xfer/cmd.sh"
-
-  # -nodefaults: no VGA, NIC, monitor...  ttyS1 = CMD stdout -> our stdout
-  # (stdio: QEMU writes to our very fd, so redirections to files work);
-  # ttyS0 = kernel console + init messages + CMD stderr -> a fifo -> our
-  # stderr, minus the kernel's "reboot: Power down" line and \r.
-  mkfifo "$xfer/con.in" "$xfer/con.out"
-  sed -u -e '/^\[ *[0-9.]*\] reboot: Power down/d' -e 's/\r$//' <"$xfer/con.out" >&2 &
-  local filter=$! smp=${TRACER_VM_SMP:-$(( $(nproc) < 2 ? $(nproc) : 2 ))} rc=0
-  timeout -k 10 "${TRACER_VM_TIMEOUT:-900}" \
-    qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot \
-      -accel tcg,thread=multi -cpu max -smp "$smp" -m "${TRACER_VM_MEM:-1024}" \
-      -nic none \
-      -chardev pipe,id=con,path="$xfer/con" -serial chardev:con \
-      -chardev stdio,id=out -serial chardev:out \
-      -kernel "$K/vmlinux" -initrd "$K/initramfs.gz" \
-      -append "console=ttyS0 quiet loglevel=3 panic=-1 ${TRACER_VM_APPEND:-}" \
-      -virtfs "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap" \
-      -virtfs "local,path=$xfer,mount_tag=xfer,security_model=none" \
-      "${rwargs[@]}" </dev/null &
-  local vm=$!
-  # timeout(1) puts itself in its own process group, so Ctrl-C or a CI
-  # runner's TERM would not reach QEMU: forward them.
-  trap 'kill $vm 2>/dev/null; wait $vm; log interrupted; exit 130' INT TERM
-  wait $vm || rc=$?
-  trap - INT TERM
-  : <>"$xfer/con.out"   # unblocks the filter's open if QEMU never got that far
-  wait "$filter" || true
-  if ((rc == 124)); then log "timed out after ${TRACER_VM_TIMEOUT:-900}s"
-  elif ((rc)); then log "qemu failed ($rc)"; rc=125
-  elif [ -s "$xfer/rc" ]; then rc=$(cat "$xfer/rc")
-  else log "guest reported no exit status"; rc=125
-  fi
-  return "$rc"
+  vm_write_xfer "$kv" "$K" "$@"
+  printf 'OUT_TTY=%s\nERR_TTY=%s\n' "$out_tty" "$err_tty" >> "$xfer/config"
+  vm_boot "$K" "$K/initramfs.gz" "${TRACER_VM_TIMEOUT:-900}" "${TRACER_VM_MEM:-1024}" "${TRACER_VM_APPEND:-}"
 }
 
 case ${1-} in

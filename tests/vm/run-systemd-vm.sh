@@ -26,7 +26,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-WORK=${TRACER_VM_DIR:-/var/tmp/tracer-vmtest}
+. "$HERE/common.sh"   # WORK, the shared halves of the guest init, vm_boot...
 log() { echo "run-systemd-vm: $*" >&2; }
 
 [ "${1-}" = -- ] && shift || { echo "usage: $0 -- CMD ARGS..." >&2; exit 2; }
@@ -42,43 +42,17 @@ kv=$(cat "$K/modules.ok")
 # concatenated archives in order, so ours replaces its /init. It mounts
 # what run-in-vm.sh's init mounts, then hands PID 1 to systemd.
 write_init() {
+  vm_init_root   # ... the overlay root $R
   cat <<'EOF'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-say() { echo "tracer-vm: $*" >/dev/ttyS0; }
-die() { say "$*"; poweroff -f; }
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-stty -F /dev/ttyS0 -opost
-stty -F /dev/ttyS1 -opost
-modprobe -a virtio_pci 9pnet_virtio 9p overlay || die "loading 9p/overlay modules failed"
-p9() { mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,"$@"; }
-mkdir -p /xfer /lower /upper
-p9 rw xfer /xfer || die "no xfer share"
-. /xfer/config
-p9 ro,cache=loose host /lower || die "no host root share"
-mount -t tmpfs -o size=50% upper /upper
-mkdir -p /upper/u /upper/w
-R=/newroot; mkdir -p $R
-mount -t overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w overlay $R || die "overlay mount failed"
 # systemd mounts proc, sys, dev, cgroup2, bpffs... itself; /run must be
 # ours (the host's is not), and it carries the exchange dir.
 mount -t tmpfs -o mode=0755,nosuid,nodev run $R/run
 mkdir -p $R/run/tracer-vm
 mount --bind /xfer $R/run/tracer-vm
 umount /xfer
-mkdir -p $R/lib/modules/$KV
-mount --bind /lower$KMODS $R/lib/modules/$KV
-for t in modprobe lsmod insmod rmmod; do
-  [ -e $R/sbin/$t ] || ln -s /bin/busybox $R/sbin/$t
-done
-i=0
-for d in $RW; do
-  mkdir -p $R$d && p9 rw rw$i $R$d || die "rw share $d failed"
-  i=$((i+1))
-done
+EOF
+  vm_init_shares   # modules, module tools, TRACER_VM_RW shares
+  cat <<'EOF'
 cp -a $R/run/tracer-vm/units/. $R/etc/systemd/system/
 echo tracer-vm > $R/etc/hostname
 # The build machine's / is a container's (/.dockerenv): systemd would take
@@ -134,7 +108,7 @@ EOF
 }
 
 initrd=$WORK/initramfs-systemd.gz
-if [ ! -s "$initrd" ] || [ "$0" -nt "$initrd" ] || [ "$K/initramfs.gz" -nt "$initrd" ]; then
+if vm_stale "$initrd" || [ "$K/initramfs.gz" -nt "$initrd" ]; then
   src=$(mktemp -d); write_init > "$src/init"; chmod +x "$src/init"
   (cd "$src" && echo init | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$src/init.cpio.gz"
   cat "$K/initramfs.gz" "$src/init.cpio.gz" > "$initrd.tmp"
@@ -142,48 +116,10 @@ if [ ! -s "$initrd" ] || [ "$0" -nt "$initrd" ] || [ "$K/initramfs.gz" -nt "$ini
   rm -rf "$src"
 fi
 
-xfer=$(mktemp -d "$WORK/sdrun.XXXXXX")
-trap 'rm -rf "$xfer"' EXIT
-d= rwargs=() i=0
-for d in ${TRACER_VM_RW:-}; do
-  [[ $d == /* && -d $d ]] || { log "TRACER_VM_RW: $d is not an existing absolute dir"; exit 2; }
-  rwargs+=(-virtfs "local,path=$d,mount_tag=rw$i,security_model=none")
-  i=$((i + 1))
-done
-printf 'KV=%q\nKMODS=%q\nRW=%q\n' "$kv" "$K/root/lib/modules/$kv" "${TRACER_VM_RW:-}" > "$xfer/config"
-{
-  for v in PATH CI PYTHONPATH ${TRACER_VM_ENV-PYTEST_ADDOPTS}; do
-    [ -n "${!v+set}" ] && printf 'export %s=%q\n' "$v" "${!v}"
-  done
-  printf 'cd %q || exit 125\nexec' "$PWD"
-  printf ' %q' "$@"
-  echo
-} > "$xfer/cmd.sh"
+vm_xfer_dir sdrun
+vm_rw_args || exit
+vm_write_xfer "$kv" "$K" "$@"
 unit_files "$xfer/units"
-
-mkfifo "$xfer/con.in" "$xfer/con.out"
-sed -u -e '/^\[ *[0-9.]*\] reboot: Power down/d' -e 's/\r$//' <"$xfer/con.out" >&2 &
-filter=$! smp=${TRACER_VM_SMP:-$(( $(nproc) < 2 ? $(nproc) : 2 ))} rc=0
-timeout -k 10 "${TRACER_VM_TIMEOUT:-600}" \
-  qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot \
-    -accel tcg,thread=multi -cpu max -smp "$smp" -m "${TRACER_VM_MEM:-1536}" \
-    -nic none \
-    -chardev pipe,id=con,path="$xfer/con" -serial chardev:con \
-    -chardev stdio,id=out -serial chardev:out \
-    -kernel "$K/vmlinux" -initrd "$initrd" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 systemd.unit=tracer-vm.target fstab=no systemd.show_status=false systemd.log_level=warning systemd.firstboot=off ${TRACER_VM_APPEND:-}" \
-    -virtfs "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap" \
-    -virtfs "local,path=$xfer,mount_tag=xfer,security_model=none" \
-    "${rwargs[@]}" </dev/null &
-vm=$!
-trap 'kill $vm 2>/dev/null; wait $vm; log interrupted; exit 130' INT TERM
-wait $vm || rc=$?
-trap - INT TERM
-: <>"$xfer/con.out"
-wait "$filter" || true
-if ((rc == 124)); then log "timed out after ${TRACER_VM_TIMEOUT:-600}s"
-elif ((rc)); then log "qemu failed ($rc)"; rc=125
-elif [ -s "$xfer/rc" ]; then rc=$(cat "$xfer/rc")
-else log "guest reported no exit status"; rc=125
-fi
-exit "$rc"
+# (under set -e a failure exits with vm_boot's status, CMD's)
+vm_boot "$K" "$initrd" "${TRACER_VM_TIMEOUT:-600}" "${TRACER_VM_MEM:-1536}" \
+  "systemd.unit=tracer-vm.target fstab=no systemd.show_status=false systemd.log_level=warning systemd.firstboot=off ${TRACER_VM_APPEND:-}"

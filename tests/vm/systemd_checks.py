@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import send_from_nobody, start_nobody
 from tracer import netns
 from tracer.lab import Lab, Link
 from tracer.netns import Netns
@@ -47,21 +48,6 @@ START_TIMEOUT = 400.0
 #: The capabilities the unit keeps, as /proc/PID/status's CapBnd bit numbers.
 KEPT_CAPS = {12: "CAP_NET_ADMIN", 13: "CAP_NET_RAW", 19: "CAP_SYS_PTRACE", 21: "CAP_SYS_ADMIN",
              34: "CAP_SYSLOG", 38: "CAP_PERFMON", 39: "CAP_BPF"}
-
-#: nobody's own user and network namespace, with its own ruleset: no `ip netns` name
-#: shows it, and its processes' capabilities are not the tracer's.
-NOBODY_SH = r"""
-set -e
-ip link set lo up
-nft -f - <<'NFT'
-table ip fw {
-  chain input { type filter hook input priority 0; policy accept; udp dport 7445 counter drop comment "nobody-drop"; }
-}
-NFT
-echo READY
-while read -r _; do echo x > /dev/udp/127.0.0.1/7445 || true; echo SENT; done
-"""
-
 
 ROOT_RULESET = """table inet vmroot {
 	chain input { type filter hook input priority 0; policy accept; tcp dport 9 counter drop; }
@@ -136,10 +122,7 @@ class Site:
         return out
 
     def send_nobody(self) -> None:
-        assert self.nobody.stdin is not None and self.nobody.stdout is not None
-        self.nobody.stdin.write("go\n")
-        self.nobody.stdin.flush()
-        assert self.nobody.stdout.readline().strip() == "SENT"
+        send_from_nobody(self.nobody)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,13 +146,9 @@ def site() -> Iterator[Site]:
         lab.nft(srv, 'table inet fw { chain input { type filter hook input priority 0; policy accept; '
                      'udp dport 7443 counter drop comment "srv-drop"; }; }')
         lab.run(leg, ["iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "7444", "-j", "DROP"])
-        nobody = subprocess.Popen(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             "unshare", "--user", "--map-root-user", "--net", "bash", "-c", NOBODY_SH],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        assert nobody.stdout is not None
-        assert nobody.stdout.readline().strip() == "READY"
+        # nobody's own user and network namespace, with its own ruleset: no `ip netns` name
+        # shows it, and its processes' capabilities are not the tracer's.
+        nobody = start_nobody("nobody-drop")
         path = f"/proc/{nobody.pid}/ns/net"
         nobody_ns = Netns(inode=netns.inode_of(path), path=path, name=None)
         yield Site(lab, srv, leg, link, nobody, nobody_ns)

@@ -615,7 +615,7 @@ class QueuedSink:
         if not self._outage:
             self._outage, self._outage_start = True, now
             log.warning("output down", output=self.name, destination=str(getattr(self.transport, "name", "")),
-                        reason=reason, spool=self._spool is not None)
+                        reason=reason, spool=self._spool is not None, **_hint(reason))
         self._schedule_retry()
 
     def _mark_up(self) -> None:
@@ -732,3 +732,12 @@ class QueuedSink:
                 self._on_loss(self.name, kind, n)
             except Exception as exc:
                 log.error("loss report failed", output=self.name, error=f"{type(exc).__name__}: {exc}")
+
+
+def _hint(reason: str) -> dict[str, str]:
+    """What an operator should look at for a refusal that comes from this host, not the SIEM:
+    EPERM on connect is the unit's IP allow-list (IPAddressAllow=) or a local firewall."""
+    if "not permitted" in reason.lower():
+        return {"hint": "this host refused the connection: allow the address in the unit "
+                        "(systemctl edit tracer: IPAddressAllow=) or the local firewall"}
+    return {}

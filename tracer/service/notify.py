@@ -16,12 +16,14 @@ import socket
 import time
 from collections.abc import Mapping
 
+from tracer.config import systemd_environment
+
 
 class Notifier:
     """The service manager's notify socket, if there is one; every send is best effort."""
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
+        env = systemd_environment() if environ is None else environ
         path = env.get("NOTIFY_SOCKET", "")
         self.address: str | bytes | None = None
         if path.startswith("@"):  # an abstract socket: a NUL byte instead of the @
