@@ -75,9 +75,10 @@ install: bpf
 	$(MAKE) --no-print-directory install-service
 
 # The unit, the example config (never over an operator's: installed only where
-# none is), the logrotate snippet. A Python under /root or /home (pyenv) would be
-# hidden by the unit's ProtectHome=yes: a drop-in then shows the service that
-# one directory, read-only.
+# none is), the logrotate snippet. A Python under /root or /home (pyenv), or a
+# venv or editable checkout under /tmp, would be hidden by the unit's
+# ProtectHome=yes and PrivateTmp=yes: a drop-in then shows the service those
+# directories, read-only.
 .PHONY: install-service uninstall-service
 install-service:
 	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
@@ -90,15 +91,20 @@ install-service:
 	  echo "kept $(CONFDIR)/tracer.toml (the new example: $(PREFIX)/share/tracer/tracer.toml.example)"; \
 	else install -m 0640 systemd/tracer.toml $(DESTDIR)$(CONFDIR)/tracer.toml; echo "installed $(CONFDIR)/tracer.toml"; fi
 	@py=$(DESTDIR)$(PREFIX)/bin/python; [ -x $$py ] || py=$(PREFIX)/bin/python; \
-	base=$$($$py -c 'import sys; print(sys.base_prefix)' 2>/dev/null); \
+	base=$$($$py -I -c 'import sys; print(sys.base_prefix)' 2>/dev/null); \
+	pkg=$$($$py -I -c 'import os, tracer; print(os.path.dirname(os.path.dirname(tracer.__file__)))' 2>/dev/null); \
 	dropin=$(DESTDIR)$(SYSTEMD_UNIT_DIR)/tracer.service.d/10-python-home.conf; \
-	case "$$base" in \
-	  /root/*|/home/*) install -d $$(dirname $$dropin); \
-	    printf '%s\n' '# made by make install: the Python of $(PREFIX) lives under a home directory' \
-	      '[Service]' 'ProtectHome=tmpfs' "BindReadOnlyPaths=$$base" > $$dropin; \
-	    echo "$$dropin: ProtectHome=tmpfs, $$base visible read-only";; \
-	  *) rm -f $$dropin;; \
-	esac
+	home=; binds=; \
+	for d in $$base $(PREFIX) $$pkg; do case "$$d" in \
+	  /root/*|/home/*) home=yes; binds="$$binds $$d";; \
+	  /tmp/*|/var/tmp/*) binds="$$binds $$d";; \
+	esac; done; \
+	if [ -n "$$binds" ]; then install -d $$(dirname $$dropin); \
+	  { echo '# made by make install: the Python, the venv or the code of $(PREFIX) lies where'; \
+	    echo '# the unit hides (ProtectHome=, PrivateTmp=): those directories are shown read-only'; \
+	    echo '[Service]'; [ -z "$$home" ] || echo 'ProtectHome=tmpfs'; echo "BindReadOnlyPaths=$${binds# }"; } > $$dropin; \
+	  echo "$$dropin: visible read-only:$$binds"; \
+	else rm -f $$dropin; fi
 	$(if $(SYSTEMD_BOOTED),systemctl daemon-reload)
 	@echo "service: systemctl enable --now tracer (config: $(CONFDIR)/tracer.toml)"
 

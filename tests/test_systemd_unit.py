@@ -247,8 +247,14 @@ def test_make_install_service_and_uninstall(tmp_path: Path) -> None:
     assert config.read_text() == EXAMPLE.read_text() == example.read_text()
     assert rotate.read_text() == LOGROTATE.read_text()
     dropin = dest / "etc/systemd/system/tracer.service.d/10-python-home.conf"
-    if sys.base_prefix.startswith(("/root/", "/home/")):  # pyenv: the unit's ProtectHome=yes would hide it
-        assert f"BindReadOnlyPaths={sys.base_prefix}" in dropin.read_text()
+    code = str(REPO)  # the editable install's code
+    # pyenv under /root, a venv or checkout under /tmp: ProtectHome=/PrivateTmp= would hide them.
+    hidden = [d for d in dict.fromkeys((sys.base_prefix, str(prefix), code))
+              if d.startswith(("/root/", "/home/", "/tmp/", "/var/tmp/"))]
+    if hidden:
+        line = next(x for x in dropin.read_text().splitlines() if x.startswith("BindReadOnlyPaths="))
+        assert line.removeprefix("BindReadOnlyPaths=").split() == hidden
+        assert ("ProtectHome=tmpfs" in dropin.read_text()) == any(d.startswith(("/root/", "/home/")) for d in hidden)
     else:
         assert not dropin.exists()
 

@@ -59,9 +59,21 @@ echo tracer-vm > $R/etc/hostname
 # itself for a container's init and ignore the kernel command line.
 rm -f $R/.dockerenv
 # The host's /tmp and /var/tmp (hundreds of MB over 9p) would keep
-# systemd-tmpfiles busy for minutes: the guest gets empty ones.
+# systemd-tmpfiles busy for minutes: the guest gets empty ones. A checkout
+# under them (a CI clone in /tmp) is moved over first, as the overlay shows
+# it (writable, the writes thrown away), so the command can still cd there.
+case "$HOSTCWD" in
+  /tmp/*|/var/tmp/*)
+    mkdir -p /stash
+    mount --bind "$R$HOSTCWD" /stash || die "cannot keep $HOSTCWD" ;;
+esac
 mount -t tmpfs -o mode=1777 tmp $R/tmp
 mount -t tmpfs -o mode=1777 vartmp $R/var/tmp
+case "$HOSTCWD" in
+  /tmp/*|/var/tmp/*)
+    mkdir -p "$R$HOSTCWD"
+    mount --move /stash "$R$HOSTCWD" || die "cannot show $HOSTCWD in the guest" ;;
+esac
 say "switching to systemd at $(cut -d' ' -f1 /proc/uptime)s (kernel $KV)"
 # PID 1 chroots (switch_root), and the kernel's threads share its fs: the
 # modprobe helper then runs /sbin/modprobe of the new root (busybox).
@@ -119,6 +131,7 @@ fi
 vm_xfer_dir sdrun
 vm_rw_args || exit
 vm_write_xfer "$kv" "$K" "$@"
+printf 'HOSTCWD=%q\n' "$PWD" >> "$xfer/config"
 unit_files "$xfer/units"
 # (under set -e a failure exits with vm_boot's status, CMD's)
 vm_boot "$K" "$initrd" "${TRACER_VM_TIMEOUT:-600}" "${TRACER_VM_MEM:-1536}" \
