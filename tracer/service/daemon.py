@@ -67,7 +67,6 @@ class Daemon:
         self.engine: Any = None
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._reload_done = threading.Event()
         self._lock = threading.Lock()  # outputs, metrics: reload against shutdown
         self.reloads = 0
 
@@ -202,15 +201,6 @@ class Daemon:
 
     # ---------------------------------------------------------------- reload
 
-    def reload(self) -> bool:
-        """Asks for a reload (as SIGHUP does) and waits for it; True if the new config was taken."""
-        self._reload_done.clear()
-        self._reload.set()
-        self._reload_done.wait(30)
-        return self._last_reload_ok
-
-    _last_reload_ok = False
-
     def _reloader(self) -> None:
         while True:
             self._reload.wait()
@@ -219,10 +209,8 @@ class Daemon:
                 return
             self.notifier.reloading()
             ok = self._apply_reload()
-            self._last_reload_ok = ok
             self.reloads += 1
             self.notifier.ready(f"watching; reload {self.reloads} {'applied' if ok else 'refused, config unchanged'}")
-            self._reload_done.set()
 
     def _apply_reload(self) -> bool:
         path = self.cfg.path
