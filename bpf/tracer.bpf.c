@@ -46,12 +46,18 @@ struct tracer_btf_enums {
 	enum tracer_counted counted;
 	enum flow_seen_flags flow_seen_flags;
 	enum tracer_flow_hook flow_hook;
+	enum tracer_related related;
+	enum tracer_match match;
 };
 const struct tracer_btf_enums *tracer_btf_enums __attribute__((unused));
 
 /* Constants that are #defines in the kernel, so absent from BTF. */
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
+#define ETH_P_ARP 0x0806
+#define ARPHRD_ETHER 1        /* include/uapi/linux/if_arp.h */
+#define AF_INET 2             /* include/linux/socket.h: nf_conntrack_tuple src.l3num */
+#define AF_INET6 10
 #define IP_OFFSET_MASK 0x1fff
 #define IP_MF 0x2000
 /* include/net/ipv6.h */
@@ -279,14 +285,23 @@ static __always_inline bool ipv6_ext(__u8 nexthdr)
  * its fragment header), a chain longer than the limit, or a header beyond
  * the linear data (`tail`). Every extension header is at least 8 bytes, so
  * each pass reads 8: the fragment header's identification is in its second
- * half. */
-static __always_inline __u32 parse_ipv6(struct drop_event *e, unsigned char *head, __u32 nh, __u32 tail)
+ * half.
+ *
+ * Global (not static): the verifier checks the walk once, on its own, with
+ * unknown arguments. Inlined, how well it pruned the walk's states depended
+ * on what the caller kept live across it: small changes elsewhere in the drop
+ * program took it from 82k verified instructions to over the 1M limit (on
+ * 6.18 and on Debian's 6.1). */
+__noinline int parse_ipv6(struct drop_event *e, __u64 head_addr, __u32 nh, __u32 tail)
 {
+	unsigned char *head = (unsigned char *)head_addr;
 	__u8 vers = 0, nexthdr;
 	__u32 off;
 	__u8 ext[8];
 	int i;
 
+	if (!e)
+		return 0;
 	bpf_probe_read_kernel(&vers, 1, head + nh);
 	if ((vers >> 4) != 6)
 		return 0;
@@ -351,6 +366,119 @@ static __always_inline void copy_l4(struct drop_event *e, unsigned char *head, _
 	e->l4_len = avail;
 }
 
+/* ------------------------------------------------------------ related packets
+ *
+ * What the filter also matches besides a packet's own headers (flow_match):
+ * the packet an ICMP error quotes, the target of neighbour discovery and the
+ * addresses of ARP. The functions that read or match them are global (not
+ * static), so the verifier checks each once on its own, with unknown
+ * arguments, instead of once more for every state the caller can be in: the
+ * drop program's parsing paths already take most of the verifier's budget
+ * (see TRACER_IPV6_MAX_EXT), and this keeps the related-packet code a fixed
+ * cost. Their pointer arguments are map values of the struct's size (the
+ * verifier checks that at each call); they must still test for NULL. */
+
+/* ICMP types whose payload quotes the packet that caused them: destination
+ * unreachable, source quench, redirect, time exceeded, parameter problem
+ * (RFC 792); ICMPv6 destination unreachable, packet too big, time exceeded,
+ * parameter problem (RFC 4443). */
+static __always_inline bool icmp_error(__u8 proto, __u8 type)
+{
+	if (proto == IPPROTO_ICMP)
+		return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+	if (proto == IPPROTO_ICMPV6)
+		return type >= 1 && type <= 4;
+	return false;
+}
+
+/* Neighbour discovery (RFC 4861): router solicitation/advertisement,
+ * neighbour solicitation/advertisement, redirect. */
+static __always_inline bool nd_type(__u8 type)
+{
+	return type >= 133 && type <= 137;
+}
+
+/* The quoted packet of an ICMP error whose payload starts at `in`: its IP
+ * header (as l3[]) and the first TRACER_QUOTED_L4_BYTES of its transport
+ * header, when the linear data holds them. The quoted IPv6 packet's
+ * extension headers are not walked: its quoted_l4proto is then the first of
+ * them and it has no ports. A quoted non-first IPv4 fragment has none either. */
+static __always_inline void parse_quoted(struct drop_event *e, __u64 head, __u32 in, __u32 tail)
+{
+	__u32 ith, avail;
+	__u8 vers;
+
+	if (in + 20 > tail || bpf_probe_read_kernel(e->quoted_l3, TRACER_L3_BYTES, (void *)(head + in)))
+		return;
+	vers = e->quoted_l3[0] >> 4;
+	if (vers == 4 && (e->quoted_l3[0] & 0x0f) >= 5) {
+		e->quoted_l4proto = e->quoted_l3[9];
+		e->related |= TRACER_REL_QUOTED;
+		if (((e->quoted_l3[6] << 8) | e->quoted_l3[7]) & IP_OFFSET_MASK)
+			return;
+		ith = in + (e->quoted_l3[0] & 0x0f) * 4;
+	} else if (vers == 6 && in + 40 <= tail) {
+		e->quoted_l4proto = e->quoted_l3[6];
+		e->related |= TRACER_REL_QUOTED;
+		ith = in + 40;
+	} else {
+		__builtin_memset(e->quoted_l3, 0, sizeof(e->quoted_l3));
+		return;
+	}
+	if (ith + 4 > tail)
+		return;
+	avail = tail - ith;
+	if (avail > TRACER_QUOTED_L4_BYTES)
+		avail = TRACER_QUOTED_L4_BYTES;
+	if (!bpf_probe_read_kernel(e->quoted_l4, TRACER_QUOTED_L4_BYTES, (void *)(head + ith)))
+		e->quoted_l4_len = avail;
+}
+
+/* An Ethernet/IPv4 ARP packet (the only kind that names IPv4 hosts): its
+ * 28-byte header goes into l3[] (sender IP at 14, target IP at 24), and
+ * l3_off_valid stays 0 since it is no IP header. */
+static __always_inline void parse_arp(struct drop_event *e, __u64 head, __u32 nh, __u32 tail)
+{
+	if (nh + 28 > tail || bpf_probe_read_kernel(e->l3, 28, (void *)(head + nh)))
+		return;
+	if (e->l3[0] == 0 && e->l3[1] == ARPHRD_ETHER && e->l3[2] == (ETH_P_IP >> 8) &&
+	    e->l3[3] == (ETH_P_IP & 0xff) && e->l3[4] == 6 && e->l3[5] == 4)
+		e->related |= TRACER_REL_ARP;
+	else
+		__builtin_memset(e->l3, 0, 28);
+}
+
+/* Reads an ARP packet's addresses for the filter (parse_arp). */
+__noinline int parse_related_arp(struct drop_event *e, __u64 head, __u32 nh, __u32 tail)
+{
+	if (e)
+		parse_arp(e, head, nh, tail);
+	return 0;
+}
+
+/* Reads what the filter matches besides the IP headers parse_packet copied:
+ * `th` is the transport offset (0: none), all offsets from skb->head. It
+ * takes no network offset: keeping that live across the IPv6 extension
+ * header walk made Debian 6.1's verifier stop pruning the walk (raw_tp
+ * reached the 1M instruction limit). */
+__noinline int parse_related(struct drop_event *e, __u64 head, __u32 th, __u32 tail)
+{
+	__u8 type;
+
+	if (!e || !e->l3_off_valid || !th || e->l4_len < 8)
+		return 0;
+	type = e->l4[0];
+	if (e->l4proto == IPPROTO_ICMPV6 && type >= 135 && type <= 137) {
+		/* NS, NA and redirect carry the target after 4 reserved bytes. */
+		if (th + 24 <= tail && !bpf_probe_read_kernel(e->nd_target, 16, (void *)(head + th + 8)))
+			e->related |= TRACER_REL_ND;
+		return 0;
+	}
+	if (icmp_error(e->l4proto, type))
+		parse_quoted(e, head, th + 8, tail);
+	return 0;
+}
+
 static __always_inline void parse_packet(struct drop_event *e, struct sk_buff *skb)
 {
 	unsigned char *head = BPF_CORE_READ(skb, head);
@@ -361,11 +489,54 @@ static __always_inline void parse_packet(struct drop_event *e, struct sk_buff *s
 	e->l3proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
 	if (nh == SKB_HDR_UNSET || !head)
 		return;
+	if (e->l3proto == ETH_P_ARP) {
+		parse_related_arp(e, (__u64)head, nh, tail);
+		return;
+	}
 	if (e->l3proto == ETH_P_IP)
 		th = parse_ipv4(e, head, nh);
 	else if (e->l3proto == ETH_P_IPV6)
-		th = parse_ipv6(e, head, nh, tail);
+		th = parse_ipv6(e, (__u64)head, nh, tail);
 	copy_l4(e, head, th, tail);
+	parse_related(e, (__u64)head, th, tail);
+}
+
+/* One tuple of a conntrack entry. Assumes struct nf_conntrack_tuple as since
+ * 2.6.x: src.u3 and dst.u3 are union nf_inet_addr (16 bytes, IPv4 in the
+ * first 4; nf_ct_get_tuple() zeroes the whole tuple first), src.u.all and
+ * dst.u.all the __be16 ports of TCP, UDP, SCTP, DCCP and UDP-Lite (ICMP's
+ * id and 0 there instead), src.l3num the address family and dst.protonum the
+ * protocol. */
+static __always_inline void read_ct_tuple(struct ct_tuple *t, struct nf_conntrack_tuple *tp)
+{
+	bpf_core_read(t->saddr, sizeof(t->saddr), &tp->src.u3);
+	bpf_core_read(t->daddr, sizeof(t->daddr), &tp->dst.u3);
+	t->sport = bpf_ntohs(BPF_CORE_READ(tp, src.u.all));
+	t->dport = bpf_ntohs(BPF_CORE_READ(tp, dst.u.all));
+}
+
+/* Both tuples of the entry. Assumes nf_conn->tuplehash[] is indexed by enum
+ * ip_conntrack_dir (IP_CT_DIR_ORIGINAL 0: as the first packet had it;
+ * IP_CT_DIR_REPLY 1: what replies carry, so after NAT it names the
+ * translated peer), each holding a struct nf_conntrack_tuple `tuple`. The
+ * filter matches either (flow_match), so the pre-DNAT port or address finds
+ * a translated flow. An entry of another family (l3num) keeps no tuples. */
+static __always_inline void read_ct_tuples(struct drop_event *e, struct nf_conn *ct)
+{
+	struct nf_conntrack_tuple *orig = &ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple;
+	struct nf_conntrack_tuple *reply = &ct->tuplehash[IP_CT_DIR_REPLY].tuple;
+	__u16 l3num = BPF_CORE_READ(orig, src.l3num);
+
+	if (l3num == AF_INET)
+		e->ct_family = 4;
+	else if (l3num == AF_INET6)
+		e->ct_family = 6;
+	else
+		return;
+	e->ct_l4proto = BPF_CORE_READ(orig, dst.protonum);
+	read_ct_tuple(&e->ct_orig, orig);
+	read_ct_tuple(&e->ct_reply, reply);
+	e->related |= TRACER_REL_CT_TUPLES;
 }
 
 /* Conntrack entry attached to the packet. Assumes skb->_nfct holds the
@@ -394,6 +565,7 @@ static __always_inline void read_conntrack(struct drop_event *e, struct sk_buff 
 			e->ct_mark = BPF_CORE_READ(ct, mark);
 		if (bpf_core_field_exists(ct->zone))
 			e->ct_zone = BPF_CORE_READ(ct, zone.id);
+		read_ct_tuples(e, ct);
 	}
 }
 
@@ -584,41 +756,33 @@ static __always_inline void reasm_device(struct drop_event *e, struct sk_buff *s
 
 /* ------------------------------------------------------------ filter */
 
-static __always_inline bool net_match(const struct filter_net *n, const __u8 *addr)
-{
-	__u8 full = n->prefixlen / 8, rest = n->prefixlen % 8;
+/* An address of the filter's family, 16 bytes (IPv4 in the first 4): a
+ * struct, so that a global function's pointer argument covers all of it. */
+struct addr16 {
+	__u8 b[16];
+};
 
+/* Whether `a` is in the network `n`. The mask is zero past the prefix (for
+ * IPv4 past byte 4), where the walk stops. */
+static __always_inline bool net_has(const struct filter_net *n, const struct addr16 *a)
+{
 #pragma unroll
 	for (int i = 0; i < 16; i++) {
-		if (i < full) {
-			if (addr[i] != n->addr[i])
-				return false;
-		} else if (i == full && rest) {
-			__u8 mask = (__u8)(0xff << (8 - rest));
-
-			if ((addr[i] & mask) != (n->addr[i] & mask))
-				return false;
-		}
+		if (!n->mask[i])
+			break;
+		if ((a->b[i] ^ n->addr[i]) & n->mask[i])
+			return false;
 	}
 	return true;
 }
 
-static __always_inline bool nets_match(const struct filter_cfg *f, const struct drop_event *e)
+/* Whether any of three addresses of family `fam` (4 or 6) is in a watched
+ * network (pass one twice when there are two). Global: see "related packets". */
+__noinline int nets_wanted(const struct filter_cfg *f, __u32 fam, const struct addr16 *a,
+			   const struct addr16 *b, const struct addr16 *c)
 {
-	__u8 fam = 0;
-	const __u8 *src, *dst;
-
-	if (!e->l3_off_valid)
-		return false;
-	if (e->l3proto == ETH_P_IP) {
-		fam = 4;
-		src = &e->l3[12];
-		dst = &e->l3[16];
-	} else {
-		fam = 6;
-		src = &e->l3[8];
-		dst = &e->l3[24];
-	}
+	if (!f || !a || !b || !c)
+		return 0;
 #pragma unroll
 	for (int i = 0; i < TRACER_MAX_NETS; i++) {
 		const struct filter_net *n = &f->nets[i];
@@ -627,10 +791,10 @@ static __always_inline bool nets_match(const struct filter_cfg *f, const struct 
 			break;
 		if (n->family != fam)
 			continue;
-		if (net_match(n, src) || net_match(n, dst))
-			return true;
+		if (net_has(n, a) || net_has(n, b) || net_has(n, c))
+			return 1;
 	}
-	return false;
+	return 0;
 }
 
 static __always_inline bool has_ports(__u8 proto)
@@ -639,14 +803,8 @@ static __always_inline bool has_ports(__u8 proto)
 	       proto == IPPROTO_SCTP || proto == IPPROTO_UDPLITE;
 }
 
-static __always_inline bool ports_match(const struct filter_cfg *f, const struct drop_event *e)
+static __always_inline bool ports_wanted(const struct filter_cfg *f, __u16 sport, __u16 dport)
 {
-	__u16 sport, dport;
-
-	if (!e->l4_len || !has_ports(e->l4proto))
-		return false;
-	sport = ((__u16)e->l4[0] << 8) | e->l4[1];
-	dport = ((__u16)e->l4[2] << 8) | e->l4[3];
 #pragma unroll
 	for (int i = 0; i < TRACER_MAX_PORTS; i++) {
 		if (i >= f->nports)
@@ -655,6 +813,81 @@ static __always_inline bool ports_match(const struct filter_cfg *f, const struct
 			return true;
 	}
 	return false;
+}
+
+/* One view of a packet (its headers, the packet it quotes, a conntrack
+ * tuple) against --proto, --port and --host: all that are set must match. */
+static __always_inline bool view_wanted(const struct filter_cfg *f, __u8 fam, __u8 proto, bool ported,
+					__u16 sport, __u16 dport, const void *src, const void *dst)
+{
+	if ((f->flags & FILTER_PROTO) && proto != f->l4proto)
+		return false;
+	if ((f->flags & FILTER_PORTS) && (!ported || !ports_wanted(f, sport, dport)))
+		return false;
+	if ((f->flags & FILTER_NETS) && !nets_wanted(f, fam, src, dst, dst))
+		return false;
+	return true;
+}
+
+static __always_inline __u16 be16_at(const __u8 *p)
+{
+	return ((__u16)p[0] << 8) | p[1];
+}
+
+/* Which view of the packet --proto, --port and --host select it by (enum
+ * tracer_match), TRACER_MATCH_NONE when none does:
+ * - its own headers;
+ * - the packet an ICMP error quotes, so `--port 80` shows the "fragmentation
+ *   needed" that a TCP segment to port 80 caused (the quoted packet's
+ *   protocol is what --proto then matches);
+ * - the conntrack entry's original or reply tuple, so the pre-DNAT port or
+ *   the router's address finds a translated flow;
+ * - with --host only: neighbour discovery (ICMPv6 133-137, also by the NS/NA
+ *   target) and ARP (sender or target) naming a watched host, whatever
+ *   --port and --proto say, since every flow to that host needs them.
+ * Global: see "related packets". */
+__noinline int flow_match(const struct filter_cfg *f, const struct drop_event *e)
+{
+	bool v4;
+
+	if (!f || !e)
+		return TRACER_MATCH_NONE;
+	if (e->l3_off_valid) {
+		v4 = e->l3proto == ETH_P_IP;
+		if (view_wanted(f, v4 ? 4 : 6, e->l4proto, e->l4_len >= 4 && has_ports(e->l4proto),
+				be16_at(&e->l4[0]), be16_at(&e->l4[2]), v4 ? &e->l3[12] : &e->l3[8],
+				v4 ? &e->l3[16] : &e->l3[24]))
+			return TRACER_MATCH_HEADERS;
+	}
+	if (e->related & TRACER_REL_QUOTED) {
+		v4 = (e->quoted_l3[0] >> 4) == 4;
+		if (view_wanted(f, v4 ? 4 : 6, e->quoted_l4proto,
+				e->quoted_l4_len >= 4 && has_ports(e->quoted_l4proto),
+				be16_at(&e->quoted_l4[0]), be16_at(&e->quoted_l4[2]),
+				v4 ? &e->quoted_l3[12] : &e->quoted_l3[8], v4 ? &e->quoted_l3[16] : &e->quoted_l3[24]))
+			return TRACER_MATCH_QUOTED;
+	}
+	if (e->related & TRACER_REL_CT_TUPLES) {
+		bool ported = has_ports(e->ct_l4proto);
+
+		if (view_wanted(f, e->ct_family, e->ct_l4proto, ported, e->ct_orig.sport, e->ct_orig.dport,
+				e->ct_orig.saddr, e->ct_orig.daddr))
+			return TRACER_MATCH_CT_ORIGINAL;
+		if (view_wanted(f, e->ct_family, e->ct_l4proto, ported, e->ct_reply.sport, e->ct_reply.dport,
+				e->ct_reply.saddr, e->ct_reply.daddr))
+			return TRACER_MATCH_CT_REPLY;
+	}
+	if (!(f->flags & FILTER_NETS))
+		return TRACER_MATCH_NONE;
+	if (e->related & TRACER_REL_ARP)
+		return nets_wanted(f, 4, (const void *)&e->l3[14], (const void *)&e->l3[24],
+				   (const void *)&e->l3[24]) ? TRACER_MATCH_NEIGHBOR : TRACER_MATCH_NONE;
+	if (e->l3_off_valid && e->l3proto == ETH_P_IPV6 && e->l4proto == IPPROTO_ICMPV6 && e->l4_len &&
+	    nd_type(e->l4[0]))
+		return nets_wanted(f, 6, (const void *)&e->l3[8], (const void *)&e->l3[24],
+				   (const void *)((e->related & TRACER_REL_ND) ? e->nd_target : &e->l3[24])) ?
+			       TRACER_MATCH_NEIGHBOR : TRACER_MATCH_NONE;
+	return TRACER_MATCH_NONE;
 }
 
 static __always_inline bool iface_match(const struct filter_cfg *f, const struct drop_event *e)
@@ -669,8 +902,11 @@ static __always_inline bool iface_match(const struct filter_cfg *f, const struct
 	return true;
 }
 
-/* True when the user asked to see this drop. Cheap tests first. */
-static __always_inline bool wanted(const struct filter_cfg *f, const struct drop_event *e)
+#define FILTER_FLOW (FILTER_PORTS | FILTER_PROTO | FILTER_NETS)
+
+/* True when the user asked to see this drop. Cheap tests first. Sets
+ * e->matched to the view --port/--host/--proto selected it by. */
+static __always_inline bool wanted(const struct filter_cfg *f, struct drop_event *e)
 {
 	if (e->reason == f->ignore_reason)
 		return false;
@@ -682,16 +918,16 @@ static __always_inline bool wanted(const struct filter_cfg *f, const struct drop
 	}
 	if ((f->flags & FILTER_NETNS) && e->netns_ino != f->netns_ino)
 		return false;
-	if ((f->flags & FILTER_IP_ONLY) && !e->l3_off_valid)
-		return false;
-	if ((f->flags & FILTER_PROTO) && (!e->l3_off_valid || e->l4proto != f->l4proto))
-		return false;
-	if ((f->flags & FILTER_PORTS) && !ports_match(f, e))
-		return false;
-	if ((f->flags & FILTER_NETS) && !nets_match(f, e))
+	/* ARP (no IP header) can pass a --host filter (flow_match). */
+	if ((f->flags & FILTER_IP_ONLY) && !e->l3_off_valid && !(e->related & TRACER_REL_ARP))
 		return false;
 	if ((f->flags & FILTER_IFACE) && !iface_match(f, e))
 		return false;
+	if (f->flags & FILTER_FLOW) {
+		e->matched = flow_match(f, e);
+		if (e->matched == TRACER_MATCH_NONE)
+			return false;
+	}
 	return true;
 }
 
@@ -705,6 +941,11 @@ static __always_inline void flow_key_of(struct flow_key *k, const struct drop_ev
 	k->l3proto = e->l3proto;
 	k->hook = hook;
 	k->kind = TRACER_COUNTED_FLOW;
+	if (e->related & TRACER_REL_ARP) {      /* sender and target IPv4 */
+		__builtin_memcpy(k->saddr, &e->l3[14], 4);
+		__builtin_memcpy(k->daddr, &e->l3[24], 4);
+		return;
+	}
 	if (!e->l3_off_valid)
 		return;
 	k->l4proto = e->l4proto;
@@ -851,6 +1092,7 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	enum reasm_kind kind;
 	struct nf_info *nf;
 	__u64 key = (__u64)skb, now;
+	bool ct_read;
 	__u32 *ep;
 	long n;
 
@@ -878,6 +1120,10 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	else
 		set_device(e, skb, skb_device(skb), f->flags & FILTER_IFACE);
 	nf = (f->flags & FILTER_NF_CONTEXT) ? bpf_map_lookup_elem(&skb_nf, &key) : NULL;
+	/* The filter matches the conntrack tuples too: read them first. */
+	ct_read = f->flags & FILTER_FLOW;
+	if (ct_read)
+		read_conntrack(e, skb);
 	if (!wanted(f, e)) {
 		count(STAT_FILTERED);
 		if (nf)
@@ -920,7 +1166,8 @@ static __always_inline int handle_drop(void *ctx, struct sk_buff *skb, __u64 loc
 	e->len = BPF_CORE_READ(skb, len);
 	e->pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
-	read_conntrack(e, skb);
+	if (!ct_read)
+		read_conntrack(e, skb);
 	e->traced = bpf_core_field_exists(skb->nf_trace) ? skb_traced(skb) : 2;
 
 	n = bpf_get_stack(ctx, e->stack, sizeof(e->stack), 0);

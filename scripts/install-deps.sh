@@ -11,6 +11,7 @@ packages=(
   nftables libnftables1 iptables conntrack iproute2 util-linux   # firewalls, netns, nsenter
   python3 python3-venv python3-dev gcc make
   rsyslog rsyslog-openssl prometheus systemd logrotate   # the service tests: a real rsyslog (TLS too), promtool, systemd-analyze, journald, logrotate
+  firewalld   # the diagnosis tests run the real firewalld in a lab namespace (never started on the host)
 )
 if [ "${1:-}" = vm ]; then
   packages+=(qemu-system-x86 busybox-static xz-utils)
@@ -33,4 +34,18 @@ fi
 echo "install-deps: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >/dev/null
+# firewalld is only for the tests (a private instance in a lab namespace): when this script
+# installs it, it must not start or enable it on the host, which would change the host's firewall.
+new_firewalld=0
+if printf '%s\n' "${missing[@]}" | grep -qx firewalld; then
+  new_firewalld=1
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+fi
 apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+if [ "$new_firewalld" = 1 ] && command -v systemctl >/dev/null; then
+  systemctl disable firewalld >/dev/null 2>&1 || true
+fi

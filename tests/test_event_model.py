@@ -179,8 +179,8 @@ def test_timestamps_read_back_to_the_microsecond() -> None:
 
 def test_text_line_from_the_model() -> None:
     line = one_line(full_event(process=Process(48213, "curl"), probe=Probe("p0042")))
-    assert line == ('11:50:00.123456  DROPPED  tcp 198.18.0.1:40000 > 198.18.0.2:443 [SYN]  NETFILTER_DROP  '
-                    'netns lab-server  nftables/input inet fw chain web rule 4 "tcp dport 443 drop" '
+    assert line == ('11:50:00.123456  DROPPED  tcp 198.18.0.1:40000 > 198.18.0.2:443 [SYN] len 60  NETFILTER_DROP  '
+                    'netns lab-server  in veth0  nftables/input inet fw chain web rule 4 "tcp dport 443 drop" '
                     '(legacy block)  ct new/original  by curl[48213]  probe p0042')
     assert stack_lines(full_event()) == ["        nf_hook_slow+0xa1", "        ip_local_deliver+0xd6"]
 
@@ -198,7 +198,7 @@ def test_policy_and_rule_descriptions() -> None:
     policy = Netfilter("nftables", "nftrace", "inet", "input", "filter", "input", "input", policy=True, verdict="drop")
     assert describe_rule(policy) == "inet filter chain input policy drop"
     assert describe_rule(Netfilter("iptables-legacy", "stack", hook="input")) == ""
-    assert one_line(full_event(netfilter=Netfilter("iptables-legacy", "stack", hook="input"))).split("  ")[5] == \
+    assert one_line(full_event(netfilter=Netfilter("iptables-legacy", "stack", hook="input"))).split("  ")[6] == \
         "iptables-legacy/input"
 
 

@@ -516,6 +516,7 @@ def test_engine_reports_legacy_rule_and_policy(lab: Lab, fw: tuple[Netns, Netns,
                 "handle": 3,
                 "text": "-A INPUT -p tcp -m tcp --dport 443 -j DROP",
                 "iptables": "-A INPUT -p tcp -m tcp --dport 443 -j DROP",
+                "number": 3,
             },
             "policy": False,
             "verdict": "drop",
@@ -1072,7 +1073,7 @@ def from_port(sport: int, dport: int):
 
 
 LEGACY_443 = {"handle": 3, "text": "-A INPUT -p tcp -m tcp --dport 443 -j DROP",
-              "iptables": "-A INPUT -p tcp -m tcp --dport 443 -j DROP"}  # fmt: skip
+              "iptables": "-A INPUT -p tcp -m tcp --dport 443 -j DROP", "number": 3}  # fmt: skip
 
 
 @pytest.mark.root

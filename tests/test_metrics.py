@@ -185,7 +185,7 @@ def test_real_events_counted_and_exposition_valid(metrics: Metrics) -> None:
 
     # Packets: a summary adds its count (1873 SOCKET_RCVBUFF drops), others one each.
     assert value(s, "tracer_drops_total", reason="SOCKET_RCVBUFF", hook="") == 1873
-    assert value(s, "tracer_drops_total", reason="NETFILTER_DROP", hook="input") == 3
+    assert value(s, "tracer_drops_total", reason="NETFILTER_DROP", hook="input") == 4  # the diagnosed example included
     assert value(s, "tracer_drops_total", reason="NETFILTER_DROP", hook="output") == 1
     assert value(s, "tracer_drops_total", reason="NO_SOCKET", hook="") == 1
     assert sum(s["tracer_drops_total"].values()) == sum(d["event"]["count"] for d in docs)

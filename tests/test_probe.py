@@ -39,6 +39,7 @@ def probe(lab, ns, *args: str):
     return tracer(lab, ns, "probe", *args, "--timeout", "0.5", "--retries", "1", schema="probe-result")
 
 
+@pytest.mark.bpf  # each answer's fate on the client is checked with the drop engine
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_verdicts(path, family):
     lab, client, _router, _server, _near, far = path
@@ -47,6 +48,8 @@ def test_verdicts(path, family):
     assert rc == 1, err
     got = {r["target"]["port"]: r for r in results}
     assert got[443]["verdict"] == "open" and got[443]["rtt_ms"] > 0
+    assert got[443]["answer"] == {"verdict": "open", "fate": "delivered"}
+    assert "answer" not in got[444]  # nothing came back
     assert got[80]["verdict"] == "closed"
     assert got[444]["verdict"] == "filtered" and got[444]["probe"]["attempts"] == 2
     assert got[445]["verdict"] == "prohibited"
@@ -59,6 +62,7 @@ def test_verdicts(path, family):
     assert rc == 0 and results[0]["verdict"] == "open"
 
 
+@pytest.mark.bpf
 def test_all_open_exits_0_and_usage_errors_exit_2(path):
     lab, client, _router, _server, _near, far = path
     rc, results, _err = probe(lab, client, str(far.b_v4.ip), "--port", "443")
@@ -70,6 +74,7 @@ def test_all_open_exits_0_and_usage_errors_exit_2(path):
     assert res.returncode == 2 and "cannot resolve" in res.stderr
 
 
+@pytest.mark.bpf
 def test_unreachable(path):
     lab, client, _router, _server, near, _far = path
     # The router has no route to 198.18.9.0/24 and says so with ICMP.

@@ -123,7 +123,7 @@ def _walk(root: dict[str, Any], node: dict[str, Any], path: str, name: str, out:
 
 def schema_leaves() -> dict[str, Leaf]:
     out: dict[str, Leaf] = {}
-    for name in (schema.DROP_EVENT, schema.NOTICE_EVENT):
+    for name in (schema.DROP_EVENT, schema.NOTICE_EVENT, schema.COUNTER_EVENT):
         root = schema.load_schema(name)
         _walk(root, root, "", name, out)
     return out
@@ -235,7 +235,9 @@ def test_dates_keep_their_microseconds_and_addresses_are_ips() -> None:
     assert dates == {"@timestamp", "event.start", "event.end"}
     assert {mapped[p]["type"] for p in dates} == {"date_nanos"}
     ips = {p for p, leaf in leaves.items() if leaf.ip}
-    assert ips == {"source.ip", "destination.ip", "related.ip"}
+    assert ips == {"source.ip", "destination.ip", "related.ip", "neighbor.ip",
+                   *(f"{part}.{side}.ip" for part in ("conntrack.original", "conntrack.reply", "drop.icmp.quoted")
+                     for side in ("source", "destination"))}
     assert {mapped[p]["type"] for p in ips} == {"ip"}
     assert leaves["related.ip"].array and leaves["drop.stack"].array
     assert mapped["drop.stack"]["type"] == "keyword"

@@ -10,7 +10,9 @@ SYN, which must not turn into a rule attribution.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import socket
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -81,3 +83,12 @@ def test_small_max_next_syn_attributed_to_conntrack(lab, watch):
         assert alert["conntrack"]["delta"]["drop"] >= 1
         filling = w.sink.wait_for(_is_alert("conntrack_table_filling", where), timeout=5)
         assert filling["conntrack"]["table"]["ratio"] >= 0.9
+        # The diagnosis names the cause, and its fix (the global limit, on the host) lets the next one in.
+        d = syn["diagnosis"]
+        assert d["cause"] == "conntrack_full", d
+        assert d["fix"] == [f"sysctl -w net.netfilter.nf_conntrack_max={2 * SMALL_MAX}"], d
+        subprocess.run(shlex.split(d["fix"][0]), check=True, capture_output=True)
+        more, last = ctlab.connect_until_refused(client, addr, PORT, most=4)
+        for s in more:
+            s.close()
+        assert len(more) == 4 and last == "open", (len(more), last)

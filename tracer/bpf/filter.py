@@ -113,6 +113,8 @@ def build(cfg: BtfStruct, f: Scope, *, reasons: list[int],
             slot.prefixlen = net.prefixlen
             packed = net.network_address.packed
             ctypes.memmove(slot.addr, packed, len(packed))
+            mask = net.netmask.packed  # the kernel compares under it, byte by byte
+            ctypes.memmove(slot.mask, mask, len(mask))
     if f.ports or f.hosts or proto is not None:
         cfg.flags |= bits.ip_only
     if netns_inode is not None:

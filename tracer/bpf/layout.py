@@ -43,6 +43,8 @@ TRACER_ENUMS = (
     "tracer_counted",
     "flow_seen_flags",
     "tracer_flow_hook",
+    "tracer_related",
+    "tracer_match",
 )
 
 #: The structs of bpf/tracer.h that Python reads or writes.

@@ -234,6 +234,7 @@ def _check_collectors(r: Report) -> None:
     """What each collector says about running here (the same answer `tracer watch` acts on)."""
     from tracer.collectors.conntrack import ConntrackCollector
     from tracer.collectors.links import LinksCollector
+    from tracer.collectors.neighbors import NeighborsCollector
     from tracer.collectors.netfilter import NftraceCollector, XtraceCollector
     from tracer.config import Config
     from tracer.netfilter.marking import MarkingCoordinator
@@ -241,7 +242,8 @@ def _check_collectors(r: Report) -> None:
     config = Config()
     marking = MarkingCoordinator()  # never started: only asked, nothing on the host changes
     xtrace = XtraceCollector(config, marking)
-    for collector in (NftraceCollector(config, marking), xtrace, ConntrackCollector(), LinksCollector()):
+    for collector in (NftraceCollector(config, marking), xtrace, ConntrackCollector(), LinksCollector(),
+                      NeighborsCollector()):
         why = collector.unavailable()
         if why is None:
             r.add(f"collector {collector.name}", OK, "can run")
@@ -289,22 +291,76 @@ def render(r: Report) -> str:
 
 
 def run(json_out: bool = False, reasons: bool = False) -> int:
+    """The report (exit 1 when `tracer watch` cannot run here), or with `reasons` the drop reasons.
+
+    Output goes to a reader that may stop reading (`| head`): a closed pipe ends the command
+    quietly, with status 0, since the reader has all it asked for.
+    """
+    try:
+        status = _reasons_run(json_out) if reasons else _report_run(json_out)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught, not at exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    return status
+
+
+def _report_run(json_out: bool) -> int:
     import structlog
 
     structlog.get_logger("tracer.doctor").debug("doctor start")
     r = diagnose()
     if json_out:
-        data = asdict(r)
-        if reasons:
-            data["drop_reasons"] = _reasons()
-        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps(asdict(r), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        print(render(r))
-        if reasons:
-            print("\ndrop reasons on this kernel:")
-            for value, name in sorted(_reasons().items()):
-                print(f"  {value:>5}  {name}")
+        sys.stdout.write(render(r) + "\n")
     return 0 if r.watch_possible else 1
+
+
+@dataclass(frozen=True)
+class ReasonLine:
+    """One drop reason of this kernel: its number here, its name, and what it means."""
+
+    value: int
+    name: str
+    explanation: str | None  # None: tracer.event.reasons has no sentence for it
+
+
+def reason_lines() -> list[ReasonLine]:
+    """The running kernel's drop reasons (from BTF: numbers and names differ between kernels),
+    each with its sentence, in the kernel's order."""
+    from tracer.event.reasons import explain
+
+    return [ReasonLine(value, name, explain(name)) for value, name in sorted(_reasons().items())]
+
+
+#: What a reason the table does not know says instead of a sentence.
+UNEXPLAINED = "(no sentence known; see the kernel's include/net/dropreason-core.h)"
+
+
+def render_reasons(lines: list[ReasonLine]) -> str:
+    width = max((len(line.name) for line in lines), default=0)
+    return "\n".join(f"{line.value:>5}  {line.name:<{width}}  {line.explanation or UNEXPLAINED}" for line in lines)
+
+
+def _reasons_run(json_out: bool) -> int:
+    lines = reason_lines()
+    if json_out:
+        doc = {"drop_reasons": [asdict(line) for line in lines]}
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(render_reasons(lines) + "\n")
+    return 0
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so the interpreter's last flush of what is still buffered
+    finds no closed pipe (it would print "Exception ignored ... BrokenPipeError")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _reasons() -> dict[int, str]:

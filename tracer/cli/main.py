@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="check what this kernel and host allow")
     d.add_argument("--json", action="store_true", help="machine-readable report")
-    d.add_argument("--reasons", action="store_true", help="also list this kernel's drop reasons")
+    d.add_argument("--reasons", action="store_true",
+                   help="list this kernel's drop reasons and what each means (instead of the checks)")
 
     pr = sub.add_parser("probe", help="is a port open, closed, filtered, prohibited or unreachable?",
                         description="Send marked probes (scapy) and classify each target; with "
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--retries", type=_arg(count_at_least_zero), default=2, metavar="N",
                     help="resends before 'filtered' (default 2)")
     pr.add_argument("--json", action="store_true", help="one JSON object per target")
+    pr.add_argument("--netns", metavar="NAME", default=None,
+                    help="probe from inside this `ip netns` namespace (no `ip netns exec` needed)")
+    pr.add_argument("--no-answer-check", dest="answer_check", action="store_false",
+                    help="trust the raw socket: do not load BPF to check that this host lets each answer in "
+                         "(faster; an answer this host's firewall drops then shows as OPEN)")
 
     pm = sub.add_parser("pmtu", help="path MTU to a host, and ICMP black holes",
                         description="Binary search of the path MTU with DF probes (ICMP echo, or TCP "
@@ -165,6 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--timeout", type=_positive(float, MAX_TIMEOUT), default=0.5, metavar="S",
                     help="seconds to wait per probe (default 0.5)")
     pm.add_argument("--json", action="store_true", help="a JSON object")
+    pm.add_argument("--netns", metavar="NAME", default=None,
+                    help="probe from inside this `ip netns` namespace (no `ip netns exec` needed)")
+
+    dg = sub.add_parser("diagnose", help="why does a connection fail, and what to change: checks, a watch, a report",
+                        description="Checks this host's rulesets, conntrack, forwarding and sockets for PORT, "
+                        "watches the drops for --duration seconds (connecting to HOST meanwhile when given) "
+                        "and reports each cause with its evidence and fix. Exit 0: nothing wrong; 1: a cause "
+                        "was found; 2: usage error.")
+    dg.add_argument("host", nargs="?", default=None, help="address or name to connect to (optional)")
+    dg.add_argument("--port", type=_arg(port_number), required=True, help="the port that fails")
+    dg.add_argument("--proto", choices=("tcp", "udp", "sctp"), default="tcp", help="its protocol (default tcp)")
+    dg.add_argument("--duration", type=_positive(float, MAX_TIMEOUT), default=8.0, metavar="S",
+                    help="seconds to watch (default 8)")
+    dg.add_argument("--netns", default=None, help="connect from this network namespace (`ip netns` name)")
+    dg.add_argument("-6", dest="v6", action="store_true", help="use IPv6 when HOST is a name")
+    dg.add_argument("--json", action="store_true", help="the report as one JSON object (docs/diagnose-report.md)")
 
     demo = sub.add_parser("demo", help="build a lab with broken firewalls and show the drops")
     demo.add_argument("--json", action="store_true", help="print events as NDJSON")
@@ -501,6 +523,10 @@ def _command(args: argparse.Namespace) -> int:
             from tracer.cli.probe import run_pmtu
 
             return run_pmtu(args)
+        if args.command == "diagnose":
+            from tracer.cli.diagnose import run_diagnose
+
+            return run_diagnose(args)
         if args.command == "demo":
             from tracer.cli import demo
 

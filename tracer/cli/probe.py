@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from typing import TYPE_CHECKING
 
 import orjson
+import structlog
 
+from tracer import netns
 from tracer.cli import preflight
 from tracer.log import say
 from tracer.probe import pmtu as pmtumod
@@ -18,6 +23,9 @@ from tracer.probe.reach import (
     Target,
     Wire,
 )
+
+if TYPE_CHECKING:
+    from tracer.probe.explain import LocalDrops
 
 EXIT_OK, EXIT_NOT_OPEN, EXIT_USAGE = 0, 1, 2
 #: The host cannot run the probe (no raw sockets): the same code as `watch` uses, not the bad-flag one.
@@ -45,24 +53,90 @@ def _privileges(explain: bool = False) -> int | None:
     return None
 
 
-def probe_all(targets: list[Target], *, explain: bool, retries: int, timeout: float) -> list[ProbeResult]:
-    """Probes each target in turn; with `explain`, joins this host's drops to each probe."""
+#: `ip netns` names: what `ip netns add` accepts, without a path separator or a leading dot or dash.
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9_@+][A-Za-z0-9_.@+-]{0,254}$")
+
+
+class NetnsError(Exception):
+    """--netns names no namespace we can enter (exit 2)."""
+
+
+@contextmanager
+def in_netns(name: str | None) -> Iterator[None]:
+    """Runs the body with this thread inside the `ip netns` namespace `name` (None: where it
+    is), as `ip netns exec` would: sockets made there, and threads started there, stay there."""
+    with ExitStack() as stack:
+        if name is not None:
+            if not _NETNS_NAME.match(name):
+                raise NetnsError(f"--netns {name!r}: not a network namespace name (`ip netns list` shows them)")
+            try:
+                stack.enter_context(netns.entered(netns.by_name(name)))
+            except netns.NetnsGone:
+                raise NetnsError(f"--netns {name!r}: no such network namespace "
+                                 "(`ip netns list` shows them)") from None
+        yield
+
+
+def _local_drops(addresses: list[str], explain: bool, check: bool) -> tuple[LocalDrops | None, str]:
+    """The running engine for this probe run, or None and why there is none.
+
+    --explain needs it (a failure is the command's); the answer check only
+    wants it: without BPF the probe still runs and says its answers went unchecked.
+    """
     from tracer.probe.explain import LocalDrops
+
+    if not (explain or check):
+        return None, "--no-answer-check"
+    if not explain:
+        try:
+            preflight.require_watch_privileges()
+        except preflight.CannotRun as exc:
+            return None, str(exc)
+    drops = LocalDrops(addresses)
+    try:
+        drops.start()
+    except Exception as exc:
+        # A half-started engine may have put its marking table in: take it out either way.
+        with suppress(Exception):
+            drops.engine.close()
+        if explain:
+            raise
+        structlog.get_logger("tracer.probe").debug("answer check unavailable", exc_info=True)
+        return None, f"the drop engine could not start ({exc})"
+    return drops, ""
+
+
+def probe_all(targets: list[Target], *, explain: bool, retries: int, timeout: float,
+              check_answers: bool = True) -> list[ProbeResult]:
+    """Probes each target in turn. Each answer's fate on this host comes from the drop engine
+    (an answer this host's firewall drops makes `answer_dropped`); with `explain`, this host's
+    drops of each probe are joined to it too."""
     from tracer.probe.explain import explain as add_explanation
+    from tracer.probe.explain import judge
 
     wire = Wire(targets[0].version)
-    watch = LocalDrops(sorted({t.ip for t in targets})) if explain else nullcontext()
     try:
-        with watch:
+        # This host's own addresses too: an ICMP error from a router is addressed to them.
+        addresses = sorted({t.ip for t in targets} | {a for t in targets if (a := wire.source_for(t.ip))})
+        watch, unchecked = _local_drops(addresses, explain, check_answers)
+        try:
             n = probemod.next_number()
-            results = []
-            for i, target in enumerate(targets):
-                results.append(probemod.probe_one(wire, target, (n + i) & 0xFFFF,
-                                                  retries=retries, timeout=timeout))
+            results = [probemod.probe_one(wire, target, (n + i) & 0xFFFF, retries=retries, timeout=timeout)
+                       for i, target in enumerate(targets)]
+            if watch is not None:
+                watch.wait_fates([r.answer for r in results if r.answer is not None])
+        finally:
+            if watch is not None:
+                watch.stop()
     finally:
         wire.close()
-    if isinstance(watch, LocalDrops):
-        for result in results:
+    for result in results:
+        if watch is None:
+            if result.answer is not None:
+                result.answer_fate, result.answer_note = "unchecked", unchecked
+            continue
+        judge(result, watch)
+        if explain:
             add_explanation(result, watch.drops([result.probe_id]))
     return results
 
@@ -71,13 +145,24 @@ def render_probe(r: ProbeResult) -> str:
     rtt = f"  {r.rtt_ms:.2f} ms" if r.rtt_ms is not None else ""
     who = ("  not sent" if r.responder == "local" else
            f"  from {r.responder}" if r.responder and r.responder != r.target.ip else "")
-    lines = [f"{r.target!s:<32} {r.verdict.upper():<12}{rtt}{who}  [{r.probe_id}]",
-             f"    {r.detail}"]
+    verdict = r.verdict.upper().replace("_", " ")
+    lines = [f"{r.target!s:<32} {verdict:<12}{rtt}{who}  [{r.probe_id}]", f"    {r.detail}"]
+    if r.answer_fate == "unchecked" and r.answer_note and r.answer_note != "--no-answer-check":
+        lines.append(f"    (not checked whether this host's firewall lets the answer in: {r.answer_note})")
     lines += [f"    -> {step}" for step in r.next_steps]
     return "\n".join(lines)
 
 
 def run_probe(args: argparse.Namespace, ports: tuple[int, ...]) -> int:
+    """`tracer probe`, inside --netns when given."""
+    try:
+        with in_netns(getattr(args, "netns", None)):
+            return _run_probe(args, ports)
+    except NetnsError as exc:
+        return _fail(str(exc))
+
+
+def _run_probe(args: argparse.Namespace, ports: tuple[int, ...]) -> int:
     if args.retries < 0:
         return _fail("--retries must be 0 or more")
     protocol = args.proto or ("tcp" if ports else "icmp")
@@ -91,7 +176,8 @@ def run_probe(args: argparse.Namespace, ports: tuple[int, ...]) -> int:
     if denied is not None:
         return denied
     try:
-        results = probe_all(targets, explain=args.explain, retries=args.retries, timeout=args.timeout)
+        results = probe_all(targets, explain=args.explain, retries=args.retries, timeout=args.timeout,
+                            check_answers=getattr(args, "answer_check", True))
     except ProbeError as exc:
         return _probe_error(exc)
     for r in results:
@@ -112,6 +198,15 @@ def render_pmtu(r: pmtumod.PmtuResult) -> str:
 
 
 def run_pmtu(args: argparse.Namespace) -> int:
+    """`tracer pmtu`, inside --netns when given."""
+    try:
+        with in_netns(getattr(args, "netns", None)):
+            return _run_pmtu(args)
+    except NetnsError as exc:
+        return _fail(str(exc))
+
+
+def _run_pmtu(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         return _fail(f"--port {args.port}: a port is a number from 1 to 65535")
     try:

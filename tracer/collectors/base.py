@@ -71,3 +71,20 @@ class Collector(_Lifecycle, Protocol):
 class TraceCollector(_Lifecycle, Protocol):
     def gather(self, evidence: Evidence) -> None:
         """Fills this collector's slot of one drop's evidence (before the event exists)."""
+
+
+class OnDemand:
+    """The lifecycle of a collector that looks things up when a drop needs them: it holds no
+    socket or host change to start, follow or undo (the neighbours, the diagnosis)."""
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def start(self, namespaces: Sequence[Netns]) -> None:
+        pass
+
+    def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass

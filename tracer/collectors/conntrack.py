@@ -8,12 +8,13 @@ level comes from pyroute2's conntrack netlink support and feeds diagnoses
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tracer.event.sections import ConntrackInfo
+from tracer.event.sections import ConntrackInfo, CtTuple
 from tracer.netfilter.constants import (
     CT_STATE_BITS,
     IP_CT_ESTABLISHED,
@@ -60,6 +61,26 @@ def from_trace(state_bits: int | None, direction: int | None, status: int | None
     if state in ("invalid", "untracked"):
         return ConntrackInfo(state)
     return ConntrackInfo(state, dirname, ct_status_names(status or 0))
+
+
+def reversed_tuple(t: CtTuple) -> CtTuple:
+    """The tuple a reply carries when no NAT touched the flow."""
+    return CtTuple(t.dst, t.src, t.dport, t.sport)
+
+
+def with_nat_tuples(info: ConntrackInfo, original: CtTuple | None, reply: CtTuple | None) -> ConntrackInfo:
+    """`info` with the entry's tuples, kept only when NAT changed the flow.
+
+    Without NAT the reply tuple is the original reversed and the packet's own
+    headers already say everything; with it, the original tuple is what the
+    client asked for (the pre-DNAT address and port) and the reply tuple names
+    the translated peer (DNAT) or the address replies return to (SNAT).
+    """
+    if original is None or reply is None or info.state in ("invalid", "untracked"):
+        return info
+    if reply == reversed_tuple(original):
+        return info
+    return dataclasses.replace(info, original=original, reply=reply)
 
 
 @dataclass(frozen=True)
@@ -151,6 +172,8 @@ class ConntrackCollector:
             if nf.family and nf.table and nf.base_chain:
                 base = rs.chain(nf.family, nf.table, nf.base_chain)
             info = invalid_if_tracked(active, nf.hook, base.priority if base else None)
+        if info is not None:
+            info = with_nat_tuples(info, evidence.drop.ct_original, evidence.drop.ct_reply)
         event.conntrack = info
 
     def stop(self) -> None:

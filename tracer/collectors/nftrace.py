@@ -255,6 +255,8 @@ class TraceVerdict:
     verdict: str  # drop, reject, ...
     backend: str  # nftables or iptables-nft
     iptables: str | None = None  # the `iptables -S` line of an iptables-nft rule
+    #: Its line in `iptables -L --line-numbers` (1-based position in its chain), with `iptables`.
+    iptables_number: int | None = None
     ct_state: str | None = None
     ct_direction: str | None = None
     ct_status: tuple[str, ...] | None = None
@@ -954,6 +956,9 @@ class _NetnsWatch:
         iptables = None
         if backend == "iptables-nft" and rule is not None and rs is not None and rs.generation is not None:
             iptables = self._iptables_line(rs.generation, rs, rule)
+        # The -S line is found by the rule's position in its chain, which is what
+        # `iptables -L --line-numbers` counts (from 1): the nft handle is not that number.
+        iptables_number = rule.position + 1 if iptables is not None and rule is not None else None
         ct = p.ct
         return TraceVerdict(
             netns_inode=self.ns.inode,
@@ -971,6 +976,7 @@ class _NetnsWatch:
             verdict="reject" if rule is not None and rule.reject else "drop",
             backend=backend,
             iptables=iptables,
+            iptables_number=iptables_number,
             ct_state=CT_STATE_BITS.get(ct["state"]) if ct.get("state") is not None else None,
             ct_direction=CT_DIRECTIONS.get(ct["direction"]) if ct.get("direction") is not None else None,
             ct_status=_ct_status(ct),

@@ -13,6 +13,7 @@ import socket
 import time
 from datetime import UTC, datetime
 from functools import cache, lru_cache
+from typing import Any
 
 import communityid
 
@@ -38,6 +39,11 @@ def direction_of(hook: str | None) -> str | None:
     if hook in EGRESS_HOOKS:
         return "egress"
     return None
+
+
+def info_event(kind: str, action: str, dataset: str) -> dict[str, Any]:
+    """ECS `event` of what the tracer reports beside drops (notices, counter rises): network info."""
+    return {"kind": kind, "category": ["network"], "type": ["info"], "action": action, "dataset": dataset}
 
 
 def iso_time(ns: int) -> str:

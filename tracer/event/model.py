@@ -23,11 +23,14 @@ from typing import Any
 from tracer.event.ecs import ECS_VERSION, community_id, direction_of, iso_time, parse_iso_time
 from tracer.event.sections import (
     ConntrackInfo,
+    CtTuple,
+    Diagnosis,
     Doc,
     Drop,
     Interface,
     Interfaces,
     Namespace,
+    Neighbor,
     Netfilter,
     Observer,
     Packet,
@@ -41,11 +44,14 @@ from tracer.event.sections import (
 __all__ = [
     "ECS_VERSION",
     "ConntrackInfo",
+    "CtTuple",
+    "Diagnosis",
     "Drop",
     "DropEvent",
     "Interface",
     "Interfaces",
     "Namespace",
+    "Neighbor",
     "Netfilter",
     "Observer",
     "Packet",
@@ -85,6 +91,8 @@ class DropEvent:
     probe: Probe | None = None
     summary: Summary | None = None
     observer: Observer | None = None  # host.* and observer.*; None: this host, this tracer
+    diagnosis: Diagnosis | None = None  # the cause and the fix, when the tracer can name them
+    neighbor: Neighbor | None = None  # the next hop that did not resolve (neighbour failures)
 
     @property
     def direction(self) -> str | None:
@@ -114,6 +122,10 @@ class DropEvent:
                 doc["rule"] = rule
         if self.conntrack is not None:
             doc["conntrack"] = self.conntrack.to_ecs()
+        if self.neighbor is not None:
+            doc["neighbor"] = self.neighbor.to_ecs()
+        if self.diagnosis is not None:
+            doc["diagnosis"] = self.diagnosis.to_ecs()
         (self.packet or _NO_PACKET).add_flow_ecs(doc, self.direction)
         observer = (self.observer or this_observer()).add_ecs(doc)
         if self.interfaces is not None:
@@ -152,4 +164,6 @@ class DropEvent:
             probe=Probe.from_ecs(doc["probe"]) if "probe" in doc else None,
             summary=Summary.from_ecs(ev) if ev["dataset"] == "tracer.drop.summary" else None,
             observer=Observer.from_ecs(doc),
+            diagnosis=Diagnosis.from_ecs(doc["diagnosis"]) if "diagnosis" in doc else None,
+            neighbor=Neighbor.from_ecs(doc["neighbor"]) if "neighbor" in doc else None,
         )

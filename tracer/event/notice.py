@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.event.ecs import ECS_VERSION, iso_time
+from tracer.event.ecs import ECS_VERSION, info_event, iso_time
 from tracer.event.sections import Doc, Namespace, Observer, this_observer
 from tracer.event.text import printable
 
@@ -51,13 +51,7 @@ class Notice:
     observer: Observer | None = None  # host.* and observer.*; None: this host, this tracer
 
     def to_ecs(self) -> Doc:
-        event: Doc = {
-            "kind": self.kind,
-            "category": ["network"],
-            "type": ["info"],
-            "action": self.action,
-            "dataset": self.dataset,
-        }
+        event: Doc = info_event(self.kind, self.action, self.dataset)
         if self.severity is not None:
             event["severity"] = self.severity
         if self.start_ns is not None:

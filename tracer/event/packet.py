@@ -77,10 +77,72 @@ class PacketHeaders:
     ttl: int | None = None
     length: int | None = None  # IP total length from the header
     l4: bytes = field(default=b"", repr=False)
+    #: An ICMP/ICMPv6 error's quoted packet (the one that caused the error), as far as the
+    #: error holds it: addresses, protocol, and ports when its first transport bytes are there.
+    quoted: PacketHeaders | None = None
 
     @property
     def transport(self) -> str:
         return TRANSPORT_NAMES.get(self.protocol, str(self.protocol))
+
+
+def protocol_of_transport(name: str) -> int:
+    """The protocol number of a `network.transport` name (the inverse of PacketHeaders.transport)."""
+    for number, known in TRANSPORT_NAMES.items():
+        if known == name:
+            return number
+    if name.isascii() and name.isdigit() and 0 <= int(name) <= 255:
+        return int(name)
+    raise ValueError(f"transport {name!r} is neither a known protocol name nor a number 0-255")
+
+
+#: ICMP types whose payload quotes the packet that caused them (RFC 792, RFC 4443): the
+#: types the BPF filter looks into (icmp_error in bpf/tracer.bpf.c).
+ICMP_ERROR_TYPES = {IPPROTO_ICMP: frozenset({3, 4, 5, 11, 12}), IPPROTO_ICMPV6: frozenset({1, 2, 3, 4})}
+#: ICMPv6 neighbour discovery (RFC 4861): RS, RA, NS, NA, redirect.
+ND_TYPES = frozenset(range(133, 138))
+
+
+def is_icmp_error(protocol: int, icmp_type: int | None) -> bool:
+    """Whether an ICMP/ICMPv6 message of this type quotes another packet."""
+    return icmp_type is not None and icmp_type in ICMP_ERROR_TYPES.get(protocol, frozenset())
+
+
+def decode_quoted(l3: bytes, l4: bytes, protocol: int) -> PacketHeaders | None:
+    """The packet an ICMP error quotes, from its IP header and first transport bytes.
+
+    `protocol` is the quoted packet's (the BPF side does not walk a quoted
+    IPv6 packet's extension headers: it is then the first of them, with no
+    ports). The quoted length is the original packet's, not what was quoted.
+    """
+    return decode(l3, l4, protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbor:
+    """What an ARP or IPv6 neighbour-discovery packet is about: whose link address is asked for.
+
+    The diagnosis of a neighbour failure names `target`: the next hop that could not be resolved.
+    """
+
+    protocol: str  # "arp" or "nd"
+    op: int  # ARP opcode (1 request, 2 reply); ND: the ICMPv6 type (133-137)
+    sender: str | None  # ARP: the sender's IPv4 address; ND: the IPv6 source
+    target: str | None  # ARP: the target IPv4 address; ND: the NS/NA/redirect target (None for RS/RA)
+
+
+ARP_HEADER_BYTES = 28  # Ethernet/IPv4 ARP
+
+
+def decode_arp(header: bytes) -> Neighbor | None:
+    """An Ethernet/IPv4 ARP header (28 bytes) as a Neighbor; None for any other kind."""
+    if len(header) < ARP_HEADER_BYTES:
+        return None
+    hrd, pro, hln, pln, op = struct.unpack_from("!HHBBH", header, 0)
+    if hrd != 1 or pro != ETH_P_IP or hln != 6 or pln != 4:
+        return None
+    return Neighbor("arp", op, socket.inet_ntop(socket.AF_INET, header[14:18]),
+                    socket.inet_ntop(socket.AF_INET, header[24:28]))
 
 
 def tcp_flag_names(flags: int) -> tuple[str, ...]:

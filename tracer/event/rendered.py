@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from tracer.event.counter import CounterEvent
 from tracer.event.model import DropEvent
 from tracer.event.notice import Notice
 from tracer.event.text import one_line
@@ -26,13 +27,13 @@ from tracer.event.text import one_line
 class Rendered:
     """An event (which must no longer change) and its forms, rendered lazily and once.
 
-    The event is a drop (or drop summary) or a notice (an alert, a loss report):
-    sinks treat both alike.
+    The event is a drop (or drop summary), a notice (an alert, a loss report)
+    or a counter event (tracer.counter): sinks treat them alike.
     """
 
     __slots__ = ("_ecs", "_json", "_lock", "_text", "event")
 
-    def __init__(self, event: DropEvent | Notice) -> None:
+    def __init__(self, event: DropEvent | Notice | CounterEvent) -> None:
         self.event = event
         self._ecs: dict[str, Any] | None = None
         self._json: bytes | None = None

@@ -1,7 +1,9 @@
 """The JSON Schemas of what tracer prints, and validation against them.
 
-`drop-event` (the default) is the drop event; `probe-result` and
-`pmtu-result` are what `tracer probe --json` and `tracer pmtu --json` print.
+`drop-event` (the default) is the drop event; `notice-event` the alerts
+and loss reports, `counter-event` the counter rises (tracer.counter,
+docs/counter-event.md); `probe-result` and `pmtu-result` are what
+`tracer probe --json` and `tracer pmtu --json` print.
 
 The schema ships inside the package (tracer/data/drop-event.schema.json;
 docs/drop-event.schema.json is a symlink to it) so that an installed tracer
@@ -28,15 +30,24 @@ ValidationError = Any
 
 DROP_EVENT = "drop-event"
 NOTICE_EVENT = "notice-event"
-SCHEMAS = (DROP_EVENT, NOTICE_EVENT, "probe-result", "pmtu-result")
+COUNTER_EVENT = "counter-event"
+DIAGNOSE_REPORT = "diagnose-report"
+SCHEMAS = (DROP_EVENT, NOTICE_EVENT, COUNTER_EVENT, "probe-result", "pmtu-result", DIAGNOSE_REPORT)
 #: `event.dataset` values of notices (tracer.event.notice): they follow the notice schema.
 NOTICE_DATASETS = ("tracer.conntrack", "tracer.loss")
+#: `event.dataset` of counter events (tracer.event.counter): they follow the counter schema.
+COUNTER_DATASET = "tracer.counter"
+#: Where each schema's fields are described, for error messages.
+_DOCS = {DROP_EVENT: "docs/drop-event.md", NOTICE_EVENT: "docs/drop-event.md",
+         COUNTER_EVENT: "docs/counter-event.md", DIAGNOSE_REPORT: "docs/diagnose-report.md"}
 
 
 def schema_of(event: dict[str, Any]) -> str:
-    """Which schema an event printed by `tracer watch` follows: notices have their own."""
+    """Which schema an event printed by `tracer watch` follows: notices and counter events have their own."""
     ev = event.get("event")
     dataset = ev.get("dataset") if isinstance(ev, dict) else None
+    if dataset == COUNTER_DATASET:
+        return COUNTER_EVENT
     return NOTICE_EVENT if dataset in NOTICE_DATASETS else DROP_EVENT
 
 #: How many problems one error message lists; the rest are counted.
@@ -50,7 +61,7 @@ class DropEventError(ValueError):
         self.problems = problems
         shown = problems[:_MAX_REPORTED]
         more = len(problems) - len(shown)
-        doc = "docs/drop-event.md" if name in (DROP_EVENT, NOTICE_EVENT) else "docs/probe.md"
+        doc = _DOCS.get(name, "docs/probe.md")
         text = f"{name} does not match {doc}:\n  " + "\n  ".join(shown)
         if more:
             text += f"\n  ... and {more} more"

@@ -30,8 +30,8 @@ from tracer.event.ecs import (
     parse_iso_time,
     tracer_version,
 )
-from tracer.event.packet import TRANSPORT_NAMES, PacketHeaders
-from tracer.event.text import NO_FLOW, printable
+from tracer.event.packet import TRANSPORT_NAMES, PacketHeaders, protocol_of_transport
+from tracer.event.text import NO_FLOW, icmp_name, printable, shown
 
 #: An ECS object as `to_ecs` builds it and `from_ecs` reads it.
 Doc = dict[str, Any]
@@ -103,6 +103,8 @@ class Packet:
             if p.icmp_type is not None:
                 # ECS has no ICMP fields; the spec puts such facts under `drop`.
                 doc["drop"]["icmp"] = {"type": p.icmp_type, "code": p.icmp_code}
+                if p.quoted is not None:
+                    doc["drop"]["icmp"]["quoted"] = _quoted_ecs(p.quoted)
         if direction:
             network["direction"] = direction
         if p is not None:
@@ -135,15 +137,42 @@ class Packet:
         return cls(headers, meta.get("length"), meta.get("mark"))
 
     def text(self) -> str:
-        """`tcp 198.18.0.1:40000 > 198.18.0.2:443 [SYN]`, brackets round IPv6 addresses with a port."""
+        """`tcp 198.18.0.1:40000 > 198.18.0.2:443 [SYN] len 60`, `icmp 198.18.0.3 > 198.18.0.1 3/4
+        frag-needed len 576`: brackets round IPv6 addresses with a port, ICMP's type/code and its
+        name (ICMPv6 is written `icmpv6`, as people and `--proto` say it), the skb's length."""
         p = self.headers
+        length = f" len {self.length}" if self.length is not None else ""
         if p is None:
-            return NO_FLOW
+            return NO_FLOW + length
         ports = p.sport is not None
-        out = f"{p.transport} {_endpoint(p.src, p.sport, ports)} > {_endpoint(p.dst, p.dport, ports)}"
+        transport = "icmpv6" if p.protocol == 58 else p.transport
+        out = f"{transport} {_endpoint(p.src, p.sport, ports)} > {_endpoint(p.dst, p.dport, ports)}"
         if p.tcp_flags:
             out += f" [{','.join(p.tcp_flags)}]"
-        return out
+        if p.icmp_type is not None:
+            code = "?" if p.icmp_code is None else p.icmp_code
+            out += f" {p.icmp_type}/{code}"
+            name = icmp_name(p.version, p.icmp_type, p.icmp_code)
+            if name:
+                out += f" {name}"
+        return out + length
+
+
+def _quoted_ecs(q: PacketHeaders) -> Doc:
+    """`drop.icmp.quoted`: the packet an ICMP error quotes, as ECS `source`/`destination`."""
+    src: Doc = {"ip": q.src}
+    dst: Doc = {"ip": q.dst}
+    if q.sport is not None:
+        src["port"] = q.sport
+        dst["port"] = q.dport
+    return {"source": src, "destination": dst, "transport": q.transport}
+
+
+def _quoted_from_ecs(d: Mapping[str, Any]) -> PacketHeaders:
+    src, dst = d["source"], d["destination"]
+    return PacketHeaders(version=6 if ":" in src["ip"] else 4, src=src["ip"], dst=dst["ip"],
+                         protocol=protocol_of_transport(d["transport"]), sport=src.get("port"),
+                         dport=dst.get("port"))
 
 
 def _headers_from_ecs(doc: Mapping[str, Any]) -> PacketHeaders | None:
@@ -165,6 +194,7 @@ def _headers_from_ecs(doc: Mapping[str, Any]) -> PacketHeaders | None:
         tcp_flags=tuple(doc.get("tcp", {}).get("flags", ())),
         icmp_type=icmp.get("type"),
         icmp_code=icmp.get("code"),
+        quoted=_quoted_from_ecs(icmp["quoted"]) if "quoted" in icmp else None,
     )
 
 
@@ -204,6 +234,12 @@ class Interfaces:
             return None
         return cls(None if ingress is None else Interface.from_ecs(ingress["interface"]),
                    None if egress is None else Interface.from_ecs(egress["interface"]))
+
+    def text(self) -> str | None:
+        """`in veth0 out eth1` (an interface whose name is unknown by its index: `in if7`)."""
+        parts = [f"{word} {printable(i.name) if i.name else f'if{i.index}'}"
+                 for word, i in (("in", self.ingress), ("out", self.egress)) if i is not None]
+        return " ".join(parts) or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +310,10 @@ class Rule:
     handle: int
     text: str | None  # None when the rule's text could not be known for certain
     comment: str | None = None
-    iptables: str | None = None
+    iptables: str | None = None  # the `iptables -S` (-A) line, for the iptables backends
+    #: The rule's line in `iptables -L --line-numbers` (1-based position in its chain), for the
+    #: iptables backends: what `iptables -D CHAIN N` and `-I CHAIN N` take. The nft handle is not.
+    number: int | None = None
 
     def to_ecs(self) -> Doc:
         out: Doc = {"handle": self.handle}
@@ -284,11 +323,13 @@ class Rule:
             out["comment"] = self.comment
         if self.iptables is not None:
             out["iptables"] = self.iptables
+        if self.number is not None:
+            out["number"] = self.number
         return out
 
     @classmethod
     def from_ecs(cls, d: Mapping[str, Any]) -> Rule:
-        return cls(d["handle"], d.get("text"), d.get("comment"), d.get("iptables"))
+        return cls(d["handle"], d.get("text"), d.get("comment"), d.get("iptables"), d.get("number"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +414,13 @@ class Netfilter:
                    d.get("policy"), d.get("verdict"))
 
     def describe(self) -> str:
-        """`inet fw chain input rule 4 "tcp dport 443 drop" (legacy block)`, or the policy."""
+        """`inet fw chain input rule 4 "tcp dport 443 drop" (legacy block)`, or the policy.
+
+        An iptables rule (iptables-nft, iptables-legacy) is shown as its owner wrote it, its
+        `-A` line, and by its line in `iptables -L --line-numbers` (`line 2 "-A INPUT ..."`),
+        the number `iptables -D INPUT 2` takes: the nft handle of an iptables-nft rule is a
+        different number, and shown as `handle N` only when the line is not known.
+        """
         where = " ".join(printable(x) for x in (self.family, self.table) if x)
         chain = self.chain or self.base_chain
         if chain:
@@ -381,6 +428,17 @@ class Netfilter:
         if self.policy is True:
             return f"{where} policy {'drop' if self.verdict is None else self.verdict}".strip()
         rule = self.rule
+        if rule is not None and self.backend in ("iptables-nft", "iptables-legacy"):
+            if rule.iptables is not None:
+                number = f" line {rule.number}" if rule.number is not None else ""
+                return f'{where}{number} "{printable(rule.iptables)}"'.strip()
+            if self.backend == "iptables-nft":
+                out = f"{where} handle {rule.handle}"
+                if rule.text is not None:
+                    out += f' "{printable(rule.text)}"'
+                if rule.comment:
+                    out += f" ({printable(rule.comment)})"
+                return out
         if rule is not None:
             out = f"{where} rule {rule.handle}"
             if rule.text is not None:
@@ -397,14 +455,52 @@ class Netfilter:
 
 
 @dataclass(frozen=True, slots=True)
+class CtTuple:
+    """One direction of a conntrack entry: addresses and ports as conntrack keys them.
+
+    Ports are None for protocols without them (ICMP keys on type and id instead).
+    """
+
+    src: str
+    dst: str
+    sport: int | None = None
+    dport: int | None = None
+
+    def to_ecs(self) -> Doc:
+        src: Doc = {"ip": self.src}
+        dst: Doc = {"ip": self.dst}
+        if self.sport is not None:
+            src["port"] = self.sport
+        if self.dport is not None:
+            dst["port"] = self.dport
+        return {"source": src, "destination": dst}
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> CtTuple:
+        return cls(d["source"]["ip"], d["destination"]["ip"], d["source"].get("port"), d["destination"].get("port"))
+
+    def text(self) -> str:
+        ports = self.sport is not None and self.dport is not None
+        return f"{_endpoint(self.src, self.sport, ports)} > {_endpoint(self.dst, self.dport, ports)}"
+
+
+@dataclass(frozen=True, slots=True)
 class ConntrackInfo:
-    """The packet's connection-tracking state (ECS `conntrack`)."""
+    """The packet's connection-tracking state (ECS `conntrack`).
+
+    `original` and `reply` are the entry's two tuples, kept only when NAT
+    changed the flow (the reply is not the original reversed): then the
+    original tuple is what the client asked for (the pre-DNAT port a user
+    filters on) and the reply tuple names the translated destination.
+    """
 
     state: str  # new, established, related, invalid, untracked
     direction: str | None = None  # original, reply
     status: tuple[str, ...] = ()
     zone: int | None = None
     mark: int | None = None
+    original: CtTuple | None = None
+    reply: CtTuple | None = None
 
     def to_ecs(self) -> Doc:
         out: Doc = {"state": self.state}
@@ -416,14 +512,65 @@ class ConntrackInfo:
                 out["zone"] = self.zone
             if self.mark is not None:
                 out["mark"] = self.mark
+            if self.original is not None:
+                out["original"] = self.original.to_ecs()
+            if self.reply is not None:
+                out["reply"] = self.reply.to_ecs()
         return out
 
     @classmethod
     def from_ecs(cls, d: Mapping[str, Any]) -> ConntrackInfo:
-        return cls(d["state"], d.get("direction"), tuple(d.get("status", ())), d.get("zone"), d.get("mark"))
+        original, reply = d.get("original"), d.get("reply")
+        return cls(d["state"], d.get("direction"), tuple(d.get("status", ())), d.get("zone"), d.get("mark"),
+                   None if original is None else CtTuple.from_ecs(original),
+                   None if reply is None else CtTuple.from_ecs(reply))
+
+    @property
+    def nat(self) -> bool:
+        """Whether NAT changed this flow (conntrack's src_nat/dst_nat status, or tuples that differ)."""
+        return bool({"src_nat", "dst_nat"} & set(self.status)) or self.original is not None
 
     def text(self) -> str:
-        return f"ct {self.state}" + (f"/{self.direction}" if self.direction else "")
+        out = f"ct {self.state}" + (f"/{self.direction}" if self.direction else "")
+        if self.original is not None:
+            out += f" nat from {self.original.text()}"
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """Why the packet died, in a firewall troubleshooting guide's terms, and what to change.
+
+    `cause` is one id of tracer.diagnosis.causes.CAUSES; `fix` holds whole
+    commands in the syntax of the tool that owns the rule (nft, iptables,
+    firewall-cmd, sysctl, ip), each ready to paste into a root shell: every
+    name in them is shell-quoted. `evidence` lists the facts the cause rests on.
+    A drop whose cause cannot be named has no Diagnosis: unknown is absent.
+    """
+
+    cause: str
+    summary: str
+    fix: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = ()
+
+    def to_ecs(self) -> Doc:
+        return {"cause": self.cause, "summary": self.summary, "fix": list(self.fix),
+                "evidence": list(self.evidence)}
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Diagnosis:
+        return cls(d["cause"], d["summary"], tuple(d.get("fix", ())), tuple(d.get("evidence", ())))
+
+    def text(self) -> str:
+        """The second, indented line of the text view: the cause and the first fix.
+
+        The summary's names were escaped when it was written, and a fix is shell-quoted: both
+        are shown as they are unless they hold a byte that could act on the terminal.
+        """
+        out = f"cause {self.cause}: {shown(self.summary)}"
+        if self.fix:
+            out += f"  fix: {shown(self.fix[0])}"
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,3 +640,41 @@ class Summary:
         seconds = max(0, self.end_ns - self.start_ns) / 1e9
         span = f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
         return f"{TIMES}{self.count} in {span} s"
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbor:
+    """The next hop of a packet that died waiting for it to resolve (ECS `neighbor`).
+
+    A NEIGH_FAILED drop (or NOT_SPECIFIED at neigh_invalidate) names no
+    address: the packet's destination may be far away, and what failed is
+    the gateway (or the destination itself, on-link) that ARP or neighbour
+    discovery could not find. `state` is the neighbour entry's NUD state as
+    `ip neigh` prints it (FAILED, INCOMPLETE, ...), None when no entry was
+    left; `interface` the device the route sends it by.
+    """
+
+    ip: str
+    state: str | None = None
+    interface: str | None = None
+
+    def to_ecs(self) -> Doc:
+        out: Doc = {"ip": self.ip}
+        if self.state is not None:
+            out["state"] = self.state
+        if self.interface is not None:
+            out["interface"] = self.interface
+        return out
+
+    @classmethod
+    def from_ecs(cls, d: Mapping[str, Any]) -> Neighbor:
+        return cls(d["ip"], d.get("state"), d.get("interface"))
+
+    def text(self) -> str:
+        """`next hop 198.18.0.1 dev veth0 FAILED`."""
+        out = f"next hop {self.ip}"
+        if self.interface is not None:
+            out += f" dev {printable(self.interface)}"
+        if self.state is not None:
+            out += f" {printable(self.state)}"
+        return out

@@ -137,6 +137,34 @@ def nft_match_rules(f: Scope, hook: MarkHook = "prerouting") -> list[str]:
     return rules
 
 
+def marking_rules(f: Scope, hook: MarkHook = "prerouting") -> list[str]:
+    """What the marking chains match: the scope's own rules, then the related packets.
+
+    The kernel filter also selects packets related to the watched ones
+    (ICMP errors quoting a watched packet; neighbour discovery for a watched
+    host), and their drops need a rule too: they are traced widely here
+    (`icmp type {...}`), and the filter keeps only the related ones.
+    """
+    rules = nft_match_rules(f, hook)
+    if not (f.ports or f.hosts or f.proto):
+        return rules  # everything is traced already
+    iface = None
+    if f.iface is not None:
+        iface = f'{"iifname" if hook == "prerouting" else "oifname"} "{f.iface}"'
+    related = [*_RELATED_ERRORS, _RELATED_ND] if f.hosts else list(_RELATED_ERRORS)
+    return rules + [" ".join(p for p in (iface, r) if p) for r in related]
+
+
+#: ICMP and ICMPv6 errors, which quote the packet they are about.
+_RELATED_ERRORS = (
+    "icmp type { destination-unreachable, source-quench, redirect, time-exceeded, parameter-problem }",
+    "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem }",
+)
+#: IPv6 neighbour discovery, whose drop leaves a watched host unresolved.
+_RELATED_ND = ("icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, "
+               "nd-redirect }")
+
+
 # --- the marking table ----------------------------------------------------------------------
 
 MARK_TABLE = "tracer_mark"
@@ -246,7 +274,7 @@ def _ct_chain_rules(f: Scope, hook: MarkHook) -> list[str]:
     """The base chain at CT_MARK_PRIORITY: an assured established connection's packets
     (the bulk of accepted traffic) leave at the first rule."""
     rules = ["ct state established ct status assured return"]
-    return rules + [f"{match} goto late".strip() for match in nft_match_rules(f, hook)]
+    return rules + [f"{match} goto late".strip() for match in marking_rules(f, hook)]
 
 
 def _mark_rules(fam: _Family, flow_rate: int) -> dict[str, list[str]]:
@@ -322,7 +350,7 @@ def mark_commands(
         lines.append(
             f"add chain inet {table} {hook} {{ type filter hook {hook} priority {MARK_PRIORITY}; policy accept; }}"
         )
-        lines += _rules_commands(table, hook, (f"{match} goto early".strip() for match in nft_match_rules(f, hook)))
+        lines += _rules_commands(table, hook, (f"{match} goto early".strip() for match in marking_rules(f, hook)))
         lines.append(
             f"add chain inet {table} {CT_CHAINS[hook]} {{ type filter hook {hook} priority {CT_MARK_PRIORITY}; "
             "policy accept; }"
@@ -339,7 +367,7 @@ def scope_commands(table: str, f: Scope, *, stateful: bool) -> str:
     lines = []
     for hook in MARK_HOOKS:
         lines.append(f"flush chain inet {table} {hook}")
-        lines += _rules_commands(table, hook, (f"{match} goto early".strip() for match in nft_match_rules(f, hook)))
+        lines += _rules_commands(table, hook, (f"{match} goto early".strip() for match in marking_rules(f, hook)))
         lines.append(f"flush chain inet {table} {CT_CHAINS[hook]}")
         if stateful:
             lines += _rules_commands(table, CT_CHAINS[hook], _ct_chain_rules(f, hook))

@@ -16,7 +16,7 @@ from typing import BinaryIO, TextIO
 
 from tracer.event.model import DropEvent
 from tracer.event.rendered import Rendered
-from tracer.event.text import stack_lines
+from tracer.event.text import diagnosis_lines, stack_lines
 from tracer.outputs.base import Delivery
 from tracer.outputs.writer import FdWriter, Output, StreamOutput, stdout_output
 
@@ -47,7 +47,8 @@ class NdjsonSink(_SinkBase):
 
 
 class TerminalSink(_SinkBase):
-    """One line per drop (and its stack with --stack), as one item per event."""
+    """One line per drop, its diagnosis (cause and first fix) indented under it when it has one,
+    and its stack with --stack: one item per event, so the lines of an event stay together."""
 
     def __init__(self, stream: TextIO | None = None, *, stack: bool = False,
                  output: Output | None = None, on_error: Callable[[str], None] | None = None) -> None:
@@ -63,8 +64,10 @@ class TerminalSink(_SinkBase):
 
     def _text(self, rendered: Rendered) -> str:
         lines = [rendered.text()]
-        if self.stack and isinstance(rendered.event, DropEvent):
-            lines += stack_lines(rendered.event)
+        if isinstance(rendered.event, DropEvent):
+            lines += diagnosis_lines(rendered.event)
+            if self.stack:
+                lines += stack_lines(rendered.event)
         return "\n".join(lines) + "\n"
 
     def _encoded(self, rendered: Rendered) -> bytes:

@@ -50,15 +50,21 @@ def _traced(drop: KernelDrop, v: TraceVerdict | LegacyVerdict, backend: str, rul
 def from_trace(drop: KernelDrop, v: TraceVerdict) -> Netfilter:
     rule = None
     if not v.policy and v.handle is not None:
-        rule = Rule(handle=v.handle, text=v.text, comment=v.comment, iptables=v.iptables)
+        rule = Rule(handle=v.handle, text=v.text, comment=v.comment, iptables=v.iptables,
+                    number=v.iptables_number)
     return _traced(drop, v, v.backend, rule)
 
 
 def from_legacy(drop: KernelDrop, v: LegacyVerdict) -> Netfilter:
-    """An iptables-legacy TRACE verdict: rule number as handle, `iptables -S` line as text."""
+    """An iptables-legacy TRACE verdict: rule number as handle, `iptables -S` line as text.
+
+    TRACE's rule number counts the rules of the chain from 1, as `iptables -L --line-numbers`
+    does, so it is also the rule's line `number`.
+    """
     rule = None
     if not v.policy and v.rule_number is not None and v.iptables is not None:
-        rule = Rule(handle=v.rule_number, text=v.iptables, comment=v.comment, iptables=v.iptables)
+        rule = Rule(handle=v.rule_number, text=v.iptables, comment=v.comment, iptables=v.iptables,
+                    number=v.rule_number)
     return _traced(drop, v, "iptables-legacy", rule)
 
 

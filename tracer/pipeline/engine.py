@@ -38,11 +38,15 @@ import structlog
 from tracer.bpf.loader import LoadedTracer
 from tracer.collectors.base import Collector, Evidence, TraceCollector
 from tracer.collectors.conntrack import ConntrackCollector
+from tracer.collectors.counters import CounterCollector
 from tracer.collectors.ctpressure import ConntrackPressure
+from tracer.collectors.diagnosis import DiagnosisCollector
 from tracer.collectors.links import LinksCollector
+from tracer.collectors.neighbors import NeighborsCollector
 from tracer.collectors.netfilter import NftraceCollector, XtraceCollector
 from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
+from tracer.event.counter import CounterEvent
 from tracer.event.model import DropEvent, Namespace, Netfilter, Packet, Probe, Process
 from tracer.event.notice import Notice
 from tracer.event.rendered import Rendered
@@ -95,6 +99,7 @@ class Engine:
         self._queue_lost_total = 0  # read by the join thread for loss reports
         self.summaries: Summaries | None = None
         self.pressure: ConntrackPressure | None = None
+        self.counters: CounterCollector | None = None  # the SNMP counters of drops kfree_skb never sees
         self.losses = LossMeter()
         self._count_reached = False
         self._losses_checked = 0.0
@@ -134,13 +139,17 @@ class Engine:
         if cfg.nftrace:
             self.nftrace = NftraceCollector(cfg, self.marking, self.loop)
             self._trace_collectors.append(self.nftrace)
-        self._section_collectors = [ConntrackCollector(), LinksCollector()]  # they read the netfilter section
+        # They read the netfilter section; the diagnosis reads every section before it, so it is last.
+        self._section_collectors = [ConntrackCollector(), LinksCollector(), NeighborsCollector(),
+                                    DiagnosisCollector()]
         self.collectors = [*self._trace_collectors, *self._section_collectors]
         self.marking.start(watched)  # the trace collectors, in the order their host changes need
         for c in self.collectors:
             c.start(watched)
         self.pressure = ConntrackPressure(threshold=cfg.conntrack_threshold, emit=self._alert, log=log)
         self.pressure.start(watched)
+        self.counters = CounterCollector(emit=self._alert, interval=1.0, log=log)
+        self.counters.start(watched)  # reads the baseline now, then polls in its own thread
         assert self.summaries is not None
         self.source.start(self._deliver, admit=self.summaries.ceiling.take)
         self._spawn(self._scan_loop, "netns-scanner")
@@ -263,6 +272,8 @@ class Engine:
             c.namespaces_changed(watched)
         if self.pressure is not None:
             self.pressure.namespaces_changed(watched)
+        if self.counters is not None:
+            self.counters.namespaces_changed(watched)
 
     # ---------------------------------------------------------- events
 
@@ -313,8 +324,8 @@ class Engine:
             summaries.showing(item.epoch, item.key, shown)
             self._emit(shown)
 
-    def _alert(self, notice: Notice) -> None:
-        """A conntrack alert, from the pressure thread: straight to the sink (it is thread-safe)."""
+    def _alert(self, notice: Notice | CounterEvent) -> None:
+        """A conntrack alert or a counter's rise, from their threads: straight to the sink (it is thread-safe)."""
         if self.sink is not None and not self._count_reached:
             self.sink.submit(Rendered(notice))
 
@@ -478,6 +489,9 @@ class Engine:
             if self.pressure is not None:
                 self.pressure.stop()
                 self.pressure = None
+            if self.counters is not None:
+                self.counters.stop()
+                self.counters = None
             for c in self.collectors:
                 c.stop()
             self.collectors, self.nftrace, self.xtrace, self.marking = [], None, None, None

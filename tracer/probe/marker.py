@@ -8,7 +8,8 @@ and that middleboxes leave alone:
 - TCP: source port 61000 + (n & 0xff) and sequence number 0x7472_0000 | n;
   the low byte of the sequence must equal the port offset. A random segment
   matches by chance once in about 2^32.
-- UDP: source port as for TCP, payload starting with b"TRPROBE" + n.
+- UDP: source port as for TCP, payload starting with b"TRPROBE" + n (an echo
+  service's answer, to that port with that payload, is recognised too).
 - ICMP/ICMPv6 echo: identifier 0x7472, sequence n, payload b"TRPROBE" + n.
 
 `n` is a 16-bit probe number; its text form `tr-XXXX` is the `probe.id` of
@@ -74,7 +75,8 @@ def recognise(p: PacketHeaders | None) -> str | None:
     if p.protocol == IPPROTO_UDP and p.sport is not None:
         if l4[8:15] == PAYLOAD_TAG and len(l4) >= 17:
             n = struct.unpack_from("!H", l4, 15)[0]
-            if p.sport == source_port(n):
+            # The probe itself, or an echo service's answer to it (the payload sent back).
+            if p.sport == source_port(n) or p.dport == source_port(n):
                 return probe_id(n)
         return None
     if p.protocol in _ECHO_REQUEST and l4[0] in (_ECHO_REQUEST[p.protocol], _ECHO_REPLY[p.protocol]):

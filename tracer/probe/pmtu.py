@@ -7,16 +7,26 @@ small ones pass: connections hang after the handshake. We binary-search the
 largest DF probe that gets an answer between the protocol minimum (68 for
 IPv4, 1280 for IPv6) and the interface MTU, noting every ICMP error and who
 sent it. A size that vanished without an ICMP error is the black hole.
+
+TCP probes are SYNs padded with data to the size tried. An open port's
+SYN-ACK acknowledges the SYN alone; a closed port's RST acknowledges the
+SYN and its data (seq + 1 + len), and is just as good an answer: the
+padded SYN reached the target at that size.
 """
 
 from __future__ import annotations
+
+# Before any scapy import: scapy then warns only into the debug log (tracer/probe/quiet.py).
+from tracer.probe import quiet  # noqa: F401
+
+# isort: split
 
 import functools
 import ipaddress
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.packet import Packet
 
@@ -117,6 +127,7 @@ class _Search:
         self.timeout, self.retries = timeout, retries
         self.steps: list[Step] = []
         self.ids: list[str] = []
+        self.resets = 0  # TCP answers that were RSTs: the port is closed, the path still measured
 
     def try_size(self, size: int) -> Step:
         for _ in range(self.retries + 1):
@@ -126,10 +137,13 @@ class _Search:
             if self.wire.send(pkt) is not None:
                 step = Step(size, "local_error")
                 break
-            got = self.wire.receive(functools.partial(probemod.matches, self.target, self.n), self.timeout)
+            accept = functools.partial(probemod.matches, self.target, self.n, data=probemod.syn_data(pkt))
+            got = self.wire.receive(accept, self.timeout)
             if got is None:
                 continue
             mtu = _too_big(got)
+            if mtu is None and got.haslayer(TCP) and got[TCP].flags.R:
+                self.resets += 1
             step = Step(size, "answered" if mtu is None else "too_big", _src(got), mtu)
             break
         else:
@@ -212,4 +226,7 @@ def _finish(result: PmtuResult, search: _Search) -> PmtuResult:
         result.detail = f"the full interface MTU {result.path_mtu} passes"
     if result.route_mtu and result.route_mtu != result.path_mtu:
         result.detail += f"; the route's MTU says {result.route_mtu}"
+    if search.resets:
+        result.detail += (f"; port {result.target.port} is closed (RSTs answered the probes), "
+                          "which measures the path as well as an open one")
     return result

@@ -1,14 +1,22 @@
 """`tracer probe`: is a port open, closed, filtered, prohibited or unreachable?
 
-Each target gets marked probe packets (tracer/probe_marker.py) built with
+Each target gets marked probe packets (tracer/probe/marker.py) built with
 scapy. They are sent through a raw IP socket, so they cross this host's own
 OUTPUT chain like any application's packets (a local rule can drop them, and
 then the drop event says which), and answers are read from a packet socket,
-which sees them before this host's INPUT chain: an answer that a local rule
-then drops is still seen, and reported together with that drop.
+which sees them before this host's INPUT chain. An answer seen there may
+still be dropped by this host's own firewall, as an application's would be:
+the raw socket alone cannot tell, so the answer's fate is decided from the
+drop engine's events (tracer/probe/explain.py) and a dropped answer makes
+the verdict `answer_dropped`, never `open`.
 """
 
 from __future__ import annotations
+
+# Before any scapy import: scapy then warns only into the debug log (tracer/probe/quiet.py).
+from tracer.probe import quiet  # noqa: F401
+
+# isort: split
 
 import errno
 import ipaddress
@@ -33,7 +41,10 @@ from scapy.packet import Packet
 
 from tracer.probe import marker
 
-VERDICTS = ("open", "closed", "filtered", "prohibited", "unreachable")
+#: What the answer (or its absence) says; `answer_dropped`: an answer came, and this host dropped it.
+VERDICTS = ("open", "closed", "filtered", "prohibited", "unreachable", "answer_dropped")
+#: The fate on this host of an answer the raw socket saw.
+FATES = ("delivered", "dropped", "unchecked")
 
 ETH_P_ALL = 0x0003
 PACKET_HOST = 0
@@ -97,6 +108,14 @@ class ProbeResult:
     icmp: tuple[int, int] | None = None
     local_drops: list[dict] = field(default_factory=list)
     next_steps: list[str] = field(default_factory=list)
+    #: The answer as the packet socket saw it (not serialised): what the engine's events are matched to.
+    answer: Packet | None = field(default=None, repr=False, compare=False)
+    #: The verdict the answer alone gives, kept when this host's fate for it changes `verdict`.
+    answer_verdict: str | None = None
+    #: delivered, dropped or unchecked (FATES); None when no answer came.
+    answer_fate: str | None = None
+    #: Where this host dropped the answer ("input rule: inet fw chain input rule 4 ..."), or why unchecked.
+    answer_note: str | None = None
 
     def to_json(self) -> dict:
         out: dict = {
@@ -111,6 +130,11 @@ class ProbeResult:
             out["responder"] = self.responder
         if self.icmp is not None:
             out["icmp"] = {"type": self.icmp[0], "code": self.icmp[1]}
+        if self.answer_fate is not None:
+            answer: dict = {"verdict": self.answer_verdict or self.verdict, "fate": self.answer_fate}
+            if self.answer_note:
+                answer["dropped_by" if self.answer_fate == "dropped" else "note"] = self.answer_note
+            out["answer"] = answer
         if self.local_drops:
             out["local_drops"] = self.local_drops
         if self.next_steps:
@@ -152,8 +176,28 @@ def _quoted(answer: Packet) -> Packet | None:
     return None
 
 
-def matches(target: Target, n: int, answer: Packet) -> bool:
-    """Whether `answer` answers probe `n` (directly or as an ICMP error about it)."""
+def syn_data(pkt: Packet) -> int:
+    """Bytes of payload a probe SYN carries (pmtu pads SYNs to the size it tries)."""
+    return len(pkt[TCP].payload) if pkt.haslayer(TCP) else 0
+
+
+def _acks(n: int, data: int) -> set[int]:
+    """Acknowledgement numbers that answer SYN `n` carrying `data` bytes.
+
+    A SYN-ACK acknowledges the SYN alone (seq + 1: Linux does not accept SYN
+    data without TCP Fast Open); a closed port's RST acknowledges every
+    sequence number the segment used, SYN and data (RFC 9293 3.10.7.1:
+    seq + 1 + data), and a TFO listener may ack the data too.
+    """
+    seq = marker.tcp_sequence(n)
+    return {(seq + 1) & 0xFFFFFFFF, (seq + 1 + data) & 0xFFFFFFFF}
+
+
+def matches(target: Target, n: int, answer: Packet, data: int = 0) -> bool:
+    """Whether `answer` answers probe `n` (directly or as an ICMP error about it).
+
+    `data` is the payload length of a padded TCP SYN (see `_acks`).
+    """
     quoted = _quoted(answer)
     if quoted is not None:
         if target.protocol == "tcp":
@@ -168,7 +212,7 @@ def matches(target: Target, n: int, answer: Packet) -> bool:
     if target.protocol == "tcp" and answer.haslayer(TCP):
         t = answer[TCP]
         return (src == target.ip and t.sport == target.port and t.dport == marker.source_port(n)
-                and t.ack == (marker.tcp_sequence(n) + 1) & 0xFFFFFFFF)
+                and t.ack in _acks(n, data))
     if target.protocol == "udp" and answer.haslayer(UDP):
         u = answer[UDP]
         return src == target.ip and u.sport == target.port and u.dport == marker.source_port(n)
@@ -205,7 +249,7 @@ def classify(target: Target, answer: Answer | None) -> tuple[str, str]:
             verdict = table.get(code, "unreachable")
             return verdict, f"ICMP destination unreachable (type {kind} code {code}) from {answer.responder}"
         return "unreachable", f"ICMP type {kind} code {code} from {answer.responder}"
-    if target.protocol == "tcp":
+    if target.protocol == "tcp" and pkt.haslayer(TCP):
         flags = pkt[TCP].flags
         if flags.S and flags.A:
             return "open", "SYN-ACK: something listens on this port"
@@ -346,7 +390,8 @@ def probe_one(wire: Wire, target: Target, n: int, *, retries: int = 2, timeout: 
             answer = Answer(got, time.monotonic() - sent, responder)
             verdict, detail = classify(target, answer)
             return ProbeResult(target, verdict, marker.probe_id(n), attempts, detail,
-                               rtt_ms=answer.rtt * 1000, responder=responder, icmp=_icmp_of(got))
+                               rtt_ms=answer.rtt * 1000, responder=responder, icmp=_icmp_of(got),
+                               answer=got)
     verdict, detail = classify(target, None)
     return ProbeResult(target, verdict, marker.probe_id(n), attempts, detail)
 

@@ -207,8 +207,10 @@ class MetricsSink:
             with self._lock:
                 if isinstance(event, DropEvent):
                     self._drop(event)
-                else:
+                elif isinstance(event, Notice):
                     self._notice(event)
+                else:  # a counter event: counted by its dataset
+                    self._add(self.events, (label_value(event.dataset),), 1)
         except Exception as exc:  # a sink never raises into the pipeline
             log.warning("metrics.count_failed", error=repr(exc))
 

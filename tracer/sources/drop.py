@@ -19,7 +19,8 @@ from tracer.bpf.kallsyms import Kallsyms
 from tracer.bpf.layout import BtfStruct, Constants, LayoutError
 from tracer.bpf.libbpf import Btf
 from tracer.collectors import conntrack as ct
-from tracer.event.packet import IPV6_MAX_EXT_HEADERS, PacketHeaders
+from tracer.event.packet import IPV6_MAX_EXT_HEADERS, Neighbor, PacketHeaders
+from tracer.event.sections import CtTuple
 from tracer.sources import skb as skbmod
 
 REASON_PREFIX = "SKB_DROP_REASON_"
@@ -173,7 +174,23 @@ class KernelDrop:
     #: False when the kernel says the packet was not traced (skb->nf_trace clear): no
     #: nftrace or TRACE verdict can come for it, so none is waited for.
     traced: bool = True
+    #: The packet's conntrack entry's tuples as the kernel keeps them, whenever it has an
+    #: entry (NAT or not): original = as the first packet had it (the pre-DNAT port),
+    #: reply = what replies carry (after DNAT its source is the translated peer).
+    ct_original: CtTuple | None = None
+    ct_reply: CtTuple | None = None
+    #: ARP or neighbour discovery: whose link address the packet asks for or announces.
+    neighbor: Neighbor | None = None
+    #: Which view the kernel's --port/--host/--proto filter selected the drop by: "headers",
+    #: "quoted" (an ICMP error's quoted packet), "ct_original", "ct_reply", "neighbor";
+    #: None when no such filter was set.
+    matched: str | None = None
     received: float = field(default_factory=time.monotonic)
+
+    @property
+    def quoted(self) -> PacketHeaders | None:
+        """The packet an ICMP error quotes (`packet.quoted`), None for any other drop."""
+        return self.packet.quoted if self.packet is not None else None
 
     @property
     def in_netfilter(self) -> bool:
@@ -349,6 +366,7 @@ class DropDecoder:
         nf = skbmod.nf_context(rec.nf, self._nf_names)
         hook = (nf.hook if nf and nf.hook else None) or where.hook
         headers, fp = skbmod.headers(rec)
+        ct_original, ct_reply = skbmod.ct_tuples(rec)
         return KernelDrop(
             mono_ns=rec.ts_ns,
             wall_ns=rec.ts_ns + self._wall_offset,
@@ -375,6 +393,10 @@ class DropDecoder:
             epoch=rec.epoch,
             sample=rec.record == self._sample_record,
             traced=rec.traced != 0,
+            ct_original=ct_original,
+            ct_reply=ct_reply,
+            neighbor=skbmod.neighbor(rec, headers),
+            matched=skbmod.matched(rec),
         )
 
     def wall_ns(self, mono_ns: int) -> int:

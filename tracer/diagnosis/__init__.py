@@ -1,0 +1,1 @@
+"""Diagnosis: what caused a drop, and the fix (issue 10)."""

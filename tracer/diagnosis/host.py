@@ -1,0 +1,146 @@
+"""What a namespace's own state says about a drop: sysctls, routes, listening sockets.
+
+The diagnosis reads these at the time of the drop, inside the drop's
+namespace (a thread's setns: /proc/sys/net and /proc/thread-self/net show
+the namespace of the thread that opens them). Every reader answers None
+when it cannot know (the namespace vanished, the file is absent): unknown
+is never turned into a finding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tracer import netns
+from tracer.netns import Netns
+
+
+@contextlib.contextmanager
+def _inside(ns: Netns | None) -> Iterator[None]:
+    """The body in `ns` (None: where the thread already is)."""
+    if ns is None:
+        yield
+        return
+    with netns.entered(ns):
+        yield
+
+
+def sysctl_path(*parts: str) -> str:
+    """/proc/sys/net/... for a key given as parts, so that an interface name is one part whatever it holds."""
+    return "/proc/sys/" + "/".join(parts)
+
+
+def read_sysctl(ns: Netns | None, *parts: str) -> str | None:
+    """A sysctl's value in `ns` (`read_sysctl(ns, "net", "ipv4", "ip_forward")`), None if unknown."""
+    if any("/" in p or p in ("", ".", "..") for p in parts):
+        return None  # not a name the kernel can have: never a path outside /proc/sys
+    try:
+        with _inside(ns), open(sysctl_path(*parts), encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def sysctl_int(ns: Netns | None, *parts: str) -> int | None:
+    value = read_sysctl(ns, *parts)
+    try:
+        return None if value is None else int(value.split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+#: /proc/net/tcp's st column for a listening socket (TCP_LISTEN); UDP sockets are "07" (unconnected).
+_LISTEN, _UDP_UNCONNECTED = "0A", "07"
+
+
+def listening(ns: Netns | None, proto: str, port: int) -> bool | None:
+    """Whether a socket listens on `proto` port `port` in `ns` (any address), None if unknown."""
+    if proto not in ("tcp", "udp"):
+        return None
+    state = _LISTEN if proto == "tcp" else _UDP_UNCONNECTED
+    seen = False
+    try:
+        with _inside(ns):
+            for name in (proto, proto + "6"):
+                with contextlib.suppress(FileNotFoundError), open(f"/proc/thread-self/net/{name}") as f:
+                    seen = True
+                    next(f, None)
+                    for line in f:
+                        cols = line.split()
+                        if len(cols) > 3 and cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                            return True
+    except (OSError, ValueError, IndexError):
+        return None
+    return False if seen else None
+
+
+@dataclass(frozen=True)
+class Route:
+    """The route `ip route get` finds for an address: where the packet would leave, and through whom."""
+
+    dst: str
+    gateway: str | None
+    device: str | None
+    source: str | None = None  # the preferred source address for it
+
+
+def route_to(ns: Netns | None, dst: str) -> Route | bool | None:
+    """The route to `dst` in `ns`; False when the kernel has none (unreachable), None when unknown."""
+    try:
+        ipaddress.ip_address(dst)
+    except ValueError:
+        return None
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with _inside(ns), IPRoute() as ipr:
+            try:
+                routes = ipr.route("get", dst=dst)
+            except NetlinkError:
+                return False
+            if not routes:
+                return False
+            msg = routes[0]
+            oif = msg.get_attr("RTA_OIF")
+            device = None
+            if oif:
+                links = ipr.get_links(oif)
+                device = links[0].get_attr("IFLA_IFNAME") if links else None
+            if msg.get("type") not in (None, 1, 2):  # RTN_UNICAST, RTN_LOCAL; unreachable/prohibit/blackhole
+                return False
+            return Route(dst, msg.get_attr("RTA_GATEWAY"), device, msg.get_attr("RTA_PREFSRC"))
+    except OSError:
+        return None
+
+
+def forwarding(ns: Netns | None, family: int, ifname: str | None = None) -> int | None:
+    """IPv4 forwarding (net.ipv4.ip_forward, or the interface's conf) or IPv6 conf/all/forwarding."""
+    if family == 6:
+        return sysctl_int(ns, "net", "ipv6", "conf", ifname or "all", "forwarding")
+    if ifname is not None:
+        return sysctl_int(ns, "net", "ipv4", "conf", ifname, "forwarding")
+    return sysctl_int(ns, "net", "ipv4", "ip_forward")
+
+
+def rp_filter(ns: Netns | None, ifname: str | None) -> tuple[int | None, int | None]:
+    """(conf/all, conf/<ifname>) rp_filter: the kernel applies the larger of the two."""
+    every = sysctl_int(ns, "net", "ipv4", "conf", "all", "rp_filter")
+    mine = sysctl_int(ns, "net", "ipv4", "conf", ifname, "rp_filter") if ifname else None
+    return every, mine
+
+
+def addresses(ns: Netns | None) -> list[tuple[str, int, str | None]]:
+    """Every (address, prefix length, device) of `ns`; empty when unknown."""
+    from pyroute2 import IPRoute
+
+    try:
+        with _inside(ns), IPRoute() as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            return [(a.get_attr("IFA_ADDRESS"), a["prefixlen"], names.get(a["index"])) for a in ipr.get_addr()
+                    if a.get_attr("IFA_ADDRESS")]
+    except OSError:
+        return []
