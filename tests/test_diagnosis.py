@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import subprocess
 import time
 
@@ -18,6 +19,7 @@ import pytest
 from tests.scenarios import SCENARIOS, Scenario, run_fix
 from tests.support import Watch, tracer_cmd
 from tests.test_firewalld import connect, firewalld_ok, fw_net  # noqa: F401 (fixtures used by name)
+from tracer import netns
 from tracer.event.schema import validate
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -213,3 +215,50 @@ def test_hostile_names_are_quoted_in_a_fix_that_still_works(lab, tmp_path):
     run_fix(lab, server, [cmd])
     assert not canary.exists()
     assert lab.tcp_connect(client, target, 6060) == "open"
+
+
+def test_diagnose_command_reads_firewalld_zones(fw_net):  # noqa: F811 (the fixture)
+    """With firewalld in use, the check reads the zone's verdict before any packet, the watch sees
+    the reject, and the printed firewall-cmd fix makes `tracer diagnose` find nothing wrong."""
+    lab, client, _server, link, fw = fw_net
+    addr = str(link.b_v4.ip)
+
+    def run(duration: str) -> tuple[int, dict]:
+        argv = tracer_cmd("diagnose", addr, "--port", "8080", "--netns", client.name or "", "--duration",
+                          duration, "--json")
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        report = json.loads(res.stdout)
+        validate(report, "diagnose-report")
+        return res.returncode, report
+
+    code, report = run("4")
+    # The check (before any packet) and the drops of the attempts are one finding: the drops'.
+    [found] = [c for c in _ours(report, lab) if c["cause"] == "firewalld_zone"]
+    assert code == 1 and found["source"] == "drops" and found["count"] >= 1, report
+    assert "firewalld's verdict for a new connection: reject" in found["evidence"], found
+    fix = found["fix"]
+    assert fix[0].endswith("firewall-cmd --zone=public --add-port=8080/tcp"), fix
+    for line in fix:
+        fw.run_fix(line)
+    _code, report = run("2")
+    assert not _ours(report, lab) and report["probe"]["verdict"] == "connected", report
+    assert any(c["check"] == "firewalld" and c["result"] == "ok" for c in report["checks"]), report["checks"]
+
+
+def test_a_service_bound_to_loopback_only_is_named(lab):
+    """NO_SOCKET although a socket listens: on 127.0.0.1 only. The diagnosis says where it listens."""
+    client, server = lab.add_ns("client"), lab.add_ns("server")
+    link = lab.link(client, server)
+    with netns.entered(server):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with sock:
+        sock.bind(("127.0.0.1", 7171))
+        sock.listen(8)
+        w = Watch(netns_prefix=lab.prefix)
+        try:
+            assert lab.tcp_connect(client, str(link.b_v4.ip), 7171) == "refused"
+            ev = w.sink.wait_for(lambda e: e.get("diagnosis", {}).get("cause") == "closed_port", timeout=5)
+        finally:
+            w.stop()
+    d = ev["diagnosis"]
+    assert "listens only on 127.0.0.1" in d["summary"] and d["fix"] == [], d

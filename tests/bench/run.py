@@ -394,11 +394,12 @@ class Tracer:
         stats = {}
         for entry in json.loads(out.stdout):
             f = entry["formatted"]
-            stats[names[f["key"]]] = sum(v["value"] for v in f["values"])
+            if f["key"] < len(names):  # the later counters (repeat, coarse, overflow) are not used here
+                stats[names[f["key"]]] = sum(v["value"] for v in f["values"])
         return stats
 
     def _find_stats_map(self) -> int:
-        """The per-CPU array of 4 u64 counters among the tracer's open BPF maps."""
+        """The per-CPU array of u64 counters (bpf/tracer.h: STAT_MAX of them) among the tracer's open BPF maps."""
         pid = self.proc.pid
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
@@ -408,7 +409,7 @@ class Tracer:
                     info = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in f if ":" in ln)}
             except OSError:
                 continue
-            if info.get("map_type") == "6" and info.get("max_entries") == "4" and info.get("value_size") == "8":
+            if info.get("map_type") == "6" and info.get("max_entries") in ("4", "7") and info.get("value_size") == "8":
                 return int(info["map_id"])
         raise BenchError("the tracer's stats map was not found")
 

@@ -30,8 +30,10 @@ class DiagnosisCollector(OnDemand):
     def enrich(self, event: DropEvent, evidence: Evidence) -> None:
         if len(self._nd) > _ND_KEPT:
             self._nd.clear()
+        verdict = evidence.verdict
         ctx = causes.Context(ruleset=evidence.ruleset, netns=evidence.netns, nd_fixes=self._nd,
-                             firewalld=causes.firewalld_zone)
+                             firewalld=causes.firewalld_zone,
+                             xt_lines=verdict.iptables_lines if verdict is not None else None)
         try:
             event.diagnosis = causes.diagnose(event, ctx)
         except Exception:  # a diagnosis must never cost the drop its event

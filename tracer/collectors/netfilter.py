@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Sequence
 
-from tracer.collectors.base import Evidence
+from tracer.collectors.base import Evidence, OnDemand
 from tracer.collectors.nftrace import NftCollector
 from tracer.collectors.xtrace import LegacyCollector
 from tracer.config import Config
@@ -34,18 +33,10 @@ NETLINK_NETFILTER = 12
 _PRESENT_TTL = 5.0
 
 
-class _Coordinated:
+class _Coordinated(OnDemand):
     """Started, followed and stopped by the MarkingCoordinator, which alone knows the order
-    the two trace collectors' host changes need (see tracer/netfilter/marking.py)."""
-
-    def start(self, namespaces: Sequence[Netns]) -> None:
-        pass
-
-    def namespaces_changed(self, namespaces: Sequence[Netns]) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
+    the two trace collectors' host changes need (see tracer/netfilter/marking.py): the
+    collector's own start, follow and stop do nothing."""
 
 
 class XtraceCollector(_Coordinated):

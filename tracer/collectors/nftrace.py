@@ -30,7 +30,7 @@ import subprocess
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -257,6 +257,9 @@ class TraceVerdict:
     iptables: str | None = None  # the `iptables -S` line of an iptables-nft rule
     #: Its line in `iptables -L --line-numbers` (1-based position in its chain), with `iptables`.
     iptables_number: int | None = None
+    #: The table's `iptables -S` lines by chain (what the rule's line came from), for the
+    #: diagnosis's evaluator: the xt matches nft cannot show (-m multiport, -m conntrack).
+    iptables_lines: Mapping[str, list[str]] | None = None
     ct_state: str | None = None
     ct_direction: str | None = None
     ct_status: tuple[str, ...] | None = None
@@ -959,6 +962,8 @@ class _NetnsWatch:
         # The -S line is found by the rule's position in its chain, which is what
         # `iptables -L --line-numbers` counts (from 1): the nft handle is not that number.
         iptables_number = rule.position + 1 if iptables is not None and rule is not None else None
+        lines = (self._iptables_cache.get((rs.generation, p.family, p.table))
+                 if iptables is not None and rs is not None and rs.generation is not None else None)
         ct = p.ct
         return TraceVerdict(
             netns_inode=self.ns.inode,
@@ -977,6 +982,7 @@ class _NetnsWatch:
             backend=backend,
             iptables=iptables,
             iptables_number=iptables_number,
+            iptables_lines=lines,
             ct_state=CT_STATE_BITS.get(ct["state"]) if ct.get("state") is not None else None,
             ct_direction=CT_DIRECTIONS.get(ct["direction"]) if ct.get("direction") is not None else None,
             ct_status=_ct_status(ct),

@@ -14,7 +14,7 @@ A cause is named only from facts; a drop no rule explains gets no diagnosis.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tracer.diagnosis import evaluate, fixes, host
@@ -26,6 +26,7 @@ from tracer.event.sections import Diagnosis, Netfilter
 from tracer.event.text import printable
 from tracer.netfilter.nftables import Rule as NftRule
 from tracer.netfilter.nftables import Ruleset
+from tracer.netfilter.xtables import split_words
 from tracer.netns import Netns
 
 #: Every cause id, with what it means (docs/drop-event.md: diagnosis).
@@ -62,6 +63,8 @@ class Context:
     #: the fix of the latest neighbour-discovery drop per resolved address (for the NEIGH_FAILED that follows)
     nd_fixes: dict[str, Diagnosis] = field(default_factory=dict)
     firewalld: Callable[[Netfilter, PacketFacts, Netns | None, Ruleset | None], Diagnosis | None] | None = None
+    #: iptables-nft: the table's `iptables -S` lines by chain (the xt matches nft cannot show)
+    xt_lines: Mapping[str, list[str]] | None = None
 
 
 def diagnose(event: DropEvent, ctx: Context) -> Diagnosis | None:
@@ -97,10 +100,17 @@ def _kernel(event: DropEvent, facts: PacketFacts | None, ctx: Context) -> Diagno
         proto = "tcp" if facts.l4proto == 6 else "udp" if facts.l4proto == 17 else None
         if proto is None:
             return None
-        listens = host.listening(ns, proto, facts.dport)
+        bound = host.listeners(ns, proto, facts.dport)
         evidence = [f"drop reason {reason}: no socket owns {proto} port {facts.dport}"]
-        if listens is False:
+        if bound == ():
             evidence.append(f"no {proto} socket listens on port {facts.dport} in {_where(ns)}")
+        elif bound:
+            # A listener on another address (127.0.0.1 only, one interface's address): the
+            # classic "works locally, refused from outside".
+            where = ", ".join(bound)
+            return Diagnosis("closed_port", f"{proto} port {facts.dport} listens only on {where}, not on "
+                             f"{facts.dst}: bind the service to {facts.dst} or to every address",
+                             (), (*evidence, f"{proto} sockets on port {facts.dport} in {_where(ns)}: {where}"))
         return Diagnosis("closed_port", f"nothing listens on {proto} port {facts.dport} at {facts.dst}: "
                          "start the service, or point the client at the port it listens on", (), tuple(evidence))
     if reason in _NEIGH_REASONS or (reason == "NOT_SPECIFIED" and "neigh" in (event.drop.location or "")):
@@ -230,7 +240,8 @@ def _netfilter(event: DropEvent, nf: Netfilter, facts: PacketFacts, ctx: Context
         if moved and own is not None:
             # The later rule's own match, as its owner wrote it (JSON: the packet's, which it matches).
             nft = fixes.NftMatch(moved[: -len(" accept")].strip(), own.expr)
-        fix = fixes.accept_commands(place, nft, fixes.xt_matches(facts))
+        xt = _xt_match_of(rule, ctx) if rule.chain == nf.chain else None
+        fix = fixes.accept_commands(place, nft, [xt] if xt else fixes.xt_matches(facts))
         return Diagnosis("rule_order", f"{_short(nf)} drops {what} before a later rule that accepts it: "
                          "put the accept above the drop", tuple(fix), tuple(evidence))
     if nf.policy:
@@ -399,7 +410,18 @@ def _later_accept(nf: Netfilter, facts: PacketFacts, ctx: Context) -> tuple[NftR
     assert nf.family is not None and nf.table is not None and nf.chain is not None
     if rs.rule(nf.family, nf.table, nf.rule.handle) is None:
         return None
-    return evaluate.later_accept(rs, nf.family, nf.table, nf.chain, nf.rule.handle, facts)
+    return evaluate.later_accept(rs, nf.family, nf.table, nf.chain, nf.rule.handle, facts, xt_lines=ctx.xt_lines)
+
+
+def _xt_match_of(rule: NftRule, ctx: Context) -> list[str] | None:
+    """An iptables-nft rule's own match words, from its `-S` line (`-A INPUT <these> -j ACCEPT`)."""
+    lines = ctx.xt_lines.get(rule.chain) if ctx.xt_lines is not None else None
+    if lines is None or rule.position >= len(lines):
+        return None
+    words = split_words(lines[rule.position])
+    if len(words) < 4 or words[0] != "-A" or words[-2:] != ["-j", "ACCEPT"]:
+        return None
+    return words[2:-2]
 
 
 def _later_evidence(later: tuple[NftRule, Tri] | None) -> list[str]:

@@ -10,12 +10,48 @@ is never turned into a finding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 from tracer import netns
 from tracer.netns import Netns
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: How long a namespace's sysctl, socket or route answer is reused. Entering a namespace
+#: (setns) costs milliseconds, and a flood of drops of one cause must not cost one each:
+#: within this time a drop sees its namespace as the previous one did.
+TTL = 1.0
+_CACHE_MAX = 4096
+
+
+def _cached(fn: Callable[P, R]) -> Callable[P, R]:
+    """Reuses `fn`'s answer for the same arguments for TTL seconds (bounded, thread-safe)."""
+    memo: dict[Any, tuple[float, R]] = {}
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        key = (args, tuple(sorted(kwargs.items())))
+        now = time.monotonic()
+        with lock:
+            hit = memo.get(key)
+        if hit is not None and now - hit[0] < TTL:
+            return hit[1]
+        value = fn(*args, **kwargs)
+        with lock:
+            if len(memo) >= _CACHE_MAX:
+                memo.clear()
+            memo[key] = (now, value)
+        return value
+
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -33,6 +69,7 @@ def sysctl_path(*parts: str) -> str:
     return "/proc/sys/" + "/".join(parts)
 
 
+@_cached
 def read_sysctl(ns: Netns | None, *parts: str) -> str | None:
     """A sysctl's value in `ns` (`read_sysctl(ns, "net", "ipv4", "ip_forward")`), None if unknown."""
     if any("/" in p or p in ("", ".", "..") for p in parts):
@@ -58,10 +95,19 @@ _LISTEN, _UDP_UNCONNECTED = "0A", "07"
 
 def listening(ns: Netns | None, proto: str, port: int) -> bool | None:
     """Whether a socket listens on `proto` port `port` in `ns` (any address), None if unknown."""
+    addresses = listeners(ns, proto, port)
+    return None if addresses is None else bool(addresses)
+
+
+@_cached
+def listeners(ns: Netns | None, proto: str, port: int) -> tuple[str, ...] | None:
+    """The local addresses that sockets listen on for `proto` port `port` in `ns` (`0.0.0.0`, `::`
+    for any), none when nothing listens; None if unknown."""
     if proto not in ("tcp", "udp"):
         return None
     state = _LISTEN if proto == "tcp" else _UDP_UNCONNECTED
     seen = False
+    found: list[str] = []
     try:
         with _inside(ns):
             for name in (proto, proto + "6"):
@@ -70,11 +116,20 @@ def listening(ns: Netns | None, proto: str, port: int) -> bool | None:
                     next(f, None)
                     for line in f:
                         cols = line.split()
-                        if len(cols) > 3 and cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                            return True
+                        if len(cols) > 3 and cols[3] == state:
+                            addr, _, hexport = cols[1].rpartition(":")
+                            if int(hexport, 16) == port:
+                                found.append(_proc_address(addr))
     except (OSError, ValueError, IndexError):
         return None
-    return False if seen else None
+    return tuple(dict.fromkeys(found)) if seen else None
+
+
+def _proc_address(hexaddr: str) -> str:
+    """/proc/net/tcp's address column (host-order 32-bit words in hex) as text."""
+    raw = bytes.fromhex(hexaddr)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(words))
 
 
 @dataclass(frozen=True)
@@ -133,6 +188,7 @@ def rp_filter(ns: Netns | None, ifname: str | None) -> tuple[int | None, int | N
     return every, mine
 
 
+@_cached
 def addresses(ns: Netns | None) -> list[tuple[str, int, str | None]]:
     """Every (address, prefix length, device) of `ns`; empty when unknown."""
     from pyroute2 import IPRoute

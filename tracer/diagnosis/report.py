@@ -91,10 +91,19 @@ class Report:
     counters: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, finding: Finding) -> None:
-        """Adds a finding, or counts it again when the same cause and fix were already found."""
+        """Adds a finding, or merges it into the one with the same cause, namespace and fix.
+
+        A check and the drops that prove it are one cause: it is then the drops' (what was
+        seen counts), with the check's evidence too.
+        """
         for f in self.findings:
             if f.key() == finding.key():
-                f.count += finding.count
+                if f.source == finding.source:
+                    f.count += finding.count  # the same cause again: its first evidence speaks for all
+                    return
+                if finding.source == "drops":
+                    f.source, f.count = "drops", finding.count
+                f.evidence += tuple(e for e in finding.evidence if e not in f.evidence)
                 return
         self.findings.append(finding)
 
@@ -181,13 +190,13 @@ def ruleset_checks(report: Report, namespaces: Iterable[Netns]) -> None:
         except (OSError, RuntimeError) as exc:
             report.checks.append(Check("ruleset", label, None, f"ruleset of {printable(ns.label)}: {exc}"))
             continue
-        problems = 0
+        problems = firewalld_check(report, ns, rs)
         hooks = _hooks_that_see(report.target, ns, rs)
         for chain in rs.base_chains(skip_prefix="tracer_"):
             if chain.hook not in hooks or chain.type not in (None, "filter"):
                 continue
-            if chain.policy != "drop":
-                continue
+            if chain.policy != "drop" or chain.table == "firewalld":
+                continue  # firewalld's zones end in a rule, not a policy: firewalld_check reads them
             for family in report.target.families:
                 if (chain.family == "ip" and family == 6) or (chain.family == "ip6" and family == 4):
                     continue
@@ -202,6 +211,50 @@ def ruleset_checks(report: Report, namespaces: Iterable[Netns]) -> None:
             report.checks.append(Check("ruleset", label, True,
                                        f"no base chain in {_ns_words(ns)} drops {report.target.proto} port "
                                        f"{report.target.port} by policy with no accept"))
+
+
+def firewalld_check(report: Report, ns: Netns, rs: Any) -> int:
+    """firewalld's verdict for a new connection to the port on each interface that takes it.
+
+    The walk starts at firewalld's input dispatch chain with the interface
+    known, so it passes the zone's own chains (its allow rules, then the
+    zone's reject); a verdict the evaluator cannot be sure of (a source-bound
+    zone, a rich rule it cannot read) is reported as not checked. Returns the
+    number of problems found.
+    """
+    from tracer.diagnosis import firewalld
+
+    if not firewalld.uses_firewalld(rs):
+        return 0
+    t, label = report.target, _label(ns)
+    local = {str(ipaddress.ip_address(a)): dev for a, _, dev in host.addresses(ns)}
+    if t.host is not None and t.host not in local:
+        return 0
+    devices = sorted({dev for dev in local.values() if dev and dev != "lo"}) if t.host is None else [local[t.host]]
+    problems = 0
+    for dev in devices:
+        if dev is None:
+            continue
+        zone = firewalld.zone_of_interface(rs, dev)
+        family = t.families[0]  # firewalld opens a port for both families at once
+        facts = _probe_facts(t, family, "input").with_(iif=dev)
+        walk = evaluate.walk_chain(rs, firewalld.FAMILY, firewalld.TABLE, "filter_INPUT", facts)
+        what = f"firewalld zone {printable(zone or '?')} on {printable(dev)} ({_ns_words(ns)})"
+        if walk.certain and walk.verdict in ("drop", "reject") and zone is not None:
+            problems += 1
+            try:
+                fix = firewalld.fix_commands(zone, t.proto, t.port, family, prefix=fixes.shell_prefix(ns))
+            except firewalld.FirewalldFixError:
+                fix = []
+            report.add(Finding("firewalld_zone", f"{what} does not allow {t.proto} port {t.port}",
+                               tuple(fix), (f"firewalld's verdict for a new connection: {walk.verdict}",),
+                               label, "check"))
+        elif walk.certain and walk.verdict == "accept":
+            report.checks.append(Check("firewalld", label, True, f"{what} allows {t.proto} port {t.port}"))
+        else:
+            report.checks.append(Check("firewalld", label, None, f"{what}: its verdict for {t.proto} port "
+                                       f"{t.port} depends on what the evaluator cannot know"))
+    return problems
 
 
 def _hooks_that_see(target: Target, ns: Netns, rs: Any) -> tuple[str, ...]:
