@@ -262,3 +262,28 @@ def test_a_service_bound_to_loopback_only_is_named(lab):
             w.stop()
     d = ev["diagnosis"]
     assert "listens only on 127.0.0.1" in d["summary"] and d["fix"] == [], d
+
+
+def test_rule_order_over_iptables_legacy(lab):
+    """iptables-legacy: the evaluator reads the table's -S lines, so a DROP before an ACCEPT that
+    matches is rule_order, and the fix moves the ACCEPT's own match above it by line number."""
+    client, server = lab.add_ns("client"), lab.add_ns("server")
+    link = lab.link(client, server)
+    for rule in ("-A INPUT -i lo -j ACCEPT", "-A INPUT -p tcp --dport 9090 -j DROP",
+                 "-A INPUT -s 198.18.0.0/15 -p tcp -m multiport --dports 9090,9091 -j ACCEPT"):
+        lab.run(server, ["iptables-legacy", *shlex.split(rule)])
+    lab.listen(server, 9090)
+    target = str(link.b_v4.ip)
+    w = Watch(netns_prefix=lab.prefix)
+    try:
+        assert lab.tcp_connect(client, target, 9090) != "open"
+        ev = w.sink.wait_for(lambda e: e.get("diagnosis", {}).get("cause") == "rule_order", timeout=8)
+    finally:
+        w.stop()
+    d = ev["diagnosis"]
+    assert ev["netfilter"]["backend"] == "iptables-legacy" and ev["netfilter"]["rule"]["handle"] == 2, ev
+    [cmd] = d["fix"]
+    assert shlex.split(cmd)[4:] == ["iptables-legacy", "-I", "INPUT", "2", "-s", "198.18.0.0/15", "-p", "tcp",
+                                    "-m", "multiport", "--dports", "9090,9091", "-j", "ACCEPT"], cmd
+    run_fix(lab, server, [cmd])
+    assert lab.tcp_connect(client, target, 9090) == "open"

@@ -23,7 +23,7 @@ from tracer.config import Config
 from tracer.loop import EventLoop
 from tracer.netfilter.marking import FLOW_TIMEOUT, FlowKey, MarkingCoordinator
 from tracer.netfilter.nftables import NftContext, NftError
-from tracer.netfilter.xtables import loaded_tables
+from tracer.netfilter.xtables import XtTable, loaded_tables
 from tracer.netns import Netns
 
 #: linux/netlink.h: the nfnetlink family (nftrace, nfnetlink_log).
@@ -71,6 +71,9 @@ class XtraceCollector(_Coordinated):
 
     def table_candidates(self, netns_inode: int, hook: str, family: str) -> list[str]:
         return self.legacy.table_candidates(netns_inode, hook, family)
+
+    def legacy_table(self, netns_inode: int, family: str, name: str) -> XtTable | None:
+        return self.legacy.table(netns_inode, family, name)
 
     def tracing_in(self) -> int:
         return sum(self.legacy.tracing(inode) for inode in self.legacy.watched)

@@ -1144,6 +1144,17 @@ class LegacyCollector:
             verdict=verdict,
         )
 
+    def table(self, netns_inode: int, family: str, name: str) -> XtTable | None:
+        """One legacy table of a watched namespace, as `tables` lists it (None: not there, or unknown)."""
+        n = self._get(netns_inode)
+        if n is None or family not in FAMILIES:
+            return None
+        try:
+            return n.tables(family).get(name)
+        except OSError as exc:
+            n.log.warning("legacy.list_failed", error=str(exc))
+            return None
+
     def table_candidates(self, netns_inode: int, hook: str, family: str) -> list[str]:
         """Legacy tables of the namespace whose chain for `hook` can drop a packet.
 

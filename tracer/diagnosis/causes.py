@@ -24,9 +24,8 @@ from tracer.diagnosis.fixes import ICMP_ERRORS, ND_TYPES, Place
 from tracer.event.model import DropEvent
 from tracer.event.sections import Diagnosis, Netfilter
 from tracer.event.text import printable
-from tracer.netfilter.nftables import Rule as NftRule
 from tracer.netfilter.nftables import Ruleset
-from tracer.netfilter.xtables import split_words
+from tracer.netfilter.xtables import XtTable, split_words
 from tracer.netns import Netns
 
 #: Every cause id, with what it means (docs/drop-event.md: diagnosis).
@@ -65,6 +64,8 @@ class Context:
     firewalld: Callable[[Netfilter, PacketFacts, Netns | None, Ruleset | None], Diagnosis | None] | None = None
     #: iptables-nft: the table's `iptables -S` lines by chain (the xt matches nft cannot show)
     xt_lines: Mapping[str, list[str]] | None = None
+    #: iptables-legacy: the namespace's table by (family, name), as xtrace lists it
+    legacy_table: Callable[[str, str], XtTable | None] | None = None
 
 
 def diagnose(event: DropEvent, ctx: Context) -> Diagnosis | None:
@@ -218,7 +219,7 @@ def _netfilter(event: DropEvent, nf: Netfilter, facts: PacketFacts, ctx: Context
     if nf.hook == "forward" and facts.ct_status is not None and "dst_nat" in facts.ct_status:
         return _nat_forward(event, nf, facts, place, evidence)
     later = _later_accept(nf, facts, ctx) if not nf.policy else None
-    accepted_later = later is not None and later[1] is Tri.YES
+    accepted_later = later is not None and later.match is Tri.YES
     if _reply(facts) and not accepted_later:
         return Diagnosis(
             "missing_established",
@@ -231,16 +232,13 @@ def _netfilter(event: DropEvent, nf: Netfilter, facts: PacketFacts, ctx: Context
         return Diagnosis("egress_blocked", f"this host's own {what} is blocked on the way out by {_short(nf)}",
                          tuple(fix), tuple(evidence + _later_evidence(later)))
     if later is not None and accepted_later:
-        rule = later[0]
-        evidence.append(f"a later rule would accept it: {_nft_rule_words(rule, nf)}")
-        moved = rule.text if (nf.backend == "nftables" and rule.chain == nf.chain and rule.text
-                              and rule.text.endswith(" accept")) else None
+        evidence.append(f"a later rule would accept it: {later.words}")
         own = fixes.nft_match(facts)
         nft = own
-        if moved and own is not None:
+        if later.nft_match is not None and later.chain == nf.chain and own is not None:
             # The later rule's own match, as its owner wrote it (JSON: the packet's, which it matches).
-            nft = fixes.NftMatch(moved[: -len(" accept")].strip(), own.expr)
-        xt = _xt_match_of(rule, ctx) if rule.chain == nf.chain else None
+            nft = fixes.NftMatch(later.nft_match, own.expr)
+        xt = later.xt_match if later.chain == nf.chain else None
         fix = fixes.accept_commands(place, nft, [xt] if xt else fixes.xt_matches(facts))
         return Diagnosis("rule_order", f"{_short(nf)} drops {what} before a later rule that accepts it: "
                          "put the accept above the drop", tuple(fix), tuple(evidence))
@@ -395,40 +393,59 @@ def _rule_words(nf: Netfilter, brief: bool = False) -> str:
     return f"rule {rule.handle}{text} of {chain}"
 
 
-def _nft_rule_words(rule: NftRule, nf: Netfilter) -> str:
-    where = f"{printable(rule.chain)}"
-    text = f' "{printable(rule.text)}"' if rule.text else ""
-    if nf.backend in ("iptables-nft", "iptables-legacy"):
-        return f"line {rule.position + 1} of chain {where}{text}"
-    return f"rule {rule.handle}{text} of chain {where}"
+@dataclass(frozen=True)
+class Later:
+    """The first later rule of the same evaluation that would accept the packet, in either backend."""
+
+    chain: str
+    words: str  # `rule 6 "tcp dport 443 accept" of chain input`, `line 5 of chain INPUT "-A ..."`: escaped
+    match: Tri  # YES, or UNKNOWN when no later accept surely matches
+    nft_match: str | None = None  # its match in nft syntax (an nftables rule in the text listing)
+    xt_match: list[str] | None = None  # its match words from its -A line (the iptables backends)
 
 
-def _later_accept(nf: Netfilter, facts: PacketFacts, ctx: Context) -> tuple[NftRule, Tri] | None:
+def _later_accept(nf: Netfilter, facts: PacketFacts, ctx: Context) -> Later | None:
+    """Whether a later rule of the drop's evaluation would accept it (None: none, or not known)."""
+    if nf.rule is None or nf.family is None or nf.table is None or nf.chain is None:
+        return None
+    if nf.backend == "iptables-legacy":
+        table = ctx.legacy_table(nf.family, nf.table) if ctx.legacy_table is not None else None
+        number = nf.rule.number or nf.rule.handle
+        found = evaluate.xt_later_accept(table, nf.chain, number, facts) if table is not None else None
+        if found is None:
+            return None
+        xt_rule, match = found
+        return Later(xt_rule.chain, f'line {xt_rule.number} of chain {printable(xt_rule.chain)} '
+                     f'"{printable(xt_rule.line)}"', match, None, _accept_words(xt_rule.line))
     rs = ctx.ruleset
-    if rs is None or nf.rule is None or nf.backend == "iptables-legacy":
+    if rs is None or rs.rule(nf.family, nf.table, nf.rule.handle) is None:
         return None
-    assert nf.family is not None and nf.table is not None and nf.chain is not None
-    if rs.rule(nf.family, nf.table, nf.rule.handle) is None:
+    got = evaluate.later_accept(rs, nf.family, nf.table, nf.chain, nf.rule.handle, facts, xt_lines=ctx.xt_lines)
+    if got is None:
         return None
-    return evaluate.later_accept(rs, nf.family, nf.table, nf.chain, nf.rule.handle, facts, xt_lines=ctx.xt_lines)
+    rule, match = got
+    text = f' "{printable(rule.text)}"' if rule.text else ""
+    if nf.backend == "iptables-nft":
+        lines = ctx.xt_lines.get(rule.chain) if ctx.xt_lines is not None else None
+        line = lines[rule.position] if lines is not None and rule.position < len(lines) else None
+        return Later(rule.chain, f"line {rule.position + 1} of chain {printable(rule.chain)}{text}", match,
+                     None, _accept_words(line) if line else None)
+    nft = rule.text[: -len(" accept")].strip() if rule.text and rule.text.endswith(" accept") else None
+    return Later(rule.chain, f"rule {rule.handle}{text} of chain {printable(rule.chain)}", match, nft)
 
 
-def _xt_match_of(rule: NftRule, ctx: Context) -> list[str] | None:
-    """An iptables-nft rule's own match words, from its `-S` line (`-A INPUT <these> -j ACCEPT`)."""
-    lines = ctx.xt_lines.get(rule.chain) if ctx.xt_lines is not None else None
-    if lines is None or rule.position >= len(lines):
-        return None
-    words = split_words(lines[rule.position])
+def _accept_words(line: str) -> list[str] | None:
+    """An iptables rule's own match words, from its `-S` line (`-A INPUT <these> -j ACCEPT`)."""
+    words = split_words(line)
     if len(words) < 4 or words[0] != "-A" or words[-2:] != ["-j", "ACCEPT"]:
         return None
     return words[2:-2]
 
 
-def _later_evidence(later: tuple[NftRule, Tri] | None) -> list[str]:
-    if later is None or later[1] is not Tri.UNKNOWN:
+def _later_evidence(later: Later | None) -> list[str]:
+    if later is None or later.match is not Tri.UNKNOWN:
         return []
-    text = f' "{printable(later[0].text)}"' if later[0].text else ""
-    return [f"undecided: a later rule may accept it (rule {later[0].handle}{text}); the evaluator cannot tell"]
+    return [f"undecided: a later rule may accept it ({later.words}); the evaluator cannot tell"]
 
 
 def _mentions_invalid(nf: Netfilter, rs: Ruleset | None) -> bool:

@@ -141,7 +141,7 @@ class Engine:
             self._trace_collectors.append(self.nftrace)
         # They read the netfilter section; the diagnosis reads every section before it, so it is last.
         self._section_collectors = [ConntrackCollector(), LinksCollector(), NeighborsCollector(),
-                                    DiagnosisCollector()]
+                                    DiagnosisCollector(legacy_table=self.xtrace.legacy_table)]
         self.collectors = [*self._trace_collectors, *self._section_collectors]
         self.marking.start(watched)  # the trace collectors, in the order their host changes need
         for c in self.collectors:
