@@ -21,9 +21,11 @@ import orjson
 from tracer import netns as netnsmod
 from tracer.cli import preflight
 from tracer.config import Config, Scope
-from tracer.diagnosis.report import Finding, Report, Target, local_checks
+from tracer.diagnosis import host
+from tracer.diagnosis.report import Check, Finding, Report, Target, local_checks
 from tracer.event.model import DropEvent
 from tracer.event.rendered import Rendered
+from tracer.event.text import printable
 from tracer.log import say
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
@@ -54,15 +56,9 @@ def _target(args: argparse.Namespace) -> Target:
             try:
                 host = socket.getaddrinfo(host, None, socket.AF_INET6 if args.v6 else socket.AF_INET)[0][4][0]
             except (OSError, UnicodeError):
-                raise ValueError(f"{printable_arg(args.host)}: not an address, and the name does not resolve") \
+                raise ValueError(f"{printable(args.host)}: not an address, and the name does not resolve") \
                     from None
     return Target(port=args.port, proto=args.proto, host=host, netns=args.netns)
-
-
-def printable_arg(value: str) -> str:
-    from tracer.event.text import printable
-
-    return printable(value)
 
 
 def _attempt(target: Target, ns: netnsmod.Netns | None, timeout: float) -> str:
@@ -110,7 +106,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
         try:
             client = netnsmod.by_name(args.netns)
         except (OSError, ValueError):
-            say(f"tracer: error: --netns {printable_arg(args.netns)}: no network namespace by that name")
+            say(f"tracer: error: --netns {printable(args.netns)}: no network namespace by that name")
             return EXIT_USAGE
     try:
         preflight.require_watch_privileges()
@@ -171,9 +167,7 @@ def diagnose(target: Target, client: netnsmod.Netns | None, duration: float) -> 
     return report
 
 
-def _connected_check(report: Report) -> Any:
-    from tracer.diagnosis.report import Check
-
+def _connected_check(report: Report) -> Check:
     return Check("probe", report.target.netns, True, f"a {report.target.proto} connection to "
                  f"{report.target.host} port {report.target.port} succeeded")
 
@@ -196,11 +190,10 @@ def _counters(namespaces: list[netnsmod.Netns]) -> Any:
 def _no_route_back(report: Report, server: netnsmod.Netns, namespaces: list[netnsmod.Netns], counter: str,
                    delta: int, client: netnsmod.Netns | None) -> Finding:
     """A no_route finding from a counter: where it rose and, when the client is known, the fix."""
-    from tracer.diagnosis import host
     from tracer.diagnosis.report import return_path_fixes
 
-    label = None if server.inode == netnsmod.current_inode() else server.label
-    evidence = [f"{counter} rose by {delta} in {_words(server)}: these packets never reach kfree_skb"]
+    label = host.label_of(server)
+    evidence = [f"{counter} rose by {delta} in {host.where(server)}: these packets never reach kfree_skb"]
     commands: list[str] = []
     target = report.target.host
     if target is not None:
@@ -209,19 +202,15 @@ def _no_route_back(report: Report, server: netnsmod.Netns, namespaces: list[netn
         if source is not None:
             back = host.route_to(server, source)
             if back is False:
-                evidence.append(f"{_words(server)} has no route back to {source}")
+                evidence.append(f"{host.where(server)} has no route back to {source}")
             found = return_path_fixes(server, source, target, namespaces)
             commands = [c for c in found if not c.startswith("or")]
             evidence += [c for c in found if c.startswith("or")]
-    return Finding("no_route", f"{_words(server)} could not route {delta} packet(s) out: a reply with no "
+    return Finding("no_route", f"{host.where(server)} could not route {delta} packet(s) out: a reply with no "
                    "route back (masquerade missing on the router, or a wrong return route)",
                    tuple(commands), tuple(evidence), label, "counters", delta)
 
 
-def _words(ns: netnsmod.Netns) -> str:
-    from tracer.event.text import printable
-
-    return "this namespace" if ns.inode == netnsmod.current_inode() else f"netns {printable(ns.label)}"
 
 
 def _counter_findings(report: Report, before: dict[int, Any], namespaces: list[netnsmod.Netns],

@@ -95,7 +95,7 @@ def _kernel(event: DropEvent, facts: PacketFacts | None, ctx: Context) -> Diagno
         if forwarding is not None:
             return forwarding
     if reason in _NO_ROUTE_REASONS and facts is not None and facts.dst is not None:
-        return Diagnosis("no_route", f"no route to {facts.dst} in {_where(ns)}",
+        return Diagnosis("no_route", f"no route to {facts.dst} in {host.where(ns)}",
                          (), (f"drop reason {reason}", *_route_evidence(ns, facts.dst)))
     if reason in _NO_SOCKET and facts is not None and facts.dport is not None:
         proto = "tcp" if facts.l4proto == 6 else "udp" if facts.l4proto == 17 else None
@@ -104,14 +104,14 @@ def _kernel(event: DropEvent, facts: PacketFacts | None, ctx: Context) -> Diagno
         bound = host.listeners(ns, proto, facts.dport)
         evidence = [f"drop reason {reason}: no socket owns {proto} port {facts.dport}"]
         if bound == ():
-            evidence.append(f"no {proto} socket listens on port {facts.dport} in {_where(ns)}")
+            evidence.append(f"no {proto} socket listens on port {facts.dport} in {host.where(ns)}")
         elif bound:
             # A listener on another address (127.0.0.1 only, one interface's address): the
             # classic "works locally, refused from outside".
             where = ", ".join(bound)
             return Diagnosis("closed_port", f"{proto} port {facts.dport} listens only on {where}, not on "
                              f"{facts.dst}: bind the service to {facts.dst} or to every address",
-                             (), (*evidence, f"{proto} sockets on port {facts.dport} in {_where(ns)}: {where}"))
+                             (), (*evidence, f"{proto} sockets on port {facts.dport} in {host.where(ns)}: {where}"))
         return Diagnosis("closed_port", f"nothing listens on {proto} port {facts.dport} at {facts.dst}: "
                          "start the service, or point the client at the port it listens on", (), tuple(evidence))
     if reason in _NEIGH_REASONS or (reason == "NOT_SPECIFIED" and "neigh" in (event.drop.location or "")):
@@ -131,11 +131,11 @@ def _forwarding_off(event: DropEvent, facts: PacketFacts | None, ns: Netns | Non
     if per_if == 0 and value != 0 and iif:
         fix = [fixes.sysctl_command(ns, ["net", "ipv4", "conf", iif, "forwarding"], 1)]
     key = ".".join(parts)
-    evidence = [f"drop reason {event.drop.reason}", f"{key} = {value} in {_where(ns)}"]
+    evidence = [f"drop reason {event.drop.reason}", f"{key} = {value} in {host.where(ns)}"]
     if per_if is not None:
         evidence.append(f"net.ipv4.conf.{printable(iif)}.forwarding = {per_if}")
     dst = f" to {facts.dst}" if facts is not None else ""
-    return Diagnosis("ip_forward_disabled", f"{_where(ns)} received a packet{dst} to forward, "
+    return Diagnosis("ip_forward_disabled", f"{host.where(ns)} received a packet{dst} to forward, "
                      f"but forwarding is off", tuple(c for c in fix if c), tuple(evidence))
 
 
@@ -180,7 +180,7 @@ def _conntrack_full(event: DropEvent, ctx: Context) -> Diagnosis:
     ns = ctx.netns
     count = host.sysctl_int(ns, "net", "netfilter", "nf_conntrack_count")
     limit = host.sysctl_int(ns, "net", "netfilter", "nf_conntrack_max")
-    evidence = [f"drop reason {event.drop.reason}: conntrack's table in {_where(ns)} was full"]
+    evidence = [f"drop reason {event.drop.reason}: conntrack's table in {host.where(ns)} was full"]
     if count is not None and limit is not None:
         evidence.append(f"nf_conntrack_count = {count}, nf_conntrack_max = {limit}")
     fix: list[str] = []
@@ -205,15 +205,15 @@ def _netfilter(event: DropEvent, nf: Netfilter, facts: PacketFacts, ctx: Context
     if place is None:
         return None
     what = _traffic(facts)
-    where = _rule_words(nf)
-    evidence = [f"{where} gave the verdict {nf.verdict or 'drop'}"]
+    # `inet fw chain input policy drop`, `inet fw chain input rule 5 "tcp dport 443 drop": verdict drop`
+    evidence = [nf.describe() if nf.policy else f"{nf.describe()}: verdict {nf.verdict or 'drop'}"]
     if event.conntrack is not None:
         evidence.append(f"conntrack state {event.conntrack.state}"
                         + (f" ({event.conntrack.direction})" if event.conntrack.direction else ""))
     if facts.ct_state == "invalid" and _mentions_invalid(nf, ctx.ruleset):
         return _invalid(nf, facts, ctx.netns, evidence)
     for special in (_icmp_blocked, _nd_blocked):
-        d = special(facts, nf, place, where, evidence, ctx)
+        d = special(facts, nf, place, evidence, ctx)
         if d is not None:
             return d
     if nf.hook == "forward" and facts.ct_status is not None and "dst_nat" in facts.ct_status:
@@ -254,7 +254,7 @@ def _netfilter(event: DropEvent, nf: Netfilter, facts: PacketFacts, ctx: Context
                      tuple(fix + fixes.delete_rule(place)), tuple(evidence + _later_evidence(later)))
 
 
-def _icmp_blocked(facts: PacketFacts, nf: Netfilter, place: Place, where: str, evidence: list[str],
+def _icmp_blocked(facts: PacketFacts, nf: Netfilter, place: Place, evidence: list[str],
                   ctx: Context) -> Diagnosis | None:
     if facts.l4proto not in (1, 58) or facts.icmp_type not in ICMP_ERRORS.get(facts.family, ()):
         return None
@@ -268,7 +268,7 @@ def _icmp_blocked(facts: PacketFacts, nf: Netfilter, place: Place, where: str, e
                      tuple(fix), (*evidence, f"icmp type {facts.icmp_type} code {facts.icmp_code}"))
 
 
-def _nd_blocked(facts: PacketFacts, nf: Netfilter, place: Place, where: str, evidence: list[str],
+def _nd_blocked(facts: PacketFacts, nf: Netfilter, place: Place, evidence: list[str],
                 ctx: Context) -> Diagnosis | None:
     if not (facts.l4proto == 58 and facts.icmp_type in ND_TYPES):
         return None
@@ -368,29 +368,17 @@ def _icmp_name(facts: PacketFacts) -> str:
 
 
 def _short(nf: Netfilter) -> str:
-    """`rule 5 of inet fw input`, `line 2 of ip filter INPUT`: for a summary (the line shows the rule)."""
-    return _rule_words(nf, brief=True)
-
-
-def _rule_words(nf: Netfilter, brief: bool = False) -> str:
-    """`rule 4 "tcp dport 443 drop" of inet fw chain input`, `line 2 "-A INPUT ..." of ip filter chain
-    INPUT`, `the drop policy of ...`; `brief` leaves out the rule's text. Names escaped."""
-    chain = " ".join(printable(x or "") for x in (nf.family, nf.table, *(() if brief else ("chain",)), nf.chain))
+    """`rule 5 of inet fw input`, `line 2 of ip filter INPUT`: for a summary (the line above shows
+    the rule itself; the evidence has `Netfilter.describe`). Names escaped."""
+    chain = " ".join(printable(x or "") for x in (nf.family, nf.table, nf.chain))
     if nf.policy:
         return f"the drop policy of {chain}"
     rule = nf.rule
     if rule is None:
         return f"a rule of {chain}"
-    iptables = nf.backend in ("iptables-nft", "iptables-legacy")
-    if brief:
-        if iptables and rule.number is not None:
-            return f"line {rule.number} of {chain}"
-        return f"rule {rule.handle} of {chain}"
-    if iptables and rule.iptables:
-        line = f"line {rule.number} " if rule.number is not None else ""
-        return f'{line}"{printable(rule.iptables)}" of {chain}'
-    text = f' "{printable(rule.text)}"' if rule.text else ""
-    return f"rule {rule.handle}{text} of {chain}"
+    if nf.backend in ("iptables-nft", "iptables-legacy") and rule.number is not None:
+        return f"line {rule.number} of {chain}"
+    return f"rule {rule.handle} of {chain}"
 
 
 @dataclass(frozen=True)
@@ -456,16 +444,10 @@ def _mentions_invalid(nf: Netfilter, rs: Ruleset | None) -> bool:
     return "invalid" in text
 
 
-def _where(ns: Netns | None) -> str:
-    if ns is None:
-        return "this namespace"
-    return f"netns {printable(ns.label)}"
-
-
 def _route_evidence(ns: Netns | None, dst: str) -> list[str]:
     route = host.route_to(ns, dst)
     if route is False:
-        return [f"`ip route get {dst}` finds no route in {_where(ns)}"]
+        return [f"`ip route get {dst}` finds no route in {host.where(ns)}"]
     return []
 
 
@@ -478,7 +460,7 @@ def firewalld_zone(nf: Netfilter, facts: PacketFacts, ns: Netns | None, rs: Rule
     zone = firewalld.zone_of_chain(nf.chain or "", rs)
     if zone is None and facts.iif is not None:
         zone = firewalld.zone_of_interface(rs, facts.iif)
-    evidence = [f"dropped in firewalld's table: {_rule_words(nf)}"]
+    evidence = [f"dropped in firewalld's table: {nf.describe()}"]
     if zone is None:
         return None
     evidence.append(f"zone {printable(zone)}")

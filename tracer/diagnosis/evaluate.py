@@ -58,11 +58,8 @@ class Tri(Enum):
         return Tri.UNKNOWN
 
     def or_(self, other: Tri) -> Tri:
-        if self is Tri.YES or other is Tri.YES:
-            return Tri.YES
-        if self is Tri.NO and other is Tri.NO:
-            return Tri.NO
-        return Tri.UNKNOWN
+        """Kleene's or, by De Morgan from `and_`: YES if either is, NO only if both are."""
+        return self.not_().and_(other.not_()).not_()
 
     def not_(self) -> Tri:
         return {Tri.YES: Tri.NO, Tri.NO: Tri.YES, Tri.UNKNOWN: Tri.UNKNOWN}[self]

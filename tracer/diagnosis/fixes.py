@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from tracer.diagnosis import host
 from tracer.diagnosis.facts import PacketFacts
 from tracer.netns import Netns
 
@@ -36,8 +37,6 @@ ICMP_NFT = {3: "destination-unreachable", 4: "source-quench", 5: "redirect", 11:
 ICMPV6_NFT = {1: "destination-unreachable", 2: "packet-too-big", 3: "time-exceeded", 4: "parameter-problem",
               128: "echo-request", 129: "echo-reply", 133: "nd-router-solicit", 134: "nd-router-advert",
               135: "nd-neighbor-solicit", 136: "nd-neighbor-advert", 137: "nd-redirect"}
-ICMP_XT = {3: "destination-unreachable", 4: "source-quench", 5: "redirect", 11: "time-exceeded",
-           12: "parameter-problem", 0: "echo-reply", 8: "echo-request"}
 ICMPV6_XT = {1: "destination-unreachable", 2: "packet-too-big", 3: "time-exceeded", 4: "parameter-problem",
              128: "echo-request", 129: "echo-reply", 133: "router-solicitation", 134: "router-advertisement",
              135: "neighbour-solicitation", 136: "neighbour-advertisement", 137: "redirect"}
@@ -48,18 +47,11 @@ _PORTED = {6: "tcp", 17: "udp", 132: "sctp", 136: "udplite", 33: "dccp"}
 
 def shell_prefix(ns: Netns | None) -> list[str]:
     """The words that run a command in `ns` from the host: none for the tracer's own namespace."""
-    if ns is None or ns.inode == _own_inode():
+    if ns is None or host.own(ns):
         return []
     if ns.name is not None:
         return ["ip", "netns", "exec", ns.name]
     return ["nsenter", f"--net={ns.path}", "--"]
-
-
-@cache
-def _own_inode() -> int:
-    from tracer import netns
-
-    return netns.current_inode()
 
 
 def command(ns: Netns | None, words: list[str]) -> str:
@@ -154,7 +146,7 @@ def xt_matches(facts: PacketFacts) -> list[list[str]]:
     if proto is not None and facts.dport is not None:
         return [["-p", proto, "--dport", str(facts.dport)]]
     if facts.l4proto == 1 and facts.icmp_type is not None:
-        return [["-p", "icmp", "--icmp-type", ICMP_XT.get(facts.icmp_type, str(facts.icmp_type))]]
+        return [["-p", "icmp", "--icmp-type", ICMP_NFT.get(facts.icmp_type, str(facts.icmp_type))]]
     if facts.l4proto == 58 and facts.icmp_type is not None:
         if facts.icmp_type in ND_TYPES:
             return [["-p", "icmpv6", "--icmpv6-type", t] for t in ("neighbour-advertisement",

@@ -54,6 +54,28 @@ def _cached(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+@functools.cache
+def _own_inode() -> int:
+    return netns.current_inode()
+
+
+def own(ns: Netns | None) -> bool:
+    """Whether `ns` is the tracer's own namespace (None counts as it: where the thread is)."""
+    return ns is None or ns.inode == _own_inode()
+
+
+def label_of(ns: Netns | None) -> str | None:
+    """A namespace as reports name it: its label, None for the tracer's own."""
+    return None if ns is None or own(ns) else ns.label
+
+
+def where(ns: Netns | None) -> str:
+    """`this namespace` or `netns NAME` (escaped), for sentences."""
+    from tracer.event.text import printable
+
+    return "this namespace" if own(ns) else f"netns {printable(ns.label if ns else '')}"
+
+
 @contextlib.contextmanager
 def _inside(ns: Netns | None) -> Iterator[None]:
     """The body in `ns` (None: where the thread already is)."""

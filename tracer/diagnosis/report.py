@@ -167,9 +167,6 @@ def _grouped(checks: list[Check]) -> list[str]:
 # --- the local checks ---------------------------------------------------------------------
 
 
-def _label(ns: Netns) -> str | None:
-    return None if ns.inode == netnsmod.current_inode() else ns.label
-
 
 def _probe_facts(target: Target, family: int, hook: str) -> PacketFacts:
     """The first packet of a new connection to the target, as far as it is known before sending it."""
@@ -183,7 +180,7 @@ def ruleset_checks(report: Report, namespaces: Iterable[Netns]) -> None:
     from tracer.netfilter.nftables import NftContext
 
     for ns in namespaces:
-        label = _label(ns)
+        label = host.label_of(ns)
         try:
             with netnsmod.entered(ns), NftContext() as ctx:
                 rs = ctx.ruleset()
@@ -209,7 +206,7 @@ def ruleset_checks(report: Report, namespaces: Iterable[Netns]) -> None:
                 break
         if problems == 0:
             report.checks.append(Check("ruleset", label, True,
-                                       f"no base chain in {_ns_words(ns)} drops {report.target.proto} port "
+                                       f"no base chain in {host.where(ns)} drops {report.target.proto} port "
                                        f"{report.target.port} by policy with no accept"))
 
 
@@ -226,7 +223,7 @@ def firewalld_check(report: Report, ns: Netns, rs: Any) -> int:
 
     if not firewalld.uses_firewalld(rs):
         return 0
-    t, label = report.target, _label(ns)
+    t, label = report.target, host.label_of(ns)
     local = {str(ipaddress.ip_address(a)): dev for a, _, dev in host.addresses(ns)}
     if t.host is not None and t.host not in local:
         return 0
@@ -239,7 +236,7 @@ def firewalld_check(report: Report, ns: Netns, rs: Any) -> int:
         family = t.families[0]  # firewalld opens a port for both families at once
         facts = _probe_facts(t, family, "input").with_(iif=dev)
         walk = evaluate.walk_chain(rs, firewalld.FAMILY, firewalld.TABLE, "filter_INPUT", facts)
-        what = f"firewalld zone {printable(zone or '?')} on {printable(dev)} ({_ns_words(ns)})"
+        what = f"firewalld zone {printable(zone or '?')} on {printable(dev)} ({host.where(ns)})"
         if walk.certain and walk.verdict in ("drop", "reject") and zone is not None:
             problems += 1
             try:
@@ -290,9 +287,6 @@ def _policy_finding(rs: Any, family: str, table: str, chain: str, hook: str, fac
     return Finding(cause, summary, tuple(fix), (f"{backend} chain {printable(chain)} policy drop",), label, "check")
 
 
-def _ns_words(ns: Netns) -> str:
-    return "this namespace" if ns.inode == netnsmod.current_inode() else f"netns {printable(ns.label)}"
-
 
 def conntrack_checks(report: Report, namespaces: Iterable[Netns]) -> None:
     for ns in namespaces:
@@ -300,15 +294,15 @@ def conntrack_checks(report: Report, namespaces: Iterable[Netns]) -> None:
         limit = host.sysctl_int(ns, "net", "netfilter", "nf_conntrack_max")
         if count is None or not limit:
             continue  # conntrack not loaded there: nothing to fill
-        label = _label(ns)
+        label = host.label_of(ns)
         if count >= limit * 0.95:
             cmd = fixes.sysctl_command(None, ["net", "netfilter", "nf_conntrack_max"], limit * 2)
-            report.add(Finding("conntrack_full", f"the conntrack table of {_ns_words(ns)} is full "
+            report.add(Finding("conntrack_full", f"the conntrack table of {host.where(ns)} is full "
                                f"({count} of {limit})", (cmd,) if cmd else (),
                                (f"nf_conntrack_count = {count}", f"nf_conntrack_max = {limit}"), label, "check"))
         else:
             report.checks.append(Check("conntrack", label, True,
-                                       f"conntrack in {_ns_words(ns)} is {100 * count // limit}% full "
+                                       f"conntrack in {host.where(ns)} is {100 * count // limit}% full "
                                        f"({count} of {limit})"))
 
 
@@ -318,18 +312,18 @@ def forwarding_checks(report: Report, namespaces: Iterable[Netns]) -> None:
     for ns in namespaces:
         if len({dev for _, _, dev in host.addresses(ns) if dev != "lo"}) < 2:
             continue  # one interface: nothing to forward between, no other way back
-        label = _label(ns)
+        label = host.label_of(ns)
         v4 = host.forwarding(ns, 4)
         if v4 is not None:
             report.checks.append(Check(
                 "forwarding", label, True if v4 else None,
-                f"net.ipv4.ip_forward = {v4} in {_ns_words(ns)}" + ("" if v4 else
+                f"net.ipv4.ip_forward = {v4} in {host.where(ns)}" + ("" if v4 else
                 ": it does not route between its interfaces (a cause only if traffic should pass through it)")))
         every, _ = host.rp_filter(ns, None)
         if every is not None:
             report.checks.append(Check(
                 "rp_filter", label, True if every != 1 else None,
-                f"net.ipv4.conf.all.rp_filter = {every} in {_ns_words(ns)}" + ("" if every != 1 else
+                f"net.ipv4.conf.all.rp_filter = {every} in {host.where(ns)}" + ("" if every != 1 else
                 ": strict reverse-path filtering drops asymmetric traffic (IP_RPFILTER drops would show it)")))
 
 
@@ -337,7 +331,7 @@ def listening_checks(report: Report, namespaces: Iterable[Netns]) -> None:
     t = report.target
     if t.proto not in ("tcp", "udp"):
         return
-    where = [_ns_words(ns) for ns in namespaces if host.listening(ns, t.proto, t.port)]
+    where = [host.where(ns) for ns in namespaces if host.listening(ns, t.proto, t.port)]
     if where:
         report.checks.append(Check("listening", None, True,
                                    f"a {t.proto} socket listens on port {t.port} in " + ", ".join(where)))
